@@ -1,0 +1,201 @@
+//! The HTTP side port: `/healthz`, `/metrics`, `/sensors`, and 404 for the rest.
+//!
+//! Served by the same event loop as the sensors, one request per connection
+//! (`Connection: close`), which is what health checkers and Prometheus need. Requests are
+//! parsed with `httparse` (a hand-rolled parser is where request smuggling bugs live) and
+//! bounded in size and time so a slow or hostile peer cannot hold memory or a slot.
+
+use crate::db::Db;
+use crate::stats::SensorView;
+use mio::net::TcpStream;
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::time::{Duration, Instant};
+
+/// Largest request head accepted.
+pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
+/// Time a peer has to send its request and read the response.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// HTTP connections served at once; more wait in the listen backlog.
+pub const MAX_HTTP_CONNECTIONS: usize = 64;
+
+/// What a request asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route {
+    Healthz,
+    Metrics,
+    Sensors,
+    NotFound,
+    BadRequest,
+    TooLarge,
+}
+
+/// Parses a request head; `None` while it is incomplete.
+pub fn route(request: &[u8]) -> Option<Route> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut parsed = httparse::Request::new(&mut headers);
+    match parsed.parse(request) {
+        Ok(httparse::Status::Partial) if request.len() >= MAX_REQUEST_BYTES => {
+            Some(Route::TooLarge)
+        }
+        Ok(httparse::Status::Partial) => None,
+        Err(httparse::Error::TooManyHeaders) => Some(Route::TooLarge),
+        Err(_) => Some(Route::BadRequest),
+        Ok(httparse::Status::Complete(_)) => {
+            let path = parsed.path.unwrap_or("");
+            let path = path.split_once('?').map_or(path, |(p, _)| p);
+            Some(match (parsed.method, path) {
+                (Some("GET"), "/healthz") => Route::Healthz,
+                (Some("GET"), "/metrics") => Route::Metrics,
+                (Some("GET"), "/sensors") => Route::Sensors,
+                _ => Route::NotFound,
+            })
+        }
+    }
+}
+
+/// A complete HTTP/1.1 response that closes the connection.
+pub fn response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        431 => "Request Header Fields Too Large",
+        _ => "Error",
+    };
+    let mut out = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+/// The `/sensors` document: every sensor with at least one stored reading, by id.
+pub fn sensors_body(db: &Db) -> Vec<u8> {
+    db.with_sensors(|sensors| {
+        let view: BTreeMap<&str, SensorView> = sensors
+            .iter()
+            .map(|(id, stats)| (id.as_str(), SensorView::from(stats)))
+            .collect();
+        serde_json::to_vec(&view).unwrap_or_default()
+    })
+}
+
+/// One HTTP connection: read a request head, write one response, close.
+pub struct HttpConn {
+    pub stream: TcpStream,
+    request: Vec<u8>,
+    response: Option<Vec<u8>>,
+    written: usize,
+    pub deadline: Instant,
+}
+
+/// Where an HTTP connection stands after some I/O.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// Waiting for more of the request, or for the socket to take more of the response.
+    Pending,
+    /// The request is complete; the caller supplies the response with `respond`.
+    Routed(Route),
+    /// Done (response sent, or the peer went away): close it.
+    Finished,
+}
+
+impl HttpConn {
+    pub fn new(stream: TcpStream, now: Instant) -> HttpConn {
+        HttpConn {
+            stream,
+            request: Vec::new(),
+            response: None,
+            written: 0,
+            deadline: now + REQUEST_TIMEOUT,
+        }
+    }
+
+    /// Reads what has arrived; reports a complete request once.
+    pub fn read(&mut self) -> Progress {
+        if self.response.is_some() {
+            return self.write();
+        }
+        let mut buf = [0u8; 2048];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return Progress::Finished,
+                Ok(n) => {
+                    self.request.extend_from_slice(&buf[..n]);
+                    if let Some(route) = route(&self.request) {
+                        return Progress::Routed(route);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Progress::Pending,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Progress::Finished,
+            }
+        }
+    }
+
+    /// Queues the response and starts writing it.
+    pub fn respond(&mut self, response: Vec<u8>) -> Progress {
+        self.response = Some(response);
+        self.write()
+    }
+
+    /// Writes as much of the response as the socket takes.
+    pub fn write(&mut self) -> Progress {
+        let Some(response) = &self.response else {
+            return Progress::Pending;
+        };
+        while self.written < response.len() {
+            match self.stream.write(&response[self.written..]) {
+                Ok(0) => return Progress::Finished,
+                Ok(n) => self.written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Progress::Pending,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Progress::Finished,
+            }
+        }
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        Progress::Finished
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_routed_by_method_and_path() {
+        let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert_eq!(route(get("/healthz").as_bytes()), Some(Route::Healthz));
+        assert_eq!(route(get("/metrics").as_bytes()), Some(Route::Metrics));
+        assert_eq!(
+            route(get("/sensors?pretty").as_bytes()),
+            Some(Route::Sensors)
+        );
+        assert_eq!(route(get("/").as_bytes()), Some(Route::NotFound));
+        assert_eq!(
+            route(b"POST /healthz HTTP/1.1\r\n\r\n"),
+            Some(Route::NotFound)
+        );
+        assert_eq!(route(b"GET /healthz HTTP/1.1\r\nHo"), None);
+        assert_eq!(route(b"\x01\x02 nonsense\r\n\r\n"), Some(Route::BadRequest));
+    }
+
+    #[test]
+    fn oversized_requests_are_refused() {
+        let mut big = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        big.resize(MAX_REQUEST_BYTES + 10, b'a');
+        assert_eq!(route(&big), Some(Route::TooLarge));
+    }
+
+    #[test]
+    fn responses_carry_length_and_close() {
+        let r = String::from_utf8(response(200, "text/plain", b"ok")).unwrap();
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"));
+        assert!(r.contains("Content-Length: 2\r\n"));
+        assert!(r.contains("Connection: close\r\n"));
+        assert!(r.ends_with("\r\n\r\nok"));
+    }
+}

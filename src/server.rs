@@ -1,0 +1,123 @@
+//! Wiring of `sensor-server`: recover the store, start the committer and the workers,
+//! bind the listeners, run the event loop, then stop everything in order.
+
+use crate::config::{Fsync, ServerConfig};
+use crate::db::{Db, run_committer};
+use crate::event_loop::{EventLoop, Limits, WAKER};
+use crate::store::{Store, StoreOptions};
+use crate::worker::{completion_channel, spawn_pool};
+use log::info;
+use mio::net::TcpListener;
+use socket2::{Domain, Protocol, Socket, Type};
+use std::io::{self, Write};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Batches that may wait for one worker; past it the loop stops reading the connections
+/// pinned to that worker (backpressure).
+const JOB_QUEUE: usize = 128;
+/// The listen backlog: 10,000 sensors arriving at once must not wait on SYN retries
+/// (the kernel caps it at net.core.somaxconn).
+const BACKLOG: i32 = 4096;
+
+/// Runs the server until SIGTERM/SIGINT; returns once every owed reply is written and
+/// the store is synced.
+pub fn run(config: ServerConfig) -> Result<(), String> {
+    let listen = resolve(&config.listen)?;
+    let http_listen = config.http_listen.as_deref().map(resolve).transpose()?;
+    let workers = config
+        .workers
+        .or_else(|| std::thread::available_parallelism().ok())
+        .map_or(1, |n| n.get());
+
+    let (store, sensors) = Store::open(StoreOptions {
+        dir: config.data_dir.clone(),
+        fsync: config.fsync == Fsync::Always,
+        segment_bytes: config.segment_bytes,
+    })
+    .map_err(|e| format!("cannot open store in {}: {e}", config.data_dir.display()))?;
+    let store_metrics = store.metrics();
+    let db = Arc::new(Db::new(sensors));
+
+    let poll = mio::Poll::new().map_err(|e| format!("poll: {e}"))?;
+    let waker = mio::Waker::new(poll.registry(), WAKER).map_err(|e| format!("waker: {e}"))?;
+    let (notifier, completions) = completion_channel(Arc::new(waker));
+
+    let listener = bind(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let http_listener = http_listen
+        .map(|addr| bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}")))
+        .transpose()?;
+    announce(&listener, http_listener.as_ref()).map_err(|e| format!("stdout: {e}"))?;
+
+    let (jobs, queues): (Vec<_>, Vec<_>) = (0..workers)
+        .map(|_| crossbeam_channel::bounded(JOB_QUEUE))
+        .unzip();
+    let pool = spawn_pool(queues, &db, &notifier).map_err(|e| e.to_string())?;
+    let committer = {
+        let (db, notifier) = (db.clone(), notifier.clone());
+        let every = Duration::from_secs(config.checkpoint_interval);
+        std::thread::Builder::new()
+            .name("committer".into())
+            .spawn(move || run_committer(&db, store, &notifier, every))
+            .map_err(|e| e.to_string())?
+    };
+    drop(notifier);
+    info!(
+        "serving with {workers} workers, fsync {:?}, up to {} connections",
+        config.fsync, config.max_connections
+    );
+
+    let limits = Limits {
+        max_connections: config.max_connections as usize,
+        idle_timeout: (config.idle_timeout > 0).then(|| Duration::from_secs(config.idle_timeout)),
+        max_line_bytes: config.max_line_bytes as usize,
+    };
+    let event_loop = EventLoop::new(
+        poll,
+        listener,
+        http_listener,
+        jobs,
+        completions,
+        db.clone(),
+        store_metrics,
+        limits,
+    )
+    .map_err(|e| format!("event loop: {e}"))?;
+    // Returning drops the job sender: the workers finish the queue and exit.
+    event_loop.run().map_err(|e| format!("event loop: {e}"))?;
+    for worker in pool {
+        let _ = worker.join();
+    }
+    db.close();
+    let _ = committer.join();
+    info!("store synced; exiting");
+    Ok(())
+}
+
+fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    addr.to_socket_addrs()
+        .map_err(|e| format!("bad address {addr:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("bad address {addr:?}: resolves to nothing"))
+}
+
+fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(TcpListener::from_std(socket.into()))
+}
+
+/// Prints the bound addresses as the first lines of stdout (the CLI contract: tests and
+/// scripts that pass port 0 read them).
+fn announce(listener: &TcpListener, http: Option<&TcpListener>) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    writeln!(out, "listening on {}", listener.local_addr()?)?;
+    if let Some(http) = http {
+        writeln!(out, "http on {}", http.local_addr()?)?;
+    }
+    out.flush()
+}

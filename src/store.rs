@@ -1,0 +1,589 @@
+//! The durable store: append-only JSON Lines segments in `--data-dir`, recovery at
+//! start-up, and a checkpoint so that restart time does not grow with years of data.
+//!
+//! Files:
+//! - `segment-NNNNNNNNNN.jsonl`: stored readings, one JSON object a line; the highest
+//!   number is appended to and a new one is started past `segment_bytes`. Any other
+//!   `*.jsonl` file directly in the directory is read as part of the store too, never
+//!   written: the files are the user's data.
+//! - `checkpoint.json`: per-sensor statistics together with the length of every `*.jsonl`
+//!   file they cover. Start-up loads it and replays only the bytes after those lengths.
+//!   It is written after the data it covers is synced, by rename, so a crash leaves
+//!   either the old or the new one.
+//! - `LOCK`: held with an exclusive file lock so two servers never append to one store.
+
+use crate::metrics::{Histogram, LATENCY_BUCKETS};
+use crate::protocol::Reading;
+use crate::stats::SensorStats;
+use log::{info, warn};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Instant;
+
+/// Per-sensor statistics keyed by sensor id.
+pub type Sensors = HashMap<String, SensorStats>;
+
+const CHECKPOINT: &str = "checkpoint.json";
+const CHECKPOINT_TMP: &str = "checkpoint.json.tmp";
+const SEGMENT_PREFIX: &str = "segment-";
+
+/// How the store is opened.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub dir: PathBuf,
+    /// fsync after every group of appends (`--fsync always`).
+    pub fsync: bool,
+    /// Start a new segment once the active one reaches this size.
+    pub segment_bytes: u64,
+}
+
+/// What `/metrics` shows about the store; updated by the committer thread.
+#[derive(Debug)]
+pub struct StoreMetrics {
+    pub bytes: AtomicU64,
+    pub segments: AtomicU64,
+    pub records: AtomicU64,
+    pub fsync_seconds: Histogram,
+}
+
+/// One stored reading, exactly as written to a segment.
+#[derive(Debug, Deserialize)]
+struct Record {
+    sensor: String,
+    kind: String,
+    value: f64,
+    seq: u64,
+    #[serde(default)]
+    ts: Option<u64>,
+    #[allow(dead_code)] // part of the format; not needed to rebuild statistics
+    recv: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Checkpoint {
+    version: u32,
+    /// Length of each `*.jsonl` file the statistics cover.
+    files: BTreeMap<String, u64>,
+    sensors: Sensors,
+}
+
+/// Appends `r` as one store line. Sensor ids and kinds are restricted to characters that
+/// need no JSON escaping (the protocol's rules), so the line is written directly.
+pub fn encode_record(out: &mut Vec<u8>, r: &Reading, recv_ms: u64) {
+    let mut int = itoa::Buffer::new();
+    let mut float = ryu::Buffer::new();
+    out.extend_from_slice(b"{\"sensor\":\"");
+    out.extend_from_slice(r.sensor.as_bytes());
+    out.extend_from_slice(b"\",\"kind\":\"");
+    out.extend_from_slice(r.kind.as_bytes());
+    out.extend_from_slice(b"\",\"value\":");
+    out.extend_from_slice(float.format_finite(r.value).as_bytes());
+    out.extend_from_slice(b",\"seq\":");
+    out.extend_from_slice(int.format(r.seq).as_bytes());
+    if let Some(ts) = r.ts {
+        out.extend_from_slice(b",\"ts\":");
+        out.extend_from_slice(int.format(ts).as_bytes());
+    }
+    out.extend_from_slice(b",\"recv\":");
+    out.extend_from_slice(int.format(recv_ms).as_bytes());
+    out.extend_from_slice(b"}\n");
+}
+
+/// The open store: the active segment and the lengths of every store file.
+pub struct Store {
+    options: StoreOptions,
+    active: File,
+    active_name: String,
+    active_number: u64,
+    /// Length of every `*.jsonl` file as of the last append.
+    lengths: BTreeMap<String, u64>,
+    /// A segment was started since the last checkpoint.
+    rotated: bool,
+    metrics: Arc<StoreMetrics>,
+    _lock: File,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `options.dir` and rebuilds every sensor's
+    /// statistics from it.
+    pub fn open(options: StoreOptions) -> io::Result<(Store, Sensors)> {
+        fs::create_dir_all(&options.dir)?;
+        let lock = File::create(options.dir.join("LOCK"))?;
+        lock.try_lock().map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!(
+                    "data directory {} is in use by another sensor-server",
+                    options.dir.display()
+                ),
+            )
+        })?;
+        let started = Instant::now();
+        let (lengths, sensors, replayed) = recover(&options.dir)?;
+        info!(
+            "store {}: {} files, {} sensors, replayed {replayed} bytes in {:.3}s",
+            options.dir.display(),
+            lengths.len(),
+            sensors.len(),
+            started.elapsed().as_secs_f64()
+        );
+        let metrics = Arc::new(StoreMetrics {
+            bytes: AtomicU64::new(0),
+            segments: AtomicU64::new(0),
+            records: AtomicU64::new(0),
+            fsync_seconds: Histogram::new(LATENCY_BUCKETS),
+        });
+        let active_number = lengths
+            .keys()
+            .filter_map(|name| segment_number(name))
+            .max()
+            .unwrap_or(0);
+        let (active, active_name, active_number) =
+            open_segment(&options.dir, active_number.max(1))?;
+        let mut store = Store {
+            options,
+            active,
+            active_name,
+            active_number,
+            lengths,
+            rotated: false,
+            metrics,
+            _lock: lock,
+        };
+        let len = store.active.metadata()?.len();
+        store.lengths.insert(store.active_name.clone(), len);
+        if len >= store.options.segment_bytes {
+            store.rotate()?;
+        }
+        store.publish_sizes();
+        Ok((store, sensors))
+    }
+
+    pub fn metrics(&self) -> Arc<StoreMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Appends complete record lines; with `--fsync always` they are on disk on return.
+    pub fn append(&mut self, records: &[u8], count: u64) -> io::Result<()> {
+        self.active.write_all(records)?;
+        if let Some(len) = self.lengths.get_mut(&self.active_name) {
+            *len += records.len() as u64;
+        }
+        if self.options.fsync {
+            self.sync()?;
+        }
+        self.metrics.records.fetch_add(count, Relaxed);
+        if self.lengths.get(&self.active_name).copied().unwrap_or(0) >= self.options.segment_bytes {
+            self.rotate()?;
+        }
+        self.publish_sizes();
+        Ok(())
+    }
+
+    /// fsyncs the active segment (data only: its length is covered by the data sync
+    /// since the file only grows).
+    pub fn sync(&mut self) -> io::Result<()> {
+        let started = Instant::now();
+        self.active.sync_data()?;
+        self.metrics
+            .fsync_seconds
+            .observe(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// True when a segment was started since the last checkpoint.
+    pub fn rotated(&self) -> bool {
+        self.rotated
+    }
+
+    /// Writes the checkpoint for `sensors`, which must describe exactly the records
+    /// appended so far. Syncs the data first so the checkpoint never covers bytes a
+    /// power loss could take away.
+    pub fn write_checkpoint(&mut self, sensors: &Sensors) -> io::Result<()> {
+        self.active.sync_data()?;
+        let checkpoint = Checkpoint {
+            version: 1,
+            files: self.lengths.clone(),
+            sensors: sensors.clone(),
+        };
+        let tmp = self.options.dir.join(CHECKPOINT_TMP);
+        let mut file = File::create(&tmp)?;
+        serde_json::to_writer(&mut file, &checkpoint)?;
+        file.sync_all()?;
+        fs::rename(&tmp, self.options.dir.join(CHECKPOINT))?;
+        sync_dir(&self.options.dir)?;
+        self.rotated = false;
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        self.active.sync_data()?;
+        let (file, name, number) = open_segment(&self.options.dir, self.active_number + 1)?;
+        info!("store: starting segment {name}");
+        self.active = file;
+        self.lengths.insert(name.clone(), 0);
+        self.active_name = name;
+        self.active_number = number;
+        self.rotated = true;
+        Ok(())
+    }
+
+    fn publish_sizes(&self) {
+        self.metrics
+            .bytes
+            .store(self.lengths.values().sum(), Relaxed);
+        self.metrics
+            .segments
+            .store(self.lengths.len() as u64, Relaxed);
+    }
+}
+
+fn segment_name(number: u64) -> String {
+    format!("{SEGMENT_PREFIX}{number:010}.jsonl")
+}
+
+fn segment_number(name: &str) -> Option<u64> {
+    name.strip_prefix(SEGMENT_PREFIX)?
+        .strip_suffix(".jsonl")?
+        .parse()
+        .ok()
+}
+
+fn open_segment(dir: &Path, number: u64) -> io::Result<(File, String, u64)> {
+    let name = segment_name(number);
+    let path = dir.join(&name);
+    let existed = path.exists();
+    let file = OpenOptions::new().create(true).append(true).open(&path)?;
+    if !existed {
+        // The new name must survive a crash as well as the data written into it.
+        sync_dir(dir)?;
+    }
+    Ok((file, name, number))
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Every `*.jsonl` regular file directly in `dir`, sorted by name.
+fn store_files(dir: &Path) -> io::Result<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if !entry.file_type()?.is_file() {
+            continue;
+        }
+        if let Some(name) = entry.file_name().to_str()
+            && name.ends_with(".jsonl")
+        {
+            names.push(name.to_owned());
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Cuts the bytes after the last `\n` (a line torn by a crash) and returns the new length.
+fn cut_torn_tail(path: &Path) -> io::Result<u64> {
+    let mut file = OpenOptions::new().read(true).write(true).open(path)?;
+    let len = file.metadata()?.len();
+    let mut end = len;
+    let mut block = vec![0u8; 64 * 1024];
+    let keep = loop {
+        if end == 0 {
+            break 0;
+        }
+        let start = end.saturating_sub(block.len() as u64);
+        let chunk = &mut block[..(end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(chunk)?;
+        if let Some(i) = memchr::memrchr(b'\n', chunk) {
+            break start + i as u64 + 1;
+        }
+        end = start;
+    };
+    if keep < len {
+        warn!(
+            "store: {}: cut {} bytes after the last complete line (torn by a crash)",
+            path.display(),
+            len - keep
+        );
+        file.set_len(keep)?;
+        file.sync_all()?;
+    }
+    Ok(keep)
+}
+
+/// Rebuilds statistics: cuts torn tails, loads the checkpoint when it still matches the
+/// files, and replays what follows it. Returns file lengths, statistics and the number
+/// of bytes replayed.
+fn recover(dir: &Path) -> io::Result<(BTreeMap<String, u64>, Sensors, u64)> {
+    let mut lengths = BTreeMap::new();
+    for name in store_files(dir)? {
+        let len = cut_torn_tail(&dir.join(&name))?;
+        lengths.insert(name, len);
+    }
+    let (covered, mut sensors) = match load_checkpoint(dir, &lengths) {
+        Some(c) => (c.files, c.sensors),
+        None => (BTreeMap::new(), Sensors::new()),
+    };
+    let mut replayed = 0;
+    for (name, &len) in &lengths {
+        let from = covered.get(name).copied().unwrap_or(0);
+        replayed += len - from;
+        replay(&dir.join(name), from, &mut sensors)?;
+    }
+    Ok((lengths, sensors, replayed))
+}
+
+fn load_checkpoint(dir: &Path, lengths: &BTreeMap<String, u64>) -> Option<Checkpoint> {
+    let text = match fs::read(dir.join(CHECKPOINT)) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            warn!("store: cannot read {CHECKPOINT} ({e}); replaying every file");
+            return None;
+        }
+    };
+    let checkpoint: Checkpoint = match serde_json::from_slice(&text) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!("store: {CHECKPOINT} is unreadable ({e}); replaying every file");
+            return None;
+        }
+    };
+    // A checkpoint that covers bytes no longer there (a file removed or cut) would count
+    // readings that are gone: fall back to a full replay.
+    let stale = checkpoint
+        .files
+        .iter()
+        .find(|(name, len)| lengths.get(*name).is_none_or(|have| have < len));
+    if let Some((name, _)) = stale {
+        warn!("store: {CHECKPOINT} covers more of {name} than exists; replaying every file");
+        return None;
+    }
+    Some(checkpoint)
+}
+
+/// Adds every valid record of `path` from byte `from` on; invalid complete lines are
+/// reported and skipped, never removed.
+fn replay(path: &Path, from: u64, sensors: &mut Sensors) -> io::Result<()> {
+    let mut file = File::open(path)?;
+    file.seek(SeekFrom::Start(from))?;
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut line = Vec::new();
+    let mut offset = from;
+    loop {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let at = offset;
+        offset += n as u64;
+        match serde_json::from_slice::<Record>(&line) {
+            Ok(r) if r.value.is_finite() => apply_record(sensors, r, path, at),
+            Ok(_) => warn!(
+                "store: {} byte {at}: non-finite value, skipped",
+                path.display()
+            ),
+            Err(e) => warn!(
+                "store: {} byte {at}: not a valid record ({e}), skipped",
+                path.display()
+            ),
+        }
+    }
+}
+
+fn apply_record(sensors: &mut Sensors, r: Record, path: &Path, at: u64) {
+    match sensors.get_mut(&r.sensor) {
+        Some(s) if s.kind != r.kind => warn!(
+            "store: {} byte {at}: sensor {} has kind {} but this record says {}, skipped",
+            path.display(),
+            r.sensor,
+            s.kind,
+            r.kind
+        ),
+        Some(s) => s.add(r.value, r.seq, r.ts),
+        None => {
+            let stats = SensorStats::first(&r.kind, r.value, r.seq, r.ts);
+            sensors.insert(r.sensor, stats);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::borrow::Cow;
+
+    pub(crate) fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "sensorhub-store-{name}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn options(dir: &Path) -> StoreOptions {
+        StoreOptions {
+            dir: dir.to_owned(),
+            fsync: true,
+            segment_bytes: 1 << 20,
+        }
+    }
+
+    fn reading(sensor: &str, value: f64, seq: u64) -> Reading<'static> {
+        Reading {
+            sensor: Cow::Owned(sensor.into()),
+            kind: Cow::Borrowed("temperature"),
+            value,
+            seq,
+            ts: Some(seq * 10),
+        }
+    }
+
+    fn append(store: &mut Store, readings: &[Reading]) {
+        let mut buf = Vec::new();
+        for r in readings {
+            encode_record(&mut buf, r, 1_700_000_000_000);
+        }
+        store.append(&buf, readings.len() as u64).unwrap();
+    }
+
+    #[test]
+    fn records_have_exactly_the_stored_fields() {
+        let mut buf = Vec::new();
+        encode_record(&mut buf, &reading("a", 21.5, 3), 99);
+        let mut no_ts = reading("a", -1e-7, 4);
+        no_ts.ts = None;
+        encode_record(&mut buf, &no_ts, 100);
+        assert_eq!(
+            String::from_utf8(buf).unwrap(),
+            "{\"sensor\":\"a\",\"kind\":\"temperature\",\"value\":21.5,\"seq\":3,\"ts\":30,\"recv\":99}\n\
+             {\"sensor\":\"a\",\"kind\":\"temperature\",\"value\":-1e-7,\"seq\":4,\"recv\":100}\n"
+        );
+    }
+
+    #[test]
+    fn statistics_survive_a_restart() {
+        let dir = temp_dir("restart");
+        {
+            let (mut store, sensors) = Store::open(options(&dir)).unwrap();
+            assert!(sensors.is_empty());
+            append(&mut store, &[reading("a", 1.0, 1), reading("a", 3.0, 2)]);
+        }
+        let (_store, sensors) = Store::open(options(&dir)).unwrap();
+        let a = &sensors["a"];
+        assert_eq!((a.count, a.min, a.max, a.last_seq), (2, 1.0, 3.0, 2));
+        assert_eq!(a.last_ts, Some(20));
+    }
+
+    #[test]
+    fn a_torn_last_line_is_cut_and_a_corrupt_line_is_kept_but_skipped() {
+        let dir = temp_dir("torn");
+        let seg = dir.join(segment_name(1));
+        let good = "{\"sensor\":\"a\",\"kind\":\"k\",\"value\":1,\"seq\":1,\"recv\":5}\n";
+        let corrupt = "this is not a record\n";
+        let torn = "{\"sensor\":\"a\",\"kind\":\"k\",\"val";
+        fs::write(&seg, format!("{good}{corrupt}{good}{torn}")).unwrap();
+        let (_store, sensors) = Store::open(options(&dir)).unwrap();
+        assert_eq!(sensors["a"].count, 2);
+        assert_eq!(
+            fs::read_to_string(&seg).unwrap(),
+            format!("{good}{corrupt}{good}"),
+            "the torn tail is cut, the corrupt complete line stays"
+        );
+    }
+
+    #[test]
+    fn other_jsonl_files_are_part_of_the_store_and_left_alone() {
+        let dir = temp_dir("other");
+        let text = "{\"sensor\":\"b\",\"kind\":\"humidity\",\"value\":40,\"seq\":7,\"recv\":1}\n";
+        fs::write(dir.join("imported.jsonl"), text).unwrap();
+        let (mut store, sensors) = Store::open(options(&dir)).unwrap();
+        assert_eq!(sensors["b"].last_seq, 7);
+        append(&mut store, &[reading("a", 1.0, 1)]);
+        assert_eq!(
+            fs::read_to_string(dir.join("imported.jsonl")).unwrap(),
+            text
+        );
+    }
+
+    #[test]
+    fn start_up_replays_only_what_follows_the_checkpoint() {
+        let dir = temp_dir("checkpoint");
+        {
+            let (mut store, mut sensors) = Store::open(options(&dir)).unwrap();
+            append(&mut store, &[reading("a", 1.0, 1), reading("a", 2.0, 2)]);
+            // The checkpoint claims a count the records alone would not give: if start-up
+            // replayed the covered bytes, the count would differ.
+            sensors.insert("a".into(), SensorStats::first("temperature", 2.0, 2, None));
+            sensors.get_mut("a").unwrap().count = 100;
+            store.write_checkpoint(&sensors).unwrap();
+            append(&mut store, &[reading("a", 5.0, 3)]);
+        }
+        let (_store, sensors) = Store::open(options(&dir)).unwrap();
+        assert_eq!(sensors["a"].count, 101);
+        assert_eq!(sensors["a"].last_seq, 3);
+    }
+
+    #[test]
+    fn a_checkpoint_covering_missing_bytes_is_ignored() {
+        let dir = temp_dir("stale");
+        {
+            let (mut store, _) = Store::open(options(&dir)).unwrap();
+            append(&mut store, &[reading("a", 1.0, 1), reading("a", 2.0, 2)]);
+            let mut sensors = Sensors::new();
+            let mut s = SensorStats::first("temperature", 2.0, 2, None);
+            s.count = 100;
+            sensors.insert("a".into(), s);
+            store.write_checkpoint(&sensors).unwrap();
+        }
+        // The file loses its last line (say, restored from an older backup).
+        let seg = dir.join(segment_name(1));
+        let text = fs::read_to_string(&seg).unwrap();
+        let first_line_end = text.find('\n').unwrap() + 1;
+        fs::write(&seg, &text[..first_line_end]).unwrap();
+        let (_store, sensors) = Store::open(options(&dir)).unwrap();
+        assert_eq!(
+            sensors["a"].count, 1,
+            "full replay, not the stale checkpoint"
+        );
+    }
+
+    #[test]
+    fn segments_rotate_at_the_size_limit() {
+        let dir = temp_dir("rotate");
+        let mut opts = options(&dir);
+        opts.segment_bytes = 200;
+        let (mut store, _) = Store::open(opts.clone()).unwrap();
+        for seq in 1..=10 {
+            append(&mut store, &[reading("a", 1.0, seq)]);
+        }
+        assert!(store.rotated());
+        let files = store_files(&dir).unwrap();
+        assert!(files.len() >= 3, "{files:?}");
+        drop(store);
+        let (_store, sensors) = Store::open(opts).unwrap();
+        assert_eq!(sensors["a"].count, 10);
+    }
+
+    #[test]
+    fn a_second_server_cannot_open_the_same_directory() {
+        let dir = temp_dir("lock");
+        let (_store, _) = Store::open(options(&dir)).unwrap();
+        let err = Store::open(options(&dir))
+            .err()
+            .expect("second open must fail");
+        assert!(err.to_string().contains("in use"), "{err}");
+    }
+}
