@@ -102,6 +102,18 @@ struct Ctx {
     scratch: Vec<u8>,
 }
 
+/// What the loop is built from; the `Poll`'s registry must already hold the completion
+/// waker at `WAKER`.
+pub struct LoopParts {
+    pub poll: Poll,
+    pub listener: TcpListener,
+    pub http_listener: Option<TcpListener>,
+    pub jobs: Vec<Sender<Job>>,
+    pub completions: Completions,
+    pub db: Arc<Db>,
+    pub store: Arc<StoreMetrics>,
+}
+
 pub struct EventLoop {
     poll: Poll,
     listener: Option<TcpListener>,
@@ -127,18 +139,17 @@ pub struct EventLoop {
 }
 
 impl EventLoop {
-    /// Builds the loop around an existing `Poll` (whose registry already holds the waker
-    /// at `WAKER`) and registers the listeners and the stop signals.
-    pub fn new(
-        poll: Poll,
-        mut listener: TcpListener,
-        mut http_listener: Option<TcpListener>,
-        jobs: Vec<Sender<Job>>,
-        completions: Completions,
-        db: Arc<Db>,
-        store: Arc<StoreMetrics>,
-        limits: Limits,
-    ) -> io::Result<EventLoop> {
+    /// Builds the loop and registers the listeners and the stop signals.
+    pub fn new(parts: LoopParts, limits: Limits) -> io::Result<EventLoop> {
+        let LoopParts {
+            poll,
+            mut listener,
+            mut http_listener,
+            jobs,
+            completions,
+            db,
+            store,
+        } = parts;
         let registry = poll.registry();
         registry.register(&mut listener, LISTENER, Interest::READABLE)?;
         if let Some(http) = &mut http_listener {
@@ -305,13 +316,17 @@ impl EventLoop {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if is_transient_accept_error(&e) => {}
-                Err(e) if is_out_of_descriptors(&e) => {
-                    if !self.shed_with_reserve() {
+                Err(e) if is_out_of_descriptors(&e) => match self.shed_with_reserve() {
+                    Shed::Refused => {}
+                    // Linux reports EMFILE before looking at the backlog, so this is
+                    // the usual way out of the loop while descriptors are short.
+                    Shed::BacklogEmpty => return,
+                    Shed::NoReserve => {
                         warn!("accept: {e}; pausing accepts for {ACCEPT_PAUSE:?}");
                         self.accept_paused_until = Some(now + ACCEPT_PAUSE);
                         return;
                     }
-                }
+                },
                 Err(e) => {
                     warn!("accept: {e}; pausing accepts for {ACCEPT_PAUSE:?}");
                     self.accept_paused_until = Some(now + ACCEPT_PAUSE);
@@ -322,17 +337,22 @@ impl EventLoop {
     }
 
     /// Out of descriptors: frees the reserve to accept one waiting connection, tells it
-    /// the server is busy, and takes the reserve back. False when no reserve was left.
-    fn shed_with_reserve(&mut self) -> bool {
+    /// the server is busy, and takes the reserve back.
+    fn shed_with_reserve(&mut self) -> Shed {
         if self.reserve_fd.take().is_none() {
-            return false;
+            return Shed::NoReserve;
         }
-        if let Some(Ok((stream, _))) = self.listener.as_ref().map(TcpListener::accept) {
-            self.ctx.stats.connections_total += 1;
-            self.refuse(stream);
-        }
+        let accepted = self.listener.as_ref().map(TcpListener::accept);
+        let shed = match accepted {
+            Some(Ok((stream, _))) => {
+                self.ctx.stats.connections_total += 1;
+                self.refuse(stream);
+                Shed::Refused
+            }
+            _ => Shed::BacklogEmpty,
+        };
         self.reserve_fd = File::open("/dev/null").ok();
-        true
+        shed
     }
 
     fn refuse(&mut self, stream: TcpStream) {
@@ -762,6 +782,13 @@ impl Ctx {
             }
         }
     }
+}
+
+/// What giving up the reserve descriptor achieved.
+enum Shed {
+    Refused,
+    BacklogEmpty,
+    NoReserve,
 }
 
 #[derive(Debug, PartialEq, Eq)]

@@ -3,7 +3,7 @@
 
 use crate::config::{Fsync, ServerConfig};
 use crate::db::{Db, run_committer};
-use crate::event_loop::{EventLoop, Limits, WAKER};
+use crate::event_loop::{EventLoop, Limits, LoopParts, WAKER};
 use crate::store::{Store, StoreOptions};
 use crate::worker::{completion_channel, spawn_pool};
 use log::info;
@@ -73,17 +73,16 @@ pub fn run(config: ServerConfig) -> Result<(), String> {
         idle_timeout: (config.idle_timeout > 0).then(|| Duration::from_secs(config.idle_timeout)),
         max_line_bytes: config.max_line_bytes as usize,
     };
-    let event_loop = EventLoop::new(
+    let parts = LoopParts {
         poll,
         listener,
         http_listener,
         jobs,
         completions,
-        db.clone(),
-        store_metrics,
-        limits,
-    )
-    .map_err(|e| format!("event loop: {e}"))?;
+        db: db.clone(),
+        store: store_metrics,
+    };
+    let event_loop = EventLoop::new(parts, limits).map_err(|e| format!("event loop: {e}"))?;
     // Returning drops the job sender: the workers finish the queue and exit.
     event_loop.run().map_err(|e| format!("event loop: {e}"))?;
     for worker in pool {

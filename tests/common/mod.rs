@@ -47,9 +47,34 @@ pub struct Server {
 impl Server {
     /// Starts a server on ephemeral ports storing in `dir`, with `extra` flags.
     pub fn start(dir: &Path, extra: &[&str]) -> Server {
+        Server::start_wrapped(&[], dir, extra)
+    }
+
+    /// Starts a server listening on `addr` (to restart one on the same port).
+    pub fn start_on(addr: SocketAddr, dir: &Path, extra: &[&str]) -> Server {
+        let listen = addr.to_string();
+        let mut args = vec!["--listen", listen.as_str()];
+        args.extend_from_slice(extra);
+        Server::start_wrapped(&[], dir, &args)
+    }
+
+    /// Like `start`, run through `wrapper` (a command that execs its arguments, such as
+    /// `prlimit --nofile=64`), so the wrapper's pid is the server's.
+    pub fn start_wrapped(wrapper: &[&str], dir: &Path, extra: &[&str]) -> Server {
         let log = std::fs::File::create(dir.with_extension("server.log")).expect("log file");
-        let mut child = Command::new(SERVER)
-            .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(SERVER);
+                c
+            }
+            None => Command::new(SERVER),
+        };
+        if !extra.contains(&"--listen") {
+            command.args(["--listen", "127.0.0.1:0"]);
+        }
+        let mut child = command
+            .args(["--http-listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(dir)
             .args(extra)
@@ -70,7 +95,7 @@ impl Server {
             // Keep draining so the server never blocks on a full pipe.
             for _ in lines {}
         });
-        let mut next = || {
+        let next = || {
             rx.recv_timeout(PATIENCE)
                 .expect("server printed its addresses")
         };
