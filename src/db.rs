@@ -1,23 +1,28 @@
 //! The ledger every worker shares, and the group commit that makes it durable.
 //!
-//! Workers validate lines in parallel, then take the ledger lock once per batch to decide
-//! `ok` / `duplicate` / kind-mismatch for each valid reading, update statistics and append
-//! the records to a pending buffer. Their replies wait in the same locked state. One
-//! committer thread repeatedly swaps out everything pending, writes it with one `write`
-//! and one `fsync`, and only then releases the waiting replies to the event loop. Whatever
-//! arrives while an fsync runs shares the next one: the batching grows with load.
+//! Workers validate lines in parallel, then take the ledger lock once per batch: for each
+//! valid reading they decide `ok` / `duplicate` / kind-mismatch, update statistics and
+//! encode the record; the batch's records then go to the store in one `write` before the
+//! lock is released. Writing under the lock keeps the file in ledger order, which is what
+//! lets a checkpoint pair statistics with file lengths.
 //!
-//! Because the committer is a single thread that releases replies in the order they were
-//! queued, a reply queued after a record was appended is released only after that record
-//! is durable. That is what makes a `duplicate` reply safe to send: the reading it refers
-//! to was appended earlier, so it is on disk by the time the `duplicate` leaves.
+//! With `--fsync never` the replies go straight back to the event loop: the records are
+//! in the page cache, which is all that mode promises. With `--fsync always` they wait in
+//! the locked state; the committer thread repeatedly takes every waiting reply, runs one
+//! `fdatasync` on the active segment, and only then releases them. Whatever arrives
+//! during an fsync shares the next one, so batching grows with load.
+//!
+//! A reply queued after a record was written is released only after an fsync that began
+//! later, so it refers to durable data. That is what makes `duplicate` safe: the reading
+//! it refers to was written earlier, hence is on disk when the `duplicate` leaves.
 
 use crate::protocol::Reading;
 use crate::stats::SensorStats;
-use crate::store::{Sensors, Store, encode_record};
+use crate::store::{Sensors, Store, StoreMetrics, encode_record, sync_timed};
 use crate::worker::{Completion, Notifier};
 use log::error;
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 /// What the ledger made of one valid reading.
@@ -32,10 +37,10 @@ pub enum Applied {
 /// The shared state behind the lock.
 struct State {
     sensors: Sensors,
-    /// Encoded records not yet handed to the committer.
-    pending: Vec<u8>,
-    pending_records: u64,
-    /// Replies to release after the next commit.
+    store: Store,
+    /// Encoding buffer for one batch's records, reused.
+    records: Vec<u8>,
+    /// Replies waiting for the next fsync (`--fsync always` only).
     waiting: Vec<Completion>,
     closing: bool,
 }
@@ -44,43 +49,52 @@ struct State {
 pub struct Db {
     state: Mutex<State>,
     commit_needed: Condvar,
+    notifier: Notifier,
+    fsync: bool,
+    store_metrics: Arc<StoreMetrics>,
 }
 
 /// The locked ledger, handed to a worker for the duration of one batch.
 pub struct Ledger<'a> {
-    state: MutexGuard<'a, State>,
+    sensors: &'a mut Sensors,
+    records: &'a mut Vec<u8>,
+    stored: u64,
 }
 
 impl Ledger<'_> {
     /// Decides a valid reading against what is stored, and stores it if it is new.
     pub fn apply(&mut self, r: &Reading, recv_ms: u64) -> Applied {
-        let state = &mut *self.state;
-        match state.sensors.get_mut(r.sensor.as_ref()) {
+        match self.sensors.get_mut(r.sensor.as_ref()) {
             Some(s) if s.kind != r.kind => return Applied::KindMismatch(s.kind.clone()),
             Some(s) if r.seq <= s.last_seq => return Applied::Duplicate,
             Some(s) => s.add(r.value, r.seq, r.ts),
             None => {
                 let stats = SensorStats::first(&r.kind, r.value, r.seq, r.ts);
-                state.sensors.insert(r.sensor.to_string(), stats);
+                self.sensors.insert(r.sensor.to_string(), stats);
             }
         }
-        encode_record(&mut state.pending, r, recv_ms);
-        state.pending_records += 1;
+        encode_record(self.records, r, recv_ms);
+        self.stored += 1;
         Applied::Stored
     }
 }
 
 impl Db {
-    pub fn new(sensors: Sensors) -> Db {
+    /// `fsync`: hold replies until an fsync covers them (`--fsync always`).
+    pub fn new(sensors: Sensors, store: Store, notifier: Notifier, fsync: bool) -> Db {
+        let store_metrics = store.metrics();
         Db {
             state: Mutex::new(State {
                 sensors,
-                pending: Vec::new(),
-                pending_records: 0,
+                store,
+                records: Vec::new(),
                 waiting: Vec::new(),
                 closing: false,
             }),
             commit_needed: Condvar::new(),
+            notifier,
+            fsync,
+            store_metrics,
         }
     }
 
@@ -90,14 +104,32 @@ impl Db {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Runs `decide` with the ledger locked; its completion is released to the event loop
-    /// only after the next commit, so every reply in it refers to durable data.
+    /// Runs `decide` with the ledger locked, writes the records it stored, and sends its
+    /// completion on once they are as durable as `--fsync` promises.
     pub fn decide<F: FnOnce(&mut Ledger) -> Completion>(&self, decide: F) {
-        let mut ledger = Ledger { state: self.lock() };
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let mut ledger = Ledger {
+            sensors: &mut state.sensors,
+            records: &mut state.records,
+            stored: 0,
+        };
         let completion = decide(&mut ledger);
-        ledger.state.waiting.push(completion);
-        drop(ledger);
-        self.commit_needed.notify_one();
+        let stored = ledger.stored;
+        if !state.records.is_empty() {
+            if let Err(e) = state.store.append(&state.records, stored) {
+                fail(e);
+            }
+            state.records.clear();
+        }
+        if self.fsync {
+            state.waiting.push(completion);
+            drop(guard);
+            self.commit_needed.notify_one();
+        } else {
+            drop(guard);
+            self.notifier.send(completion);
+        }
     }
 
     /// Calls `f` with every sensor's statistics (for `/sensors` and `/metrics`).
@@ -105,71 +137,66 @@ impl Db {
         f(&self.lock().sensors)
     }
 
-    /// Asks the committer to write what is pending, checkpoint and return.
+    /// Asks the committer to release what waits, checkpoint and return.
     pub fn close(&self) {
         self.lock().closing = true;
         self.commit_needed.notify_one();
     }
 }
 
-/// The committer thread's body: group commit until `Db::close`. An I/O error on the
-/// store ends the process: replies that were promised durable cannot be given, and a
-/// restart rebuilds the ledger from what really is on disk (the same stance PostgreSQL
-/// takes on a failed fsync).
-pub fn run_committer(db: &Db, mut store: Store, notifier: &Notifier, checkpoint_every: Duration) {
-    if let Err(e) = commit_loop(db, &mut store, notifier, checkpoint_every) {
-        error!("store write failed, stopping so that no unstored reading is acknowledged: {e}");
-        std::process::exit(1);
-    }
+/// A store write or fsync failed. Replies promised durable cannot be given, and the
+/// ledger already counts readings that may not be on disk, so the process stops; a
+/// restart rebuilds the ledger from what really is there and clients resend the rest.
+/// (PostgreSQL takes the same stance on a failed fsync.)
+fn fail(e: std::io::Error) -> ! {
+    error!("store write failed, stopping so that no unstored reading is acknowledged: {e}");
+    std::process::exit(1);
 }
 
-fn commit_loop(
-    db: &Db,
-    store: &mut Store,
-    notifier: &Notifier,
-    checkpoint_every: Duration,
-) -> std::io::Result<()> {
-    let mut spare = Vec::new();
+/// The committer thread's body until `Db::close`: group fsync (with `--fsync always`)
+/// and a checkpoint every `checkpoint_every` while readings arrive, and at the end.
+pub fn run_committer(db: &Db, checkpoint_every: Duration) {
     let mut last_checkpoint = Instant::now();
-    let mut dirty = false;
+    let mut checkpointed_records = db.store_metrics.records.load(Relaxed);
     loop {
         let mut state = db.lock();
-        loop {
-            let due = dirty && last_checkpoint.elapsed() >= checkpoint_every;
-            if !state.pending.is_empty() || !state.waiting.is_empty() || state.closing || due {
-                break;
-            }
+        let checkpoint_due = |state: &State| {
+            state.closing
+                || (last_checkpoint.elapsed() >= checkpoint_every
+                    && db.store_metrics.records.load(Relaxed) != checkpointed_records)
+        };
+        while state.waiting.is_empty() && !checkpoint_due(&state) {
             let wait = checkpoint_every.saturating_sub(last_checkpoint.elapsed());
             state = db
                 .commit_needed
-                .wait_timeout(state, wait.max(Duration::from_millis(10)))
+                .wait_timeout(state, wait.max(Duration::from_millis(50)))
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
-        std::mem::swap(&mut state.pending, &mut spare);
-        let records = std::mem::take(&mut state.pending_records);
         let completions = std::mem::take(&mut state.waiting);
-        let closing = state.closing && spare.is_empty() && completions.is_empty();
-        let checkpoint_due =
-            closing || store.rotated() || (dirty && last_checkpoint.elapsed() >= checkpoint_every);
-        // Taken under the same lock as the records, so it describes exactly the store
-        // once `spare` is written.
-        let snapshot = checkpoint_due.then(|| state.sensors.clone());
+        let active = state.store.active_file();
+        let closing = state.closing;
+        // Taken under the lock, so the statistics match the file lengths exactly.
+        let checkpoint = checkpoint_due(&state).then(|| {
+            checkpointed_records = db.store_metrics.records.load(Relaxed);
+            state.store.checkpoint(state.sensors.clone())
+        });
         drop(state);
 
-        if !spare.is_empty() {
-            store.append(&spare, records)?;
-            spare.clear();
-            dirty = true;
+        if !completions.is_empty() {
+            if let Err(e) = sync_timed(&active, &db.store_metrics) {
+                fail(e);
+            }
+            db.notifier.send_all(completions);
         }
-        notifier.send_all(completions);
-        if let Some(sensors) = snapshot {
-            store.write_checkpoint(&sensors)?;
+        if let Some(checkpoint) = checkpoint {
+            if let Err(e) = checkpoint.write() {
+                fail(e);
+            }
             last_checkpoint = Instant::now();
-            dirty = false;
         }
         if closing {
-            return Ok(());
+            return;
         }
     }
 }
@@ -184,6 +211,7 @@ mod tests {
             sensor: Cow::Owned(sensor.into()),
             kind: Cow::Borrowed(kind),
             value: 1.0,
+            value_text: Cow::Borrowed("1.0"),
             seq,
             ts: None,
         }
@@ -191,8 +219,12 @@ mod tests {
 
     #[test]
     fn the_ledger_stores_new_seqs_and_answers_duplicates_and_kind_changes() {
-        let db = Db::new(Sensors::new());
-        let mut ledger = Ledger { state: db.lock() };
+        let (mut sensors, mut records) = (Sensors::new(), Vec::new());
+        let mut ledger = Ledger {
+            sensors: &mut sensors,
+            records: &mut records,
+            stored: 0,
+        };
         assert_eq!(
             ledger.apply(&reading("a", "temperature", 5), 0),
             Applied::Stored
@@ -213,7 +245,8 @@ mod tests {
             ledger.apply(&reading("a", "temperature", 6), 0),
             Applied::Stored
         );
-        assert_eq!(ledger.state.pending_records, 2);
-        assert_eq!(ledger.state.sensors["a"].last_seq, 6);
+        assert_eq!(ledger.stored, 2);
+        assert_eq!(sensors["a"].last_seq, 6);
+        assert_eq!(records.iter().filter(|&&b| b == b'\n').count(), 2);
     }
 }

@@ -28,6 +28,8 @@ pub struct Reading<'a> {
     pub sensor: Cow<'a, str>,
     pub kind: Cow<'a, str>,
     pub value: f64,
+    /// The value exactly as the sensor wrote it (a JSON number), which the store keeps.
+    pub value_text: Cow<'a, str>,
     pub seq: u64,
     pub ts: Option<u64>,
 }
@@ -160,12 +162,10 @@ impl<'de> Visitor<'de> for MembersVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Members<'de>, A::Error> {
         let mut members = Members::default();
-        // Key sets are tiny in practice; a hostile 16 KiB line has at most a few
-        // thousand keys, so a hash set keeps the duplicate check linear.
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = SeenKeys::default();
         while let Some(JsonStr(key)) = map.next_key()? {
             let raw: &'de RawValue = map.next_value()?;
-            if !seen.insert(key.clone()) {
+            if !seen.insert(&key) {
                 if key == "seq" {
                     members.duplicated_seq = true;
                 }
@@ -183,6 +183,32 @@ impl<'de> Visitor<'de> for MembersVisitor {
             *slot = Some(raw);
         }
         Ok(members)
+    }
+}
+
+/// The keys of one object so far. Readings have about six keys, so a short list beats
+/// hashing; a hostile line with thousands of keys moves to a hash set, which keeps the
+/// check linear.
+#[derive(Default)]
+struct SeenKeys<'a> {
+    few: Vec<Cow<'a, str>>,
+    many: Option<std::collections::HashSet<Cow<'a, str>>>,
+}
+
+impl<'a> SeenKeys<'a> {
+    /// False when `key` was seen before.
+    fn insert(&mut self, key: &Cow<'a, str>) -> bool {
+        if let Some(many) = &mut self.many {
+            return many.insert(key.clone());
+        }
+        if self.few.iter().any(|k| k == key) {
+            return false;
+        }
+        self.few.push(key.clone());
+        if self.few.len() > 16 {
+            self.many = Some(self.few.drain(..).collect());
+        }
+        true
     }
 }
 
@@ -300,6 +326,7 @@ fn check_rules(t: Typed<'_>) -> Verdict<'_> {
             sensor: t.sensor,
             kind: t.kind,
             value,
+            value_text: Cow::Borrowed(t.value),
             seq,
             ts,
         },
@@ -485,6 +512,19 @@ mod tests {
             Some("5"),
             "duplicate key \"x\"",
         );
+        // Past sixteen keys the check switches to a hash set; it still finds repeats.
+        let many: String = (0..40).map(|i| format!("\"k{i}\":1,")).collect();
+        assert_error(
+            &format!(r#"{{{many}"sensor":"s","kind":"k","value":1,"seq":5,"k39":2}}"#),
+            Some("5"),
+            "duplicate key \"k39\"",
+        );
+        assert!(matches!(
+            verdict(&format!(
+                r#"{{{many}"sensor":"s","kind":"k","value":1,"seq":5}}"#
+            )),
+            Verdict::Valid { .. }
+        ));
     }
 
     #[test]

@@ -33,16 +33,16 @@ pub fn run(config: ServerConfig) -> Result<(), String> {
 
     let (store, sensors) = Store::open(StoreOptions {
         dir: config.data_dir.clone(),
-        fsync: config.fsync == Fsync::Always,
         segment_bytes: config.segment_bytes,
     })
     .map_err(|e| format!("cannot open store in {}: {e}", config.data_dir.display()))?;
     let store_metrics = store.metrics();
-    let db = Arc::new(Db::new(sensors));
 
     let poll = mio::Poll::new().map_err(|e| format!("poll: {e}"))?;
     let waker = mio::Waker::new(poll.registry(), WAKER).map_err(|e| format!("waker: {e}"))?;
     let (notifier, completions) = completion_channel(Arc::new(waker));
+    let fsync = config.fsync == Fsync::Always;
+    let db = Arc::new(Db::new(sensors, store, notifier.clone(), fsync));
 
     let listener = bind(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let http_listener = http_listen
@@ -55,11 +55,11 @@ pub fn run(config: ServerConfig) -> Result<(), String> {
         .unzip();
     let pool = spawn_pool(queues, &db, &notifier).map_err(|e| e.to_string())?;
     let committer = {
-        let (db, notifier) = (db.clone(), notifier.clone());
+        let db = db.clone();
         let every = Duration::from_secs(config.checkpoint_interval);
         std::thread::Builder::new()
             .name("committer".into())
-            .spawn(move || run_committer(&db, store, &notifier, every))
+            .spawn(move || run_committer(&db, every))
             .map_err(|e| e.to_string())?
     };
     drop(notifier);

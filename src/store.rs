@@ -36,8 +36,6 @@ const SEGMENT_PREFIX: &str = "segment-";
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
     pub dir: PathBuf,
-    /// fsync after every group of appends (`--fsync always`).
-    pub fsync: bool,
     /// Start a new segment once the active one reaches this size.
     pub segment_bytes: u64,
 }
@@ -64,25 +62,29 @@ struct Record {
     recv: u64,
 }
 
+/// Per-sensor statistics and the length of each `*.jsonl` file they cover.
 #[derive(Serialize, Deserialize)]
-struct Checkpoint {
+pub struct Checkpoint {
     version: u32,
-    /// Length of each `*.jsonl` file the statistics cover.
     files: BTreeMap<String, u64>,
     sensors: Sensors,
+    #[serde(skip)]
+    dir: PathBuf,
+    #[serde(skip)]
+    active: Option<Arc<File>>,
 }
 
 /// Appends `r` as one store line. Sensor ids and kinds are restricted to characters that
-/// need no JSON escaping (the protocol's rules), so the line is written directly.
+/// need no JSON escaping (the protocol's rules), so the line is written directly; the
+/// value keeps the sensor's own JSON number text, so nothing is lost to re-formatting.
 pub fn encode_record(out: &mut Vec<u8>, r: &Reading, recv_ms: u64) {
     let mut int = itoa::Buffer::new();
-    let mut float = ryu::Buffer::new();
     out.extend_from_slice(b"{\"sensor\":\"");
     out.extend_from_slice(r.sensor.as_bytes());
     out.extend_from_slice(b"\",\"kind\":\"");
     out.extend_from_slice(r.kind.as_bytes());
     out.extend_from_slice(b"\",\"value\":");
-    out.extend_from_slice(float.format_finite(r.value).as_bytes());
+    out.extend_from_slice(r.value_text.as_bytes());
     out.extend_from_slice(b",\"seq\":");
     out.extend_from_slice(int.format(r.seq).as_bytes());
     if let Some(ts) = r.ts {
@@ -97,13 +99,12 @@ pub fn encode_record(out: &mut Vec<u8>, r: &Reading, recv_ms: u64) {
 /// The open store: the active segment and the lengths of every store file.
 pub struct Store {
     options: StoreOptions,
-    active: File,
+    /// Shared so the committer can fsync it without holding the ledger lock.
+    active: Arc<File>,
     active_name: String,
     active_number: u64,
     /// Length of every `*.jsonl` file as of the last append.
     lengths: BTreeMap<String, u64>,
-    /// A segment was started since the last checkpoint.
-    rotated: bool,
     metrics: Arc<StoreMetrics>,
     _lock: File,
 }
@@ -145,13 +146,13 @@ impl Store {
             .unwrap_or(0);
         let (active, active_name, active_number) =
             open_segment(&options.dir, active_number.max(1))?;
+        let active = Arc::new(active);
         let mut store = Store {
             options,
             active,
             active_name,
             active_number,
             lengths,
-            rotated: false,
             metrics,
             _lock: lock,
         };
@@ -168,68 +169,53 @@ impl Store {
         self.metrics.clone()
     }
 
-    /// Appends complete record lines; with `--fsync always` they are on disk on return.
+    /// Appends complete record lines (one `write`); they reach the disk at the next
+    /// `sync` of `active_file()`. Starts a new segment past the size limit, syncing the
+    /// old one first so that syncing the active segment covers every earlier append.
     pub fn append(&mut self, records: &[u8], count: u64) -> io::Result<()> {
-        self.active.write_all(records)?;
-        if let Some(len) = self.lengths.get_mut(&self.active_name) {
-            *len += records.len() as u64;
-        }
-        if self.options.fsync {
-            self.sync()?;
-        }
+        (&*self.active).write_all(records)?;
+        let len = self.lengths.entry(self.active_name.clone()).or_insert(0);
+        *len += records.len() as u64;
+        let full = *len >= self.options.segment_bytes;
         self.metrics.records.fetch_add(count, Relaxed);
-        if self.lengths.get(&self.active_name).copied().unwrap_or(0) >= self.options.segment_bytes {
+        self.metrics.bytes.fetch_add(records.len() as u64, Relaxed);
+        if full {
             self.rotate()?;
         }
-        self.publish_sizes();
         Ok(())
     }
 
-    /// fsyncs the active segment (data only: its length is covered by the data sync
-    /// since the file only grows).
-    pub fn sync(&mut self) -> io::Result<()> {
-        let started = Instant::now();
-        self.active.sync_data()?;
-        self.metrics
-            .fsync_seconds
-            .observe(started.elapsed().as_secs_f64());
-        Ok(())
+    /// The segment being appended to; syncing it makes every append so far durable.
+    pub fn active_file(&self) -> Arc<File> {
+        self.active.clone()
     }
 
-    /// True when a segment was started since the last checkpoint.
-    pub fn rotated(&self) -> bool {
-        self.rotated
+    /// fsyncs every append so far (see `active_file`).
+    pub fn sync(&self) -> io::Result<()> {
+        sync_timed(&self.active, &self.metrics)
     }
 
-    /// Writes the checkpoint for `sensors`, which must describe exactly the records
-    /// appended so far. Syncs the data first so the checkpoint never covers bytes a
-    /// power loss could take away.
-    pub fn write_checkpoint(&mut self, sensors: &Sensors) -> io::Result<()> {
-        self.active.sync_data()?;
-        let checkpoint = Checkpoint {
+    /// What a checkpoint of the store as it is now needs; written later, outside the
+    /// ledger lock, by `Checkpoint::write`.
+    pub fn checkpoint(&self, sensors: Sensors) -> Checkpoint {
+        Checkpoint {
             version: 1,
             files: self.lengths.clone(),
-            sensors: sensors.clone(),
-        };
-        let tmp = self.options.dir.join(CHECKPOINT_TMP);
-        let mut file = File::create(&tmp)?;
-        serde_json::to_writer(&mut file, &checkpoint)?;
-        file.sync_all()?;
-        fs::rename(&tmp, self.options.dir.join(CHECKPOINT))?;
-        sync_dir(&self.options.dir)?;
-        self.rotated = false;
-        Ok(())
+            sensors,
+            dir: self.options.dir.clone(),
+            active: Some(self.active.clone()),
+        }
     }
 
     fn rotate(&mut self) -> io::Result<()> {
-        self.active.sync_data()?;
+        self.sync()?;
         let (file, name, number) = open_segment(&self.options.dir, self.active_number + 1)?;
         info!("store: starting segment {name}");
-        self.active = file;
+        self.active = Arc::new(file);
         self.lengths.insert(name.clone(), 0);
         self.active_name = name;
         self.active_number = number;
-        self.rotated = true;
+        self.publish_sizes();
         Ok(())
     }
 
@@ -240,6 +226,31 @@ impl Store {
         self.metrics
             .segments
             .store(self.lengths.len() as u64, Relaxed);
+    }
+}
+
+/// fsyncs `file`'s data, recording how long it took.
+pub fn sync_timed(file: &File, metrics: &StoreMetrics) -> io::Result<()> {
+    let started = Instant::now();
+    file.sync_data()?;
+    metrics
+        .fsync_seconds
+        .observe(started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+impl Checkpoint {
+    /// Syncs the data the checkpoint covers, then replaces `checkpoint.json` atomically.
+    pub fn write(&self) -> io::Result<()> {
+        if let Some(active) = &self.active {
+            active.sync_data()?;
+        }
+        let tmp = self.dir.join(CHECKPOINT_TMP);
+        let mut file = File::create(&tmp)?;
+        serde_json::to_writer(&mut file, self)?;
+        file.sync_all()?;
+        fs::rename(&tmp, self.dir.join(CHECKPOINT))?;
+        sync_dir(&self.dir)
     }
 }
 
@@ -436,7 +447,6 @@ mod tests {
     fn options(dir: &Path) -> StoreOptions {
         StoreOptions {
             dir: dir.to_owned(),
-            fsync: true,
             segment_bytes: 1 << 20,
         }
     }
@@ -446,6 +456,7 @@ mod tests {
             sensor: Cow::Owned(sensor.into()),
             kind: Cow::Borrowed("temperature"),
             value,
+            value_text: Cow::Owned(format!("{value:?}")),
             seq,
             ts: Some(seq * 10),
         }
@@ -457,6 +468,7 @@ mod tests {
             encode_record(&mut buf, r, 1_700_000_000_000);
         }
         store.append(&buf, readings.len() as u64).unwrap();
+        store.sync().unwrap();
     }
 
     #[test]
@@ -464,6 +476,7 @@ mod tests {
         let mut buf = Vec::new();
         encode_record(&mut buf, &reading("a", 21.5, 3), 99);
         let mut no_ts = reading("a", -1e-7, 4);
+        no_ts.value_text = Cow::Borrowed("-1e-7");
         no_ts.ts = None;
         encode_record(&mut buf, &no_ts, 100);
         assert_eq!(
@@ -528,7 +541,7 @@ mod tests {
             // replayed the covered bytes, the count would differ.
             sensors.insert("a".into(), SensorStats::first("temperature", 2.0, 2, None));
             sensors.get_mut("a").unwrap().count = 100;
-            store.write_checkpoint(&sensors).unwrap();
+            store.checkpoint(sensors).write().unwrap();
             append(&mut store, &[reading("a", 5.0, 3)]);
         }
         let (_store, sensors) = Store::open(options(&dir)).unwrap();
@@ -546,7 +559,7 @@ mod tests {
             let mut s = SensorStats::first("temperature", 2.0, 2, None);
             s.count = 100;
             sensors.insert("a".into(), s);
-            store.write_checkpoint(&sensors).unwrap();
+            store.checkpoint(sensors).write().unwrap();
         }
         // The file loses its last line (say, restored from an older backup).
         let seg = dir.join(segment_name(1));
@@ -569,7 +582,6 @@ mod tests {
         for seq in 1..=10 {
             append(&mut store, &[reading("a", 1.0, seq)]);
         }
-        assert!(store.rotated());
         let files = store_files(&dir).unwrap();
         assert!(files.len() >= 3, "{files:?}");
         drop(store);
