@@ -165,7 +165,7 @@ impl<'de> Visitor<'de> for MembersVisitor {
         let mut seen = SeenKeys::default();
         while let Some(JsonStr(key)) = map.next_key()? {
             let raw: &'de RawValue = map.next_value()?;
-            if !seen.insert(&key) {
+            if !seen.insert(key.clone()) {
                 if key == "seq" {
                     members.duplicated_seq = true;
                 }
@@ -197,14 +197,14 @@ struct SeenKeys<'a> {
 
 impl<'a> SeenKeys<'a> {
     /// False when `key` was seen before.
-    fn insert(&mut self, key: &Cow<'a, str>) -> bool {
+    fn insert(&mut self, key: Cow<'a, str>) -> bool {
         if let Some(many) = &mut self.many {
-            return many.insert(key.clone());
+            return many.insert(key);
         }
-        if self.few.iter().any(|k| k == key) {
+        if self.few.contains(&key) {
             return false;
         }
-        self.few.push(key.clone());
+        self.few.push(key);
         if self.few.len() > 16 {
             self.many = Some(self.few.drain(..).collect());
         }
