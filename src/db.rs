@@ -104,9 +104,10 @@ impl Db {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Runs `decide` with the ledger locked, writes the records it stored, and sends its
-    /// completion on once they are as durable as `--fsync` promises.
-    pub fn decide<F: FnOnce(&mut Ledger) -> Completion>(&self, decide: F) {
+    /// Runs `decide` with the ledger locked, writes the records it stored in one
+    /// `write`, and sends its completions on once they are as durable as `--fsync`
+    /// promises (with one wake-up for all of them).
+    pub fn decide<F: FnOnce(&mut Ledger) -> Vec<Completion>>(&self, decide: F) {
         let mut guard = self.lock();
         let state = &mut *guard;
         let mut ledger = Ledger {
@@ -114,7 +115,7 @@ impl Db {
             records: &mut state.records,
             stored: 0,
         };
-        let completion = decide(&mut ledger);
+        let mut completions = decide(&mut ledger);
         let stored = ledger.stored;
         if !state.records.is_empty() {
             if let Err(e) = state.store.append(&state.records, stored) {
@@ -123,12 +124,12 @@ impl Db {
             state.records.clear();
         }
         if self.fsync {
-            state.waiting.push(completion);
+            state.waiting.append(&mut completions);
             drop(guard);
             self.commit_needed.notify_one();
         } else {
             drop(guard);
-            self.notifier.send(completion);
+            self.notifier.send_all(completions);
         }
     }
 

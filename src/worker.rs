@@ -122,37 +122,64 @@ pub fn spawn_pool(
             std::thread::Builder::new()
                 .name(format!("worker-{i}"))
                 .spawn(move || {
-                    for job in jobs.iter() {
-                        process(job, &db, &notifier);
+                    while let Ok(first) = jobs.recv() {
+                        // Whatever queued up meanwhile is decided together: one lock,
+                        // one write and one wake-up for many small batches.
+                        let mut group = vec![first];
+                        group.extend(jobs.try_iter().take(MAX_GROUP - 1));
+                        process(group, &db, &notifier);
                     }
                 })
         })
         .collect()
 }
 
-/// Validates a batch, lets the ledger decide its valid readings, and routes the replies:
-/// through the committer when they depend on stored data, straight to the loop otherwise.
-pub fn process(job: Job, db: &Db, notifier: &Notifier) {
-    let verdicts: Vec<Verdict> = framing::lines(&job.lines)
-        .filter(|line| !is_blank(line))
-        .map(parse_line)
-        .collect();
-    let mut completion = Completion {
-        conn: job.conn,
-        batch: job.batch,
-        replies: Vec::with_capacity(verdicts.len() * 28),
-        counts: [0; 4],
-        arrived: job.arrived,
-    };
-    if verdicts.iter().any(|v| matches!(v, Verdict::Valid { .. })) {
-        db.decide(|ledger| {
-            write_replies(&verdicts, &mut completion, |r| ledger.apply(r, job.recv_ms));
+/// Batches one worker takes from its queue at once.
+const MAX_GROUP: usize = 64;
+
+/// Validates batches, lets the ledger decide their valid readings, and routes the
+/// replies: through the ledger (and the committer) when they depend on stored data,
+/// straight to the loop otherwise.
+pub fn process(jobs: Vec<Job>, db: &Db, notifier: &Notifier) {
+    let mut needs_ledger = Vec::new();
+    let mut direct = Vec::new();
+    for job in &jobs {
+        let verdicts: Vec<Verdict> = framing::lines(&job.lines)
+            .filter(|line| !is_blank(line))
+            .map(parse_line)
+            .collect();
+        let completion = Completion {
+            conn: job.conn,
+            batch: job.batch,
+            replies: Vec::with_capacity(verdicts.len() * 28),
+            counts: [0; 4],
+            arrived: job.arrived,
+        };
+        if verdicts.iter().any(|v| matches!(v, Verdict::Valid { .. })) {
+            needs_ledger.push((job, verdicts, completion));
+        } else {
+            direct.push((verdicts, completion));
+        }
+    }
+    let direct = direct
+        .into_iter()
+        .map(|(verdicts, mut completion)| {
+            // No valid reading: `decide` is never called.
+            write_replies(&verdicts, &mut completion, |_| Applied::Duplicate);
             completion
+        })
+        .collect();
+    notifier.send_all(direct);
+    if !needs_ledger.is_empty() {
+        db.decide(|ledger| {
+            needs_ledger
+                .into_iter()
+                .map(|(job, verdicts, mut completion)| {
+                    write_replies(&verdicts, &mut completion, |r| ledger.apply(r, job.recv_ms));
+                    completion
+                })
+                .collect()
         });
-    } else {
-        // No valid reading: `decide` is never called.
-        write_replies(&verdicts, &mut completion, |_| Applied::Duplicate);
-        notifier.send(completion);
     }
 }
 

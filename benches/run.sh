@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# The project's benchmark: sensor-server against the thread-per-connection baseline
+# (benches/baseline_server.rs), same driver (sensor-client --bench), same run, loopback.
+# Prints figures and ratios; asserts nothing about timing.
+#
+#   benches/run.sh           full run (about 3 minutes)
+#   benches/run.sh --smoke   short run for CI (about 30 seconds, smaller scenario c)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+smoke=false
+[[ "${1:-}" == "--smoke" ]] && smoke=true
+if $smoke; then secs=1; c_conns=1000; c_secs=4; else secs=5; c_conns=15000; c_secs=20; fi
+
+cargo build --release --quiet --bin sensor-server --bin sensor-client --example baseline-server
+bin=target/release
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+# start_server NAME FSYNC -> sets PID PORT
+start_server() {
+  local name=$1 fsync=$2 dir out
+  dir="$work/$name-$fsync-$RANDOM"
+  out="$dir.out"
+  mkdir -p "$dir"
+  if [[ $name == sensorhub ]]; then
+    "$bin/sensor-server" --listen 127.0.0.1:0 --data-dir "$dir" --fsync "$fsync" \
+      --max-connections 20000 --log-level warn >"$out" 2>"$dir.err" &
+  else
+    "$bin/examples/baseline-server" --listen 127.0.0.1:0 --data-dir "$dir" --fsync "$fsync" \
+      >"$out" 2>"$dir.err" &
+  fi
+  PID=$!
+  pids+=("$PID")
+  for _ in $(seq 100); do
+    grep -q '^listening on' "$out" 2>/dev/null && break
+    sleep 0.05
+  done
+  PORT=$(sed -n 's/^listening on .*:\([0-9]*\)$/\1/p' "$out")
+  [[ -n $PORT ]] || { echo "server $name did not start"; cat "$dir.err"; exit 1; }
+}
+
+stop_server() { kill -9 "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; }
+
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+
+# field NAME LINE: the number after NAME in a client summary line
+field() { sed -n "s/.*$1 \([0-9.]*\).*/\1/p" <<<"$2"; }
+
+# bench NAME FSYNC CONNS WINDOW -> prints a row, sets RATE P99
+bench() {
+  local name=$1 fsync=$2 conns=$3 window=$4 line
+  start_server "$name" "$fsync"
+  line=$("$bin/sensor-client" --server "127.0.0.1:$PORT" --sensors "$conns" --connections "$conns" \
+    --window "$window" --bench --duration "$secs" --log-level error | grep '^bench:' || true)
+  stop_server
+  RATE=$(sed -n 's/.*= \([0-9]*\) readings\/s.*/\1/p' <<<"$line")
+  P99=$(field p99 "$line")
+  printf '%-10s fsync %-6s %5d conns x window %-3d %10s readings/s  p50 %7s ms  p99 %7s ms\n' \
+    "$name" "$fsync" "$conns" "$window" "${RATE:-FAILED}" "$(field p50 "$line")" "${P99:-?}"
+}
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "n/a" }'; }
+
+echo "== machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r); server and driver share the cores"
+echo "== (a) 64 connections x window 32, ${secs}s each"
+bench sensorhub never 64 32; ours_never=$RATE
+bench sensorhub always 64 32; ours_always=$RATE
+bench baseline never 64 32; base_never=$RATE
+bench baseline always 64 32; base_always=$RATE
+echo "   sensorhub vs baseline: fsync never $(ratio "$ours_never" "$base_never"), fsync always $(ratio "$ours_always" "$base_always")"
+echo "   sensorhub fsync always / fsync never: $(ratio "$ours_always" "$ours_never")"
+
+echo "== (b) 1000 connections x window 1, fsync always, ${secs}s each"
+bench sensorhub always 1000 1
+bench baseline always 1000 1
+
+echo "== (c) $c_conns connections, one reading per second each, fsync always, ${c_secs}s"
+for name in sensorhub baseline; do
+  start_server "$name" always
+  idle=$(rss_kib "$PID")
+  "$bin/sensor-client" --server "127.0.0.1:$PORT" --sensors "$c_conns" --connections "$c_conns" \
+    --interval-ms 1000 --duration "$c_secs" --log-level error >"$work/c-$name.txt" 2>&1 &
+  client=$!
+  sleep $((c_secs - 2))   # a measurement point inside the run, not a synchronisation
+  loaded=$(rss_kib "$PID")
+  threads=$(awk '/^Threads:/ {print $2}' "/proc/$PID/status")
+  wait "$client" || true
+  stop_server
+  line=$(grep '^sent' "$work/c-$name.txt" || echo "client failed: $(tail -1 "$work/c-$name.txt")")
+  per_conn=$(awk -v a="$loaded" -v b="$idle" -v n="$c_conns" 'BEGIN { printf "%.2f", (a - b) / n }')
+  printf '%-10s RSS idle %6d KiB, loaded %7d KiB = %5s KiB per connection, %5d threads; p50 %s ms p99 %s ms\n' \
+    "$name" "$idle" "$loaded" "$per_conn" "$threads" "$(field p50 "$line")" "$(field p99 "$line")"
+done
