@@ -168,6 +168,11 @@ impl Connection {
     }
 
     /// Reads once into `buf`, retrying on `Interrupted`.
+    ///
+    /// A short read means the socket's receive queue was empty when the read returned,
+    /// so the readiness is consumed without another `read` to see `WouldBlock`: data
+    /// arriving later raises a new edge (tokio makes the same inference). That saves a
+    /// system call per wake-up when sensors send a line at a time.
     pub fn fill(&mut self, buf: &mut [u8]) -> io::Result<Fill> {
         loop {
             match self.stream.read(buf) {
@@ -175,7 +180,12 @@ impl Connection {
                     self.readable = false;
                     return Ok(Fill::Eof);
                 }
-                Ok(n) => return Ok(Fill::Data(n)),
+                Ok(n) => {
+                    if n < buf.len() {
+                        self.readable = false;
+                    }
+                    return Ok(Fill::Data(n));
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.readable = false;
                     return Ok(Fill::WouldBlock);

@@ -53,6 +53,9 @@ const STOP_DRAIN: Duration = Duration::from_secs(8);
 const TICK: Duration = Duration::from_secs(1);
 /// Period of the one-line summary at info level.
 const SUMMARY_EVERY: Duration = Duration::from_secs(10);
+/// Connections accepted per pass; the rest wait for the next pass, so that 10,000
+/// sensors arriving at once do not starve the ones already connected.
+const ACCEPT_BATCH: usize = 256;
 /// How long accepting pauses when file descriptors run out and no reserve is left.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
@@ -132,6 +135,8 @@ pub struct EventLoop {
     /// can be accepted and told "server busy" instead of spinning on it.
     reserve_fd: Option<File>,
     accept_paused_until: Option<Instant>,
+    /// The last pass stopped at `ACCEPT_BATCH` with the backlog not yet drained.
+    accept_more: bool,
     stop_deadline: Option<Instant>,
     next_tick: Instant,
     summary_at: Instant,
@@ -186,6 +191,7 @@ impl EventLoop {
             queue_waiters: Vec::new(),
             reserve_fd: File::open("/dev/null").ok(),
             accept_paused_until: None,
+            accept_more: false,
             stop_deadline: None,
             next_tick: now + TICK,
             summary_at: now,
@@ -230,6 +236,9 @@ impl EventLoop {
                 }
             }
             self.run_ready();
+            if self.accept_more {
+                self.accept_sensors();
+            }
             let now = Instant::now();
             if now >= self.next_tick {
                 self.tick(now);
@@ -247,7 +256,7 @@ impl EventLoop {
     }
 
     fn poll_timeout(&self) -> Duration {
-        if !self.ready.is_empty() {
+        if !self.ready.is_empty() || self.accept_more {
             return Duration::ZERO;
         }
         let now = Instant::now();
@@ -300,7 +309,8 @@ impl EventLoop {
 
     fn accept_sensors(&mut self) {
         let now = Instant::now();
-        loop {
+        self.accept_more = false;
+        for _ in 0..ACCEPT_BATCH {
             let Some(listener) = &self.listener else {
                 return;
             };
@@ -334,6 +344,8 @@ impl EventLoop {
                 }
             }
         }
+        // The edge is consumed but the backlog may not be empty: come back next pass.
+        self.accept_more = true;
     }
 
     /// Out of descriptors: frees the reserve to accept one waiting connection, tells it
