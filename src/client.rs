@@ -137,6 +137,8 @@ struct Link {
     input: Vec<u8>,
     failures: u32,
     writable: bool,
+    /// The poller reported the server's FIN: read until EOF (see `read_replies`).
+    hup: bool,
     /// The sensors this link carries, and which one's turn it is (bench mode).
     sensors: Vec<usize>,
     next_sensor: usize,
@@ -248,6 +250,7 @@ impl Client {
                 input: Vec::new(),
                 failures: 0,
                 writable: false,
+                hup: false,
                 sensors: (l..sensors.len()).step_by(links_count).collect(),
                 next_sensor: 0,
                 touched: true,
@@ -349,6 +352,9 @@ impl Client {
                 }
                 if event.is_writable() || event.is_error() || event.is_write_closed() {
                     self.links[i].writable = true;
+                }
+                if event.is_read_closed() || event.is_error() {
+                    self.links[i].hup = true;
                 }
                 self.on_ready(i);
             }
@@ -531,6 +537,7 @@ impl Client {
         link.written = 0;
         link.input.clear();
         link.writable = false;
+        link.hup = false;
         link.failures = link.failures.saturating_add(1);
         let exp = BACKOFF_FIRST
             .saturating_mul(1 << link.failures.min(8))
@@ -641,7 +648,7 @@ impl Client {
                 Ok(n) => {
                     self.links[i].input.extend_from_slice(&buf[..n]);
                     self.handle_replies(i, now)?;
-                    if n < buf.len() {
+                    if n < buf.len() && !self.links[i].hup {
                         return Ok(()); // drained; see `Connection::fill` in the server
                     }
                 }

@@ -121,6 +121,9 @@ pub struct Connection {
     /// Edge-triggered readiness not yet consumed (we may stop early, e.g. on a budget).
     pub readable: bool,
     pub writable: bool,
+    /// The poller reported the peer's FIN: a short read no longer means "drained",
+    /// since no new edge will announce the EOF behind the data.
+    pub read_hup: bool,
     /// No more input will be processed: the peer half-closed, or the server is stopping.
     pub input_closed: bool,
     /// The peer sent EOF (read returned 0).
@@ -148,6 +151,7 @@ impl Connection {
             // A new socket may already hold data; the first pass finds out.
             readable: true,
             writable: true,
+            read_hup: false,
             input_closed: false,
             peer_closed: false,
             overlong_at: None,
@@ -172,7 +176,8 @@ impl Connection {
     /// A short read means the socket's receive queue was empty when the read returned,
     /// so the readiness is consumed without another `read` to see `WouldBlock`: data
     /// arriving later raises a new edge (tokio makes the same inference). That saves a
-    /// system call per wake-up when sensors send a line at a time.
+    /// system call per wake-up when sensors send a line at a time. Once the poller has
+    /// reported the peer's FIN, reads go on until they return 0.
     pub fn fill(&mut self, buf: &mut [u8]) -> io::Result<Fill> {
         loop {
             match self.stream.read(buf) {
@@ -181,7 +186,7 @@ impl Connection {
                     return Ok(Fill::Eof);
                 }
                 Ok(n) => {
-                    if n < buf.len() {
+                    if n < buf.len() && !self.read_hup {
                         self.readable = false;
                     }
                     return Ok(Fill::Data(n));
