@@ -29,8 +29,8 @@ start_server() {
   out="$dir.out"
   mkdir -p "$dir"
   if [[ $name == sensorhub ]]; then
-    "$bin/sensor-server" --listen 127.0.0.1:0 --data-dir "$dir" --fsync "$fsync" \
-      --max-connections 20000 --log-level warn >"$out" 2>"$dir.err" &
+    "$bin/sensor-server" --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --data-dir "$dir" \
+      --fsync "$fsync" --max-connections 20000 --log-level warn >"$out" 2>"$dir.err" &
   else
     "$bin/examples/baseline-server" --listen 127.0.0.1:0 --data-dir "$dir" --fsync "$fsync" \
       >"$out" 2>"$dir.err" &
@@ -42,12 +42,23 @@ start_server() {
     sleep 0.05
   done
   PORT=$(sed -n 's/^listening on .*:\([0-9]*\)$/\1/p' "$out")
+  HTTP_PORT=$(sed -n 's/^http on .*:\([0-9]*\)$/\1/p' "$out")
   [[ -n $PORT ]] || { echo "server $name did not start"; cat "$dir.err"; exit 1; }
 }
 
 stop_server() { kill -9 "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; }
 
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+
+# server_p99: the bucket bound under which 99% of sensorhub's own replies left
+# (its reply_seconds histogram), in ms; read over bash's /dev/tcp.
+server_p99() {
+  exec 3<>"/dev/tcp/127.0.0.1/$HTTP_PORT"
+  printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3
+  awk -F'[{}" ]+' '/^sensorhub_reply_seconds_bucket/ { le[n] = $3; c[n++] = $4 }
+    END { for (i = 0; i < n; i++) if (c[i] >= 0.99 * c[n-1]) { printf "<= %g", le[i] * 1000; exit } }' <&3
+  exec 3<&-
+}
 
 # field NAME LINE: the number after NAME in a client summary line
 field() { sed -n "s/.*$1 \([0-9.]*\).*/\1/p" <<<"$2"; }
@@ -91,9 +102,11 @@ for name in sensorhub baseline; do
   loaded=$(rss_kib "$PID")
   threads=$(awk '/^Threads:/ {print $2}' "/proc/$PID/status")
   wait "$client" || true
+  server_side=""
+  [[ $name == sensorhub ]] && server_side="; server-side p99 $(server_p99) ms"
   stop_server
   line=$(grep '^sent' "$work/c-$name.txt" || echo "client failed: $(tail -1 "$work/c-$name.txt")")
   per_conn=$(awk -v a="$loaded" -v b="$idle" -v n="$c_conns" 'BEGIN { printf "%.2f", (a - b) / n }')
-  printf '%-10s RSS idle %6d KiB, loaded %7d KiB = %5s KiB per connection, %5d threads; p50 %s ms p99 %s ms\n' \
-    "$name" "$idle" "$loaded" "$per_conn" "$threads" "$(field p50 "$line")" "$(field p99 "$line")"
+  printf '%-10s RSS idle %6d KiB, loaded %7d KiB = %5s KiB per connection, %5d threads; client p50 %s ms p99 %s ms%s\n' \
+    "$name" "$idle" "$loaded" "$per_conn" "$threads" "$(field p50 "$line")" "$(field p99 "$line")" "$server_side"
 done

@@ -510,27 +510,29 @@ impl Client {
                     .registry()
                     .register(&mut stream, Token(i), interest)
                 {
-                    warn!("register: {e}");
-                    self.lose(i, now);
+                    self.lose(i, now, &format_args!("register: {e}"));
                     return;
                 }
                 self.links[i].state = LinkState::Connecting(stream);
             }
-            Err(e) => {
-                debug!("connect {addr}: {e}");
-                self.lose(i, now);
-            }
+            Err(e) => self.lose(i, now, &format_args!("connect {addr}: {e}")),
         }
     }
 
     /// The connection is gone: everything unanswered will be resent after a backoff.
-    fn lose(&mut self, i: usize, now: Instant) {
+    fn lose(&mut self, i: usize, now: Instant, why: &dyn std::fmt::Display) {
         let link = &mut self.links[i];
-        if let LinkState::Connecting(mut s) | LinkState::Up(mut s) =
-            std::mem::replace(&mut link.state, LinkState::Down)
-        {
-            let _ = self.poll.registry().deregister(&mut s);
-            self.totals.reconnects += 1;
+        match std::mem::replace(&mut link.state, LinkState::Down) {
+            LinkState::Up(mut s) | LinkState::Connecting(mut s) => {
+                let _ = self.poll.registry().deregister(&mut s);
+                self.totals.reconnects += 1;
+                info!(
+                    "connection {i} to {} lost ({why}); resending {} unanswered after a backoff",
+                    self.config.server,
+                    link.queue.len()
+                );
+            }
+            LinkState::Down => debug!("connection {i}: {why}"),
         }
         link.sent = 0;
         link.out.clear();
@@ -555,8 +557,7 @@ impl Client {
                 Ok(None) if stream.peer_addr().is_ok() => {}
                 Ok(None) => return, // not connected yet: wait for the next edge
                 Ok(Some(e)) | Err(e) => {
-                    debug!("connect: {e}");
-                    self.lose(i, now);
+                    self.lose(i, now, &format_args!("connect: {e}"));
                     return;
                 }
             }
@@ -576,8 +577,7 @@ impl Client {
             return;
         }
         if let Err(e) = self.read_replies(i, now) {
-            debug!("link {i}: {e}");
-            self.lose(i, now);
+            self.lose(i, now, &e);
             return;
         }
         // Replies made room: refill (bench) and send on the next pass.
@@ -619,8 +619,7 @@ impl Client {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => link.writable = false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    debug!("link {i}: write: {e}");
-                    self.lose(i, now);
+                    self.lose(i, now, &format_args!("write: {e}"));
                     return;
                 }
             }

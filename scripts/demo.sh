@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The original design's topology on one machine: a server and two simulated sensors
+# (client1-temperature, client2-humidity). Builds, starts everything, prints the
+# per-sensor statistics every 2 seconds, and stops everything cleanly on Ctrl-C.
+#
+#   scripts/demo.sh [--port 5000] [--http-port 9000] [--interval-ms 500]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+port=5000 http_port=9000 interval=500
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --port) port=$2; shift 2 ;;
+    --http-port) http_port=$2; shift 2 ;;
+    --interval-ms) interval=$2; shift 2 ;;
+    *) echo "usage: $0 [--port N] [--http-port N] [--interval-ms MS]" >&2; exit 2 ;;
+  esac
+done
+
+cargo build --release --quiet --bin sensor-server --bin sensor-client
+bin=target/release
+data=${SENSORHUB_DEMO_DATA:-./demo-data}
+logs=$(mktemp -d)
+pids=()
+
+stop() {
+  trap - INT TERM EXIT
+  echo
+  echo "stopping: clients first (they wait for their last answers), then the server"
+  for pid in "${pids[@]:1}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]:1}"; do wait "$pid" 2>/dev/null || true; done
+  kill -TERM "${pids[0]}" 2>/dev/null || true
+  wait "${pids[0]}" 2>/dev/null || true
+  echo "client summaries:"
+  cat "$logs"/client*.out 2>/dev/null || true
+  echo "store kept in $data ($(cat "$data"/*.jsonl 2>/dev/null | wc -l) readings)"
+  rm -rf "$logs"
+  exit 0
+}
+trap stop INT TERM EXIT
+
+# Each process gets its own session, so Ctrl-C reaches only this script, which then
+# stops the clients before the server.
+setsid "$bin/sensor-server" --listen "127.0.0.1:$port" --http-listen "127.0.0.1:$http_port" \
+  --data-dir "$data" >"$logs/server.out" 2>"$logs/server.err" &
+pids+=($!)
+for _ in $(seq 100); do
+  grep -q '^http on' "$logs/server.out" 2>/dev/null && break
+  kill -0 "${pids[0]}" 2>/dev/null || { cat "$logs/server.err"; exit 1; }
+  sleep 0.05
+done
+cat "$logs/server.out"
+
+setsid "$bin/sensor-client" --server "127.0.0.1:$port" --sensor client1-temperature --kind temperature \
+  --interval-ms "$interval" >"$logs/client1.out" 2>"$logs/client1.err" &
+pids+=($!)
+setsid "$bin/sensor-client" --server "127.0.0.1:$port" --sensor client2-humidity --kind humidity \
+  --interval-ms "$interval" >"$logs/client2.out" 2>"$logs/client2.err" &
+pids+=($!)
+
+# GET over bash's /dev/tcp, so the demo needs no HTTP client installed.
+get() {
+  exec 3<>"/dev/tcp/127.0.0.1/$http_port"
+  printf 'GET %s HTTP/1.0\r\nHost: demo\r\n\r\n' "$1" >&3
+  sed '1,/^\r$/d' <&3
+  exec 3<&-
+}
+
+echo "two sensors sending every ${interval} ms; Ctrl-C stops everything"
+while true; do
+  sleep 2
+  printf '\n%s  readings ok: %s\n' "$(date +%T)" \
+    "$(get /metrics | sed -n 's/^sensorhub_readings_total{status="ok"} //p')"
+  get /sensors | sed 's/^{//; s/}}$/}/; s/},"/}\n"/g'
+  echo
+done
