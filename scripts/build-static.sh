@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Builds fully static musl binaries of sensor-server and sensor-client for x86_64 and
+# aarch64 with cargo: the artefacts `nix build .#sensorhub-static` and
+# `.#sensorhub-static-aarch64` make, for machines without Nix. Writes
+#   dist/x86_64/{sensor-server,sensor-client}
+#   dist/aarch64/{sensor-server,sensor-client}
+#   dist/SHA256SUMS
+# and fails unless every binary is static (scripts/check-static.sh).
+#
+#   scripts/build-static.sh [--out DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+out=dist
+[[ ${1:-} == --out ]] && out=$2
+declare -A targets=([x86_64]=x86_64-unknown-linux-musl [aarch64]=aarch64-unknown-linux-musl)
+
+rustup target add "${targets[@]}" >/dev/null
+rm -rf "$out"
+for arch in x86_64 aarch64; do
+  target=${targets[$arch]}
+  cargo build --release --locked --quiet --target "$target" --bin sensor-server --bin sensor-client
+  mkdir -p "$out/$arch"
+  # The release profile already strips symbols (Cargo.toml: strip = "symbols").
+  cp "target/$target/release/sensor-server" "target/$target/release/sensor-client" "$out/$arch/"
+done
+bash scripts/check-static.sh "$out"/*/sensor-*
+(cd "$out" && sha256sum */sensor-* > SHA256SUMS)
+ls -l "$out"/*/sensor-*
+cat "$out/SHA256SUMS"
