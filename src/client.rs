@@ -12,7 +12,7 @@
 //! One mio loop drives every link, so 15,000 connections cost 15,000 sockets and no
 //! threads.
 
-use crate::protocol::Reply;
+use crate::protocol::{Reply, Status, valid_kind, valid_sensor};
 use crate::simulate::{RandomWalk, SeqClock, encode_reading, unix_micros};
 use clap::Parser;
 use hdrhistogram::Histogram;
@@ -783,25 +783,6 @@ impl Client {
     }
 }
 
-#[derive(Clone, Copy)]
-enum Status {
-    Ok,
-    Duplicate,
-    Rejected,
-    Error,
-}
-
-impl Status {
-    fn as_str(self) -> &'static str {
-        match self {
-            Status::Ok => "ok",
-            Status::Duplicate => "duplicate",
-            Status::Rejected => "rejected",
-            Status::Error => "error",
-        }
-    }
-}
-
 /// Recognises the two common replies without a JSON parse.
 fn fast_status(line: &[u8]) -> Option<Status> {
     let rest = line.strip_prefix(b"{\"seq\":")?;
@@ -817,30 +798,20 @@ fn fast_status(line: &[u8]) -> Option<Status> {
 }
 
 fn validate_names(config: &ClientConfig) -> Result<(), String> {
-    let sensor_ok = |s: &str| {
-        (1..=64).contains(&s.len())
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
-    };
     if let Some(id) = &config.sensor
-        && !sensor_ok(id)
+        && !valid_sensor(id)
     {
         return Err(format!(
             "--sensor {id:?}: use 1 to 64 characters of A-Z a-z 0-9 . _ : -"
         ));
     }
-    if config.sensor.is_none() && !sensor_ok(&format!("{}-{}", config.sensor_prefix, u32::MAX)) {
+    if config.sensor.is_none() && !valid_sensor(&format!("{}-{}", config.sensor_prefix, u32::MAX)) {
         return Err(format!(
             "--sensor-prefix {:?}: ids would not be valid sensor names",
             config.sensor_prefix
         ));
     }
-    let kind_ok = (1..=32).contains(&config.kind.len())
-        && config
-            .kind
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-    if !kind_ok {
+    if !valid_kind(&config.kind) {
         return Err(format!(
             "--kind {:?}: use temperature, humidity or 1 to 32 of a-z 0-9 _",
             config.kind

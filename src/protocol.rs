@@ -287,14 +287,10 @@ fn check_rules(t: Typed<'_>) -> Verdict<'_> {
         seq: seq_text,
         message,
     };
-    if !valid_name(&t.sensor, 64, |b| {
-        b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-')
-    }) {
+    if !valid_sensor(&t.sensor) {
         return reject("sensor must be 1 to 64 characters of A-Z a-z 0-9 . _ : -".into());
     }
-    if !valid_name(&t.kind, 32, |b| {
-        b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'
-    }) {
+    if !valid_kind(&t.kind) {
         return reject("kind must be 1 to 32 characters of a-z 0-9 _".into());
     }
     let seq = match parse_integer(t.seq).filter(|&s| s <= MAX_SEQ) {
@@ -334,8 +330,20 @@ fn check_rules(t: Typed<'_>) -> Verdict<'_> {
     }
 }
 
-fn valid_name(name: &str, max: usize, allowed: impl Fn(u8) -> bool) -> bool {
-    (1..=max).contains(&name.len()) && name.bytes().all(allowed)
+/// A sensor id: 1 to 64 bytes of `[A-Za-z0-9._:-]` (so it never needs JSON escaping).
+pub fn valid_sensor(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// A kind: 1 to 32 bytes of `[a-z0-9_]`.
+pub fn valid_kind(kind: &str) -> bool {
+    (1..=32).contains(&kind.len())
+        && kind
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 /// The physical range of the kinds the protocol knows; other kinds take any finite value.
