@@ -57,6 +57,43 @@ fn acknowledged_readings_survive_kill_9_and_resends_become_duplicates() {
 }
 
 #[test]
+fn a_graceful_stop_checkpoints_so_restart_replays_nothing() {
+    let dir = temp_dir("checkpoint");
+    let mut server = Server::start(&dir, &[]);
+    let mut c = server.connect();
+    for seq in 1..=300 {
+        c.send(reading(
+            &format!("cp{}", seq % 3),
+            "humidity",
+            (seq % 100) as f64,
+            seq,
+        ));
+    }
+    for _ in 1..=300 {
+        c.reply();
+    }
+    let before = server.sensors();
+    server.signal("TERM");
+    assert!(server.wait_exit(Duration::from_secs(10)).success());
+    assert!(dir.join("checkpoint.json").exists());
+
+    let server = Server::start(&dir, &[]);
+    assert_eq!(
+        server.sensors(),
+        before,
+        "statistics survive a restart exactly"
+    );
+    let log = std::fs::read_to_string(dir.with_extension("server.log")).unwrap();
+    assert!(
+        log.contains("replayed 0 bytes"),
+        "start-up replayed data the checkpoint covers:\n{log}"
+    );
+    let mut c = server.connect();
+    c.send(reading("cp0", "humidity", 1.0, 300)); // seq 300 went to cp0
+    assert_eq!(c.reply(), r#"{"seq":300,"status":"duplicate"}"#);
+}
+
+#[test]
 fn a_torn_write_is_cut_at_restart_and_the_rest_is_kept() {
     let dir = temp_dir("torn");
     let server = Server::start(&dir, &["--fsync", "never"]);
