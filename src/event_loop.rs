@@ -380,7 +380,9 @@ impl EventLoop {
         // Discard anything already sent so the close is a FIN, not a reset that could
         // destroy the reply before the client reads it.
         let mut sink = [0u8; 4096];
-        let _ = (&stream).read(&mut sink);
+        if let Ok(n) = (&stream).read(&mut sink) {
+            self.ctx.stats.bytes_received += n as u64;
+        }
     }
 
     fn admit(&mut self, mut stream: TcpStream, now: Instant) {
