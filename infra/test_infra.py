@@ -89,6 +89,22 @@ def test_bootstrap_hardening_is_the_shared_hardening():
     assert shared and embedded == shared
 
 
+def test_the_nixos_module_reads_the_same_hardening():
+    """nix/hardening.nix (what the NixOS module applies), evaluated by Nix, equals the
+    file's directives, which equal the EC2 units' (previous test)."""
+    if not shutil.which("nix-instantiate"):
+        pytest.skip("nix-instantiate not installed")
+    evaluated = json.loads(subprocess.run(
+        ["nix-instantiate", "--eval", "--strict", "--json", "-E",
+         "import ./nix/hardening.nix ./deploy/systemd/hardening.conf"],
+        cwd=REPO, check=True, capture_output=True, text=True, timeout=60).stdout)
+    expected = {}
+    for line in directives((REPO / "deploy/systemd/hardening.conf").read_text()):
+        key, _, value = line.partition("=")
+        expected.setdefault(key, []).append(value)
+    assert evaluated == {k: v[0] if len(v) == 1 else v for k, v in expected.items()}
+
+
 def test_correct_checksums_install_binaries_and_units(moto, tmp_path):
     for role, unit in (("server", "sensorhub-server.service"),
                        ("client", "sensorhub-client.service")):

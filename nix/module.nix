@@ -7,19 +7,8 @@ let
   inherit (lib) mkOption mkEnableOption mkIf types;
   cfg = config.services.sensorhub;
 
-  # The sandbox shared with the EC2 units (deploy/systemd/hardening.conf): parsed
-  # into serviceConfig, a directive given twice becoming a list, as systemd
-  # accumulates it.
-  hardening =
-    let
-      lines = map lib.trim (lib.splitString "\n" (builtins.readFile ../deploy/systemd/hardening.conf));
-      directives = lib.filter (l: l != "" && !(lib.hasPrefix "#" l) && !(lib.hasPrefix "[" l)) lines;
-      split = l:
-        let parts = lib.splitString "=" l;
-        in { name = lib.head parts; value = lib.concatStringsSep "=" (lib.tail parts); };
-      grouped = lib.groupBy (d: d.name) (map split directives);
-    in
-    lib.mapAttrs (_: ds: if lib.length ds == 1 then (lib.head ds).value else map (d: d.value) ds) grouped;
+  # The sandbox shared with the EC2 units (deploy/systemd/hardening.conf).
+  hardening = import ./hardening.nix ../deploy/systemd/hardening.conf;
 
   server = cfg.server;
   serverArgs = [
