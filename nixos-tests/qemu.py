@@ -359,7 +359,9 @@ def main():
                 print(f"--- {f}\n{Path(f).read_text(errors='replace')[-2000:]}", file=sys.stderr)
             for role, vm in vms.items():
                 try:
-                    logs = vm.run("tail -n 20 /*.log /client.out 2>/dev/null || true", timeout=10)
+                    logs = vm.run("tail -n 20 /*.log /client.out 2>/dev/null; netstat -tn;"
+                                  " wget -qO- http://127.0.0.1:9000/metrics 2>/dev/null"
+                                  " | grep -v '^#' | grep -v _bucket || true", timeout=10)
                     print(f"--- {role} logs\n{logs}", file=sys.stderr)
                 except Exception:  # the guest may be what failed
                     pass
