@@ -270,6 +270,7 @@ class Vms:
 
     def __init__(self, vms):
         self.vms = vms
+        self.diagnostics = []
 
     def http(self, path):
         return self.vms["server"].run(f"wget -qO- http://127.0.0.1:9000{path}", timeout=20)
@@ -295,6 +296,12 @@ class Vms:
             f" --interval-ms {INTERVAL_MS} --record /answers >/client.out 2>/client.log"))
 
     def stop_client(self, name):
+        # Socket queues just before the stop: if a connection has stalled, Recv-Q and
+        # Send-Q say which side holds the bytes. Printed only if the run fails.
+        for role in ("server", name):
+            self.diagnostics.append(
+                f"netstat on {role} before stopping {name}:\n"
+                + self.vms[role].run("netstat -tn | grep ':5000 '; true", timeout=20))
         self.vms[name].run("kill -TERM $(cat /client.pid)")
         status = self.vms[name].run(wait_exit("client"), timeout=40).strip()
         assert status == "0", f"{name} exited {status}"
@@ -353,8 +360,11 @@ def main():
             print(f"4 VMs booted in {time.monotonic() - started:.1f}s", flush=True)
             scenario.wait_for("client1 to reach the server through the router",
                               lambda: vms["client1"].run(f"ping -c 1 -W 2 {SERVER}", timeout=10) is not None)
-            verdict = scenario.run(Vms(vms), log=lambda line: print(line, flush=True))
+            driver = Vms(vms)
+            verdict = scenario.run(driver, log=lambda line: print(line, flush=True))
         except BaseException:
+            for text in getattr(locals().get("driver"), "diagnostics", []):
+                print(f"--- {text}", file=sys.stderr)
             for f in sorted(glob.glob(str(work / "*.console"))):
                 print(f"--- {f}\n{Path(f).read_text(errors='replace')[-2000:]}", file=sys.stderr)
             for role, vm in vms.items():
