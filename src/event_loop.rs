@@ -271,18 +271,12 @@ impl EventLoop {
     }
 
     fn conn_mut(&mut self, id: ConnId) -> Option<&mut Connection> {
-        self.conns
-            .get_mut(id.index)
-            .filter(|c| c.id.generation == id.generation)
+        live(&mut self.conns, id)
     }
 
     /// Services `id` and acts on the outcome.
     fn service(&mut self, id: ConnId) {
-        let Some(conn) = self
-            .conns
-            .get_mut(id.index)
-            .filter(|c| c.id.generation == id.generation)
-        else {
+        let Some(conn) = live(&mut self.conns, id) else {
             return;
         };
         match self.ctx.service(conn, Instant::now()) {
@@ -567,11 +561,7 @@ impl EventLoop {
         let mut touched = Vec::new();
         for completion in self.completions.drain() {
             let id = completion.conn;
-            let Some(conn) = self
-                .conns
-                .get_mut(id.index)
-                .filter(|c| c.id.generation == id.generation)
-            else {
+            let Some(conn) = live(&mut self.conns, id) else {
                 continue; // closed meanwhile; its readings are stored all the same
             };
             let stats = &mut self.ctx.stats;
@@ -812,6 +802,15 @@ enum Shed {
 enum Dispatch {
     Done,
     QueueFull,
+}
+
+/// The connection `id` names, if it is still open: a slot reused by a newer
+/// connection has another generation. A free function over the slab, so callers can
+/// hold it alongside a borrow of `Ctx`.
+fn live(conns: &mut Slab<Connection>, id: ConnId) -> Option<&mut Connection> {
+    conns
+        .get_mut(id.index)
+        .filter(|c| c.id.generation == id.generation)
 }
 
 /// Stops taking input: complete lines already read are still answered, the partial line
