@@ -10,27 +10,19 @@ fn healthz_sensors_metrics_and_404() {
     assert_eq!(server.get("/healthz"), (200, "ok".to_string()));
     assert_eq!(server.sensors(), json!({}), "no stored reading, no sensor");
 
+    // Three stored, one duplicate, one rejected, one error.
+    let lines = [
+        r#"{"sensor":"client1-temperature","kind":"temperature","value":20,"seq":1,"ts":1000}"#,
+        r#"{"sensor":"client1-temperature","kind":"temperature","value":26,"seq":2}"#,
+        r#"{"sensor":"client1-temperature","kind":"temperature","value":23,"seq":3,"ts":3000}"#,
+        r#"{"sensor":"client1-temperature","kind":"temperature","value":99,"seq":2}"#,
+        r#"{"sensor":"h","kind":"humidity","value":150,"seq":1}"#,
+        "garbage",
+    ];
     let mut c = server.connect();
-    c.send(
-        r#"{"sensor":"client1-temperature","kind":"temperature","value":20,"seq":1,"ts":1000}"#
-            .to_owned()
-            + "\n",
-    );
-    c.send(
-        r#"{"sensor":"client1-temperature","kind":"temperature","value":26,"seq":2}"#.to_owned()
-            + "\n",
-    );
-    c.send(
-        r#"{"sensor":"client1-temperature","kind":"temperature","value":23,"seq":3,"ts":3000}"#
-            .to_owned()
-            + "\n",
-    );
-    c.send(
-        r#"{"sensor":"client1-temperature","kind":"temperature","value":99,"seq":2}"#.to_owned()
-            + "\n",
-    );
-    c.send(r#"{"sensor":"h","kind":"humidity","value":150,"seq":1}"#.to_owned() + "\n");
-    c.send("garbage\n");
+    for line in lines {
+        c.send(format!("{line}\n"));
+    }
     for _ in 0..6 {
         c.reply();
     }
@@ -59,17 +51,7 @@ fn healthz_sensors_metrics_and_404() {
         server.metric("sensorhub_reply_seconds_bucket{le=\"+Inf\"}"),
         6.0
     );
-    let expected_bytes: usize = [
-        r#"{"sensor":"client1-temperature","kind":"temperature","value":20,"seq":1,"ts":1000}"#,
-        r#"{"sensor":"client1-temperature","kind":"temperature","value":26,"seq":2}"#,
-        r#"{"sensor":"client1-temperature","kind":"temperature","value":23,"seq":3,"ts":3000}"#,
-        r#"{"sensor":"client1-temperature","kind":"temperature","value":99,"seq":2}"#,
-        r#"{"sensor":"h","kind":"humidity","value":150,"seq":1}"#,
-        "garbage",
-    ]
-    .iter()
-    .map(|l| l.len() + 1)
-    .sum();
+    let expected_bytes: usize = lines.iter().map(|l| l.len() + 1).sum();
     assert_eq!(
         server.metric("sensorhub_bytes_received_total"),
         expected_bytes as f64
