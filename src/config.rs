@@ -53,6 +53,42 @@ pub struct ServerConfig {
     #[arg(long, default_value_t = 64 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..))]
     pub segment_bytes: u64,
 
+    /// Seal the active store segment once its first record is this many seconds old
+    /// (sealed segments never change; they are what the archive ships).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub segment_max_age: u64,
+
+    /// Ship sealed segments to S3 at s3://BUCKET/PREFIX (with the AWS CLI; credentials
+    /// and region from the standard AWS chain).
+    #[arg(long, value_name = "S3_URL")]
+    pub archive: Option<String>,
+
+    /// S3 endpoint override, for a local S3 (moto, MinIO).
+    #[arg(long, value_name = "URL", requires = "archive")]
+    pub archive_endpoint: Option<String>,
+
+    /// This server's stable id in archive keys (host=ID) [default: the hostname].
+    #[arg(long)]
+    pub host_id: Option<String>,
+
+    /// Shipped segments kept on local disk; the oldest are deleted past this. Unshipped
+    /// segments are never deleted.
+    #[arg(long, default_value_t = 1 << 30, requires = "archive")]
+    pub keep_shipped_bytes: u64,
+
+    /// The AWS CLI used for uploads.
+    #[arg(long, default_value = "aws", requires = "archive")]
+    pub archive_cli: PathBuf,
+
+    /// Kill and retry one upload that takes longer than this (seconds).
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..), requires = "archive")]
+    pub archive_upload_timeout: u64,
+
+    /// On SIGTERM, keep shipping pending segments for up to this long (seconds) before
+    /// exiting; what is left ships at the next start.
+    #[arg(long, default_value_t = 8, requires = "archive")]
+    pub archive_stop_timeout: u64,
+
     /// Write a checkpoint of per-sensor state at least this often (seconds), so restart
     /// replays only recent data.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]

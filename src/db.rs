@@ -18,10 +18,10 @@
 
 use crate::protocol::Reading;
 use crate::stats::SensorStats;
-use crate::store::{Sensors, Store, StoreMetrics, encode_record, sync_timed};
+use crate::store::{Sensors, Store, StoreMetrics, delete_retired, encode_record, sync_timed};
 use crate::worker::{Completion, Notifier};
 use log::error;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -154,11 +154,24 @@ fn fail(e: std::io::Error) -> ! {
     std::process::exit(1);
 }
 
-/// The committer thread's body until `Db::close`: group fsync (with `--fsync always`)
-/// and a checkpoint every `checkpoint_every` while readings arrive, and at the end.
-pub fn run_committer(db: &Db, checkpoint_every: Duration) {
+/// Deleting shipped segments beyond a local budget (`--keep-shipped-bytes`).
+pub struct Retention {
+    /// Every segment up to this number is confirmed in the archive (set by the shipper).
+    pub shipped_through: Arc<AtomicU64>,
+    /// Shipped segments kept on disk, oldest deleted first past this.
+    pub keep_bytes: u64,
+}
+
+/// Longest the committer sleeps: segment age and retention are checked this often.
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
+
+/// The committer thread's body until `Db::close`: group fsync (with `--fsync always`),
+/// a checkpoint every `checkpoint_every` while readings arrive and at the end, sealing
+/// by age (and at the end), and retention of shipped segments.
+pub fn run_committer(db: &Db, checkpoint_every: Duration, retention: Option<&Retention>) {
     let mut last_checkpoint = Instant::now();
     let mut checkpointed_records = db.store_metrics.records.load(Relaxed);
+    let mut retained_through = 0;
     loop {
         let mut state = db.lock();
         let checkpoint_due = |state: &State| {
@@ -166,13 +179,24 @@ pub fn run_committer(db: &Db, checkpoint_every: Duration) {
                 || (last_checkpoint.elapsed() >= checkpoint_every
                     && db.store_metrics.records.load(Relaxed) != checkpointed_records)
         };
-        while state.waiting.is_empty() && !checkpoint_due(&state) {
-            let wait = checkpoint_every.saturating_sub(last_checkpoint.elapsed());
+        if state.waiting.is_empty() && !checkpoint_due(&state) {
+            let wait = checkpoint_every
+                .saturating_sub(last_checkpoint.elapsed())
+                .min(state.store.seal_wait().unwrap_or(HOUSEKEEPING))
+                .clamp(Duration::from_millis(50), HOUSEKEEPING);
             state = db
                 .commit_needed
-                .wait_timeout(state, wait.max(Duration::from_millis(50)))
+                .wait_timeout(state, wait)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
+        }
+        let sealed = if state.closing {
+            state.store.seal()
+        } else {
+            state.store.seal_if_due()
+        };
+        if let Err(e) = sealed {
+            fail(e);
         }
         let completions = std::mem::take(&mut state.waiting);
         let active = state.store.active_file();
@@ -181,6 +205,14 @@ pub fn run_committer(db: &Db, checkpoint_every: Duration) {
         let checkpoint = checkpoint_due(&state).then(|| {
             checkpointed_records = db.store_metrics.records.load(Relaxed);
             state.store.checkpoint(state.sensors.clone())
+        });
+        let retired = retention.and_then(|r| {
+            let shipped = r.shipped_through.load(Relaxed);
+            (shipped != retained_through).then(|| {
+                retained_through = shipped;
+                let sensors = state.sensors.clone();
+                state.store.retire(shipped, r.keep_bytes, sensors)
+            })?
         });
         drop(state);
 
@@ -195,6 +227,11 @@ pub fn run_committer(db: &Db, checkpoint_every: Duration) {
                 fail(e);
             }
             last_checkpoint = Instant::now();
+        }
+        if let Some((checkpoint, victims)) = retired {
+            if let Err(e) = checkpoint.write().and_then(|()| delete_retired(&victims)) {
+                fail(e);
+            }
         }
         if closing {
             return;

@@ -13,13 +13,14 @@
 //! out, `OUTPUT_HIGH_WATER` unsent reply bytes, or lines the full worker queue could not
 //! take: that is the backpressure that keeps memory bounded whatever clients do.
 
+use crate::archive::ArchiveMetrics;
 use crate::connection::{ConnId, Connection, Fill, MAX_IN_FLIGHT, OUTPUT_HIGH_WATER};
 use crate::db::Db;
 use crate::framing;
 use crate::http::{self, HttpConn, MAX_HTTP_CONNECTIONS, Progress, Route};
 use crate::metrics::{Exposition, Histogram, LATENCY_BUCKETS};
 use crate::protocol::{BUSY_REPLY, OVERLONG_REPLY, Status};
-use crate::store::StoreMetrics;
+use crate::store::{StoreMetrics, unix_millis};
 use crate::worker::{Completion, Completions, Job};
 use crossbeam_channel::{Sender, TrySendError};
 use log::{debug, info, warn};
@@ -33,7 +34,7 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 pub const LISTENER: Token = Token(0);
 pub const HTTP_LISTENER: Token = Token(1);
@@ -115,6 +116,8 @@ pub struct LoopParts {
     pub completions: Completions,
     pub db: Arc<Db>,
     pub store: Arc<StoreMetrics>,
+    /// The shipper's figures, when `--archive` is on.
+    pub archive: Option<Arc<ArchiveMetrics>>,
 }
 
 pub struct EventLoop {
@@ -128,6 +131,7 @@ pub struct EventLoop {
     completions: Completions,
     db: Arc<Db>,
     store: Arc<StoreMetrics>,
+    archive: Option<Arc<ArchiveMetrics>>,
     ctx: Ctx,
     ready: VecDeque<ConnId>,
     queue_waiters: Vec<ConnId>,
@@ -154,6 +158,7 @@ impl EventLoop {
             completions,
             db,
             store,
+            archive,
         } = parts;
         let registry = poll.registry();
         registry.register(&mut listener, LISTENER, Interest::READABLE)?;
@@ -175,6 +180,7 @@ impl EventLoop {
             completions,
             db,
             store,
+            archive,
             ctx: Ctx {
                 jobs,
                 stats: LoopStats {
@@ -552,6 +558,14 @@ impl EventLoop {
             "Duration of each store fsync.",
             &self.store.fsync_seconds,
         );
+        e.counter(
+            "sensorhub_store_segments_retired_total",
+            "Shipped segments deleted by retention since start.",
+            self.store.retired_segments.load(Relaxed),
+        );
+        if let Some(archive) = &self.archive {
+            archive_metrics(&mut e, archive);
+        }
         e.finish()
     }
 
@@ -821,14 +835,46 @@ fn close_input(conn: &mut Connection) {
     conn.input.truncate(keep);
 }
 
-fn has_complete_line(input: &[u8]) -> bool {
-    memchr::memchr(b'\n', input).is_some()
+fn archive_metrics(e: &mut Exposition, a: &ArchiveMetrics) {
+    e.counter(
+        "sensorhub_archive_segments_shipped_total",
+        "Sealed segments S3 confirmed since start.",
+        a.shipped_segments.load(Relaxed),
+    );
+    e.counter(
+        "sensorhub_archive_bytes_shipped_total",
+        "Segment bytes shipped since start (before gzip).",
+        a.shipped_bytes.load(Relaxed),
+    );
+    e.counter(
+        "sensorhub_archive_bytes_uploaded_total",
+        "Bytes uploaded since start (gzip).",
+        a.uploaded_bytes.load(Relaxed),
+    );
+    e.counter(
+        "sensorhub_archive_failures_total",
+        "Uploads that failed (each is retried).",
+        a.failures.load(Relaxed),
+    );
+    e.gauge(
+        "sensorhub_archive_pending_segments",
+        "Sealed segments not yet shipped.",
+        a.pending_segments.load(Relaxed) as f64,
+    );
+    e.gauge(
+        "sensorhub_archive_pending_bytes",
+        "Bytes in sealed segments not yet shipped.",
+        a.pending_bytes.load(Relaxed) as f64,
+    );
+    e.gauge(
+        "sensorhub_archive_lag_seconds",
+        "Age of the oldest sealed segment not yet shipped (0 when none).",
+        a.lag_seconds(),
+    );
 }
 
-fn unix_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+fn has_complete_line(input: &[u8]) -> bool {
+    memchr::memchr(b'\n', input).is_some()
 }
 
 fn is_out_of_descriptors(e: &io::Error) -> bool {

@@ -3,10 +3,12 @@
 //! `sensor-server` is one mio event loop (`event_loop`) over every sensor connection
 //! (`connection`, `framing`), a pool of workers (`worker`) that validate lines
 //! (`protocol`) and decide them against a shared ledger (`db`) made durable by group
-//! commit to an append-only store (`store`), plus an HTTP side port (`http`, `metrics`).
+//! commit to an append-only store (`store`) whose sealed segments ship to S3 (`archive`),
+//! plus an HTTP side port (`http`, `metrics`).
 //! `sensor-client` (`client`, `simulate`) simulates sensors and never loses a reading.
 //! The wire contract is `docs/protocol.md`.
 
+pub mod archive;
 pub mod client;
 pub mod config;
 pub mod connection;

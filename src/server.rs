@@ -1,8 +1,9 @@
 //! Wiring of `sensor-server`: recover the store, start the committer and the workers,
 //! bind the listeners, run the event loop, then stop everything in order.
 
+use crate::archive::{self, Archive, ArchiveConfig};
 use crate::config::{Fsync, ServerConfig};
-use crate::db::{Db, run_committer};
+use crate::db::{Db, Retention, run_committer};
 use crate::event_loop::{EventLoop, Limits, LoopParts, WAKER};
 use crate::store::{Store, StoreOptions};
 use crate::worker::{completion_channel, spawn_pool};
@@ -31,12 +32,22 @@ pub fn run(config: ServerConfig) -> Result<(), String> {
         .or_else(|| std::thread::available_parallelism().ok())
         .map_or(1, |n| n.get());
 
+    let archive_config = archive_config(&config)?;
     let (store, sensors) = Store::open(StoreOptions {
         dir: config.data_dir.clone(),
         segment_bytes: config.segment_bytes,
+        max_age: Duration::from_secs(config.segment_max_age),
     })
     .map_err(|e| format!("cannot open store in {}: {e}", config.data_dir.display()))?;
     let store_metrics = store.metrics();
+    let archive = archive_config
+        .map(|a| Archive::start(a, &config.data_dir, store_metrics.clone()))
+        .transpose()
+        .map_err(|e| format!("archive: {e}"))?;
+    let retention = archive.as_ref().map(|a| Retention {
+        shipped_through: a.shipped_through.clone(),
+        keep_bytes: config.keep_shipped_bytes,
+    });
 
     let poll = mio::Poll::new().map_err(|e| format!("poll: {e}"))?;
     let waker = mio::Waker::new(poll.registry(), WAKER).map_err(|e| format!("waker: {e}"))?;
@@ -59,7 +70,7 @@ pub fn run(config: ServerConfig) -> Result<(), String> {
         let every = Duration::from_secs(config.checkpoint_interval);
         std::thread::Builder::new()
             .name("committer".into())
-            .spawn(move || run_committer(&db, every))
+            .spawn(move || run_committer(&db, every, retention.as_ref()))
             .map_err(|e| e.to_string())?
     };
     drop(notifier);
@@ -81,6 +92,7 @@ pub fn run(config: ServerConfig) -> Result<(), String> {
         completions,
         db: db.clone(),
         store: store_metrics,
+        archive: archive.as_ref().map(|a| a.metrics.clone()),
     };
     let event_loop = EventLoop::new(parts, limits).map_err(|e| format!("event loop: {e}"))?;
     // Returning drops the job sender: the workers finish the queue and exit.
@@ -90,8 +102,30 @@ pub fn run(config: ServerConfig) -> Result<(), String> {
     }
     db.close();
     let _ = committer.join();
-    info!("store synced; exiting");
+    info!("store synced and sealed");
+    if let Some(archive) = archive {
+        archive.finish();
+    }
     Ok(())
+}
+
+/// The archive settings, checked, when `--archive` is given.
+fn archive_config(config: &ServerConfig) -> Result<Option<ArchiveConfig>, String> {
+    let Some(url) = &config.archive else {
+        return Ok(None);
+    };
+    let (bucket, prefix) = archive::parse_s3_url(url)?;
+    let host = config.host_id.clone().unwrap_or_else(archive::hostname);
+    archive::check_host_id(&host)?;
+    Ok(Some(ArchiveConfig {
+        bucket,
+        prefix,
+        endpoint: config.archive_endpoint.clone(),
+        host,
+        cli: config.archive_cli.clone(),
+        upload_timeout: Duration::from_secs(config.archive_upload_timeout),
+        stop_timeout: Duration::from_secs(config.archive_stop_timeout),
+    }))
 }
 
 fn resolve(addr: &str) -> Result<SocketAddr, String> {

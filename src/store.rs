@@ -2,14 +2,20 @@
 //! start-up, and a checkpoint so that restart time does not grow with years of data.
 //!
 //! Files:
-//! - `segment-NNNNNNNNNN.jsonl`: stored readings, one JSON object a line; the highest
-//!   number is appended to and a new one is started past `segment_bytes`. Any other
-//!   `*.jsonl` file directly in the directory is read as part of the store too, never
-//!   written: the files are the user's data.
+//! - `segment-NNNNNNNNNN.jsonl`: stored readings, one JSON object a line. Only the
+//!   highest number (the *active* segment) is appended to; every lower one is *sealed*
+//!   and never changes again. The active segment is sealed (synced, and a new one
+//!   started) past `segment_bytes`, when its first record is older than `max_age` or
+//!   from an earlier UTC day, at a graceful stop, and at start-up when it is not empty
+//!   (after a crash, whatever it holds is final). Sealed segments are what the archive
+//!   ships (`archive.rs`). Any other `*.jsonl` file directly in the directory is read
+//!   as part of the store too, never written: the files are the user's data.
 //! - `checkpoint.json`: per-sensor statistics together with the length of every `*.jsonl`
 //!   file they cover. Start-up loads it and replays only the bytes after those lengths.
 //!   It is written after the data it covers is synced, by rename, so a crash leaves
-//!   either the old or the new one.
+//!   either the old or the new one. It also records `retired_through`: segments up to
+//!   that number were shipped and are deleted by retention; their readings live on in
+//!   the statistics (and in the archive), so start-up neither replays nor misses them.
 //! - `LOCK`: held with an exclusive file lock so two servers never append to one store.
 
 use crate::metrics::{Histogram, LATENCY_BUCKETS};
@@ -23,13 +29,12 @@ use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Per-sensor statistics keyed by sensor id.
 pub type Sensors = HashMap<String, SensorStats>;
 
 const CHECKPOINT: &str = "checkpoint.json";
-const CHECKPOINT_TMP: &str = "checkpoint.json.tmp";
 const SEGMENT_PREFIX: &str = "segment-";
 
 /// How the store is opened.
@@ -38,15 +43,22 @@ pub struct StoreOptions {
     pub dir: PathBuf,
     /// Start a new segment once the active one reaches this size.
     pub segment_bytes: u64,
+    /// Seal a non-empty active segment once its first record is this old.
+    pub max_age: Duration,
 }
 
-/// What `/metrics` shows about the store; updated by the committer thread.
+/// What `/metrics` and the archive shipper see of the store; written under the ledger
+/// lock, read without it.
 #[derive(Debug)]
 pub struct StoreMetrics {
     pub bytes: AtomicU64,
     pub segments: AtomicU64,
     pub records: AtomicU64,
     pub fsync_seconds: Histogram,
+    /// Every segment numbered up to this one is sealed (synced, never written again).
+    pub sealed_through: AtomicU64,
+    /// Segments deleted by retention since start.
+    pub retired_segments: AtomicU64,
 }
 
 /// One stored reading, exactly as written to a segment.
@@ -68,6 +80,9 @@ pub struct Checkpoint {
     version: u32,
     files: BTreeMap<String, u64>,
     sensors: Sensors,
+    /// Segments numbered up to this were deleted by retention (see the module doc).
+    #[serde(default)]
+    retired_through: u64,
     #[serde(skip)]
     dir: PathBuf,
     #[serde(skip)]
@@ -103,8 +118,12 @@ pub struct Store {
     active: Arc<File>,
     active_name: String,
     active_number: u64,
+    /// When the active segment got its first record (monotonic, and Unix ms for the
+    /// day); `None` while it is empty.
+    active_since: Option<(Instant, u64)>,
     /// Length of every `*.jsonl` file as of the last append.
     lengths: BTreeMap<String, u64>,
+    retired_through: u64,
     metrics: Arc<StoreMetrics>,
     _lock: File,
 }
@@ -125,12 +144,13 @@ impl Store {
             )
         })?;
         let started = Instant::now();
-        let (lengths, sensors, replayed) = recover(&options.dir)?;
+        let recovered = recover(&options.dir)?;
         info!(
-            "store {}: {} files, {} sensors, replayed {replayed} bytes in {:.3}s",
+            "store {}: {} files, {} sensors, replayed {} bytes in {:.3}s",
             options.dir.display(),
-            lengths.len(),
-            sensors.len(),
+            recovered.lengths.len(),
+            recovered.sensors.len(),
+            recovered.replayed,
             started.elapsed().as_secs_f64()
         );
         let metrics = Arc::new(StoreMetrics {
@@ -138,29 +158,44 @@ impl Store {
             segments: AtomicU64::new(0),
             records: AtomicU64::new(0),
             fsync_seconds: Histogram::new(LATENCY_BUCKETS),
+            sealed_through: AtomicU64::new(0),
+            retired_segments: AtomicU64::new(0),
         });
-        let active_number = lengths
-            .keys()
-            .filter_map(|name| segment_number(name))
-            .max()
-            .unwrap_or(0);
-        let (active, active_name, active_number) =
-            open_segment(&options.dir, active_number.max(1))?;
-        let active = Arc::new(active);
-        let mut store = Store {
+        let Recovered {
+            mut lengths,
+            sensors,
+            retired_through,
+            ..
+        } = recovered;
+        // Numbers never restart, even when retention deleted every segment: the archive
+        // knows segments by number.
+        let last = lengths
+            .iter()
+            .filter_map(|(name, &len)| Some((segment_number(name)?, len)))
+            .max();
+        let active_number = match last {
+            Some((number, 0)) => number,
+            Some((number, _)) => {
+                // Sealed from now on: what it holds must be on disk before it ships.
+                File::open(options.dir.join(segment_name(number)))?.sync_all()?;
+                number + 1
+            }
+            None => 1,
+        }
+        .max(retired_through + 1);
+        let (active, active_name, active_number) = open_segment(&options.dir, active_number)?;
+        lengths.insert(active_name.clone(), 0);
+        let store = Store {
             options,
-            active,
+            active: Arc::new(active),
             active_name,
             active_number,
+            active_since: None,
             lengths,
+            retired_through,
             metrics,
             _lock: lock,
         };
-        let len = store.active.metadata()?.len();
-        store.lengths.insert(store.active_name.clone(), len);
-        if len >= store.options.segment_bytes {
-            store.rotate()?;
-        }
         store.publish_sizes();
         Ok((store, sensors))
     }
@@ -174,6 +209,9 @@ impl Store {
     /// old one first so that syncing the active segment covers every earlier append.
     pub fn append(&mut self, records: &[u8], count: u64) -> io::Result<()> {
         (&*self.active).write_all(records)?;
+        if self.active_since.is_none() {
+            self.active_since = Some((Instant::now(), unix_millis()));
+        }
         let len = self.lengths.entry(self.active_name.clone()).or_insert(0);
         *len += records.len() as u64;
         let full = *len >= self.options.segment_bytes;
@@ -202,16 +240,87 @@ impl Store {
             version: 1,
             files: self.lengths.clone(),
             sensors,
+            retired_through: self.retired_through,
             dir: self.options.dir.clone(),
             active: Some(self.active.clone()),
         }
     }
 
+    /// Seals the active segment if its first record is older than `max_age` or from an
+    /// earlier UTC day (so each segment's records share the day its archive key names).
+    pub fn seal_if_due(&mut self) -> io::Result<()> {
+        match self.active_since {
+            Some((since, first_ms))
+                if since.elapsed() >= self.options.max_age
+                    || utc_day(first_ms) != utc_day(unix_millis()) =>
+            {
+                self.rotate()
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// How long until `seal_if_due` may have work; `None` while the segment is empty.
+    pub fn seal_wait(&self) -> Option<Duration> {
+        let (since, _) = self.active_since?;
+        Some(self.options.max_age.saturating_sub(since.elapsed()))
+    }
+
+    /// Seals the active segment if it holds anything (a graceful stop).
+    pub fn seal(&mut self) -> io::Result<()> {
+        if self.active_since.is_some() {
+            self.rotate()?;
+        }
+        Ok(())
+    }
+
+    /// Picks the oldest sealed segments numbered up to `shipped_through` to delete, while
+    /// the shipped segments on disk exceed `keep_bytes`, and forgets them. The returned
+    /// checkpoint records them as retired; the caller writes it, and only then deletes
+    /// the returned files (`delete_retired`), so a crash in between never makes start-up
+    /// replay or miss them.
+    pub fn retire(
+        &mut self,
+        shipped_through: u64,
+        keep_bytes: u64,
+        sensors: Sensors,
+    ) -> Option<(Checkpoint, Vec<PathBuf>)> {
+        let shipped: Vec<(u64, String, u64)> = self
+            .lengths
+            .iter()
+            .filter_map(|(name, &len)| {
+                let number = segment_number(name)?;
+                (number <= shipped_through && number < self.active_number)
+                    .then(|| (number, name.clone(), len))
+            })
+            .collect();
+        let mut on_disk: u64 = shipped.iter().map(|(_, _, len)| len).sum();
+        let mut victims = Vec::new();
+        for (number, name, len) in shipped {
+            if on_disk <= keep_bytes {
+                break;
+            }
+            on_disk -= len;
+            self.lengths.remove(&name);
+            self.retired_through = self.retired_through.max(number);
+            victims.push(self.options.dir.join(name));
+        }
+        if victims.is_empty() {
+            return None;
+        }
+        self.metrics
+            .retired_segments
+            .fetch_add(victims.len() as u64, Relaxed);
+        self.publish_sizes();
+        Some((self.checkpoint(sensors), victims))
+    }
+
     fn rotate(&mut self) -> io::Result<()> {
         self.sync()?;
         let (file, name, number) = open_segment(&self.options.dir, self.active_number + 1)?;
-        info!("store: starting segment {name}");
+        info!("store: sealed {}, starting {name}", self.active_name);
         self.active = Arc::new(file);
+        self.active_since = None;
         self.lengths.insert(name.clone(), 0);
         self.active_name = name;
         self.active_number = number;
@@ -226,7 +335,37 @@ impl Store {
         self.metrics
             .segments
             .store(self.lengths.len() as u64, Relaxed);
+        self.metrics
+            .sealed_through
+            .store(self.active_number - 1, Relaxed);
     }
+}
+
+/// Deletes segments that `Store::retire` gave up, once the checkpoint recording that
+/// is written.
+pub fn delete_retired(victims: &[PathBuf]) -> io::Result<()> {
+    for path in victims {
+        match fs::remove_file(path) {
+            Ok(()) => info!("store: retention deleted {} (shipped)", path.display()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    match victims.first().and_then(|p| p.parent()) {
+        Some(dir) => sync_dir(dir),
+        None => Ok(()),
+    }
+}
+
+/// Now as Unix milliseconds (a clock before 1970 reads as 0).
+pub fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn utc_day(unix_ms: u64) -> u64 {
+    unix_ms / 86_400_000
 }
 
 /// fsyncs `file`'s data, recording how long it took.
@@ -245,20 +384,28 @@ impl Checkpoint {
         if let Some(active) = &self.active {
             active.sync_data()?;
         }
-        let tmp = self.dir.join(CHECKPOINT_TMP);
-        let mut file = File::create(&tmp)?;
-        serde_json::to_writer(&mut file, self)?;
-        file.sync_all()?;
-        fs::rename(&tmp, self.dir.join(CHECKPOINT))?;
-        sync_dir(&self.dir)
+        write_atomically(&self.dir, CHECKPOINT, &serde_json::to_vec(self)?)
     }
 }
 
-fn segment_name(number: u64) -> String {
+/// Replaces `dir/name` with `bytes` so that a crash leaves the old or the new content,
+/// never a mix: a synced temporary file renamed over it, then the directory synced.
+pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut file = File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    fs::rename(&tmp, dir.join(name))?;
+    sync_dir(dir)
+}
+
+/// The file name of segment `number`.
+pub fn segment_name(number: u64) -> String {
     format!("{SEGMENT_PREFIX}{number:010}.jsonl")
 }
 
-fn segment_number(name: &str) -> Option<u64> {
+/// The number of a segment's file name; `None` for any other file.
+pub fn segment_number(name: &str) -> Option<u64> {
     name.strip_prefix(SEGMENT_PREFIX)?
         .strip_suffix(".jsonl")?
         .parse()
@@ -330,26 +477,49 @@ fn cut_torn_tail(path: &Path) -> io::Result<u64> {
     Ok(keep)
 }
 
+/// What start-up rebuilt from the files.
+struct Recovered {
+    /// Length of every `*.jsonl` file.
+    lengths: BTreeMap<String, u64>,
+    sensors: Sensors,
+    retired_through: u64,
+    /// Bytes replayed (not covered by the checkpoint).
+    replayed: u64,
+}
+
 /// Rebuilds statistics: cuts torn tails, loads the checkpoint when it still matches the
-/// files, and replays what follows it. Returns file lengths, statistics and the number
-/// of bytes replayed.
-fn recover(dir: &Path) -> io::Result<(BTreeMap<String, u64>, Sensors, u64)> {
+/// files, finishes any retention it recorded, and replays what follows it.
+fn recover(dir: &Path) -> io::Result<Recovered> {
     let mut lengths = BTreeMap::new();
     for name in store_files(dir)? {
         let len = cut_torn_tail(&dir.join(&name))?;
         lengths.insert(name, len);
     }
-    let (covered, mut sensors) = match load_checkpoint(dir, &lengths) {
-        Some(c) => (c.files, c.sensors),
-        None => (BTreeMap::new(), Sensors::new()),
+    let (covered, mut sensors, retired_through) = match load_checkpoint(dir, &lengths) {
+        Some(c) => (c.files, c.sensors, c.retired_through),
+        None => (BTreeMap::new(), Sensors::new(), 0),
     };
+    // Retired segments are in the statistics already; a crash may have left some of
+    // them on disk after the checkpoint that retired them was written.
+    let leftovers: Vec<PathBuf> = lengths
+        .keys()
+        .filter(|name| segment_number(name).is_some_and(|n| n <= retired_through))
+        .map(|name| dir.join(name))
+        .collect();
+    lengths.retain(|name, _| segment_number(name).is_none_or(|n| n > retired_through));
+    delete_retired(&leftovers)?;
     let mut replayed = 0;
     for (name, &len) in &lengths {
         let from = covered.get(name).copied().unwrap_or(0);
         replayed += len - from;
         replay(&dir.join(name), from, &mut sensors)?;
     }
-    Ok((lengths, sensors, replayed))
+    Ok(Recovered {
+        lengths,
+        sensors,
+        retired_through,
+        replayed,
+    })
 }
 
 fn load_checkpoint(dir: &Path, lengths: &BTreeMap<String, u64>) -> Option<Checkpoint> {
@@ -448,6 +618,7 @@ mod tests {
         StoreOptions {
             dir: dir.to_owned(),
             segment_bytes: 1 << 20,
+            max_age: Duration::from_secs(3600),
         }
     }
 
@@ -587,6 +758,101 @@ mod tests {
         drop(store);
         let (_store, sensors) = Store::open(opts).unwrap();
         assert_eq!(sensors["a"].count, 10);
+    }
+
+    #[test]
+    fn a_non_empty_segment_is_sealed_at_start_up_and_an_empty_one_reused() {
+        let dir = temp_dir("seal-start");
+        {
+            let (mut store, _) = Store::open(options(&dir)).unwrap();
+            assert_eq!(store.metrics().sealed_through.load(Relaxed), 0);
+            append(&mut store, &[reading("a", 1.0, 1)]);
+        }
+        let (store, _) = Store::open(options(&dir)).unwrap();
+        assert_eq!(store.active_name, segment_name(2));
+        assert_eq!(store.metrics().sealed_through.load(Relaxed), 1);
+        drop(store);
+        let (store, _) = Store::open(options(&dir)).unwrap();
+        assert_eq!(store.active_name, segment_name(2), "empty: reused");
+    }
+
+    #[test]
+    fn segments_seal_by_age_and_on_a_graceful_stop_but_never_empty() {
+        let dir = temp_dir("seal-age");
+        let mut opts = options(&dir);
+        opts.max_age = Duration::ZERO;
+        let (mut store, _) = Store::open(opts).unwrap();
+        store.seal_if_due().unwrap();
+        store.seal().unwrap();
+        assert_eq!(store.active_number, 1, "nothing to seal while empty");
+        assert_eq!(store.seal_wait(), None);
+        append(&mut store, &[reading("a", 1.0, 1)]);
+        assert_eq!(store.seal_wait(), Some(Duration::ZERO));
+        store.seal_if_due().unwrap();
+        assert_eq!(store.active_number, 2);
+        append(&mut store, &[reading("a", 1.0, 2)]);
+        store.seal().unwrap();
+        assert_eq!(store.metrics().sealed_through.load(Relaxed), 2);
+        assert_eq!(store_files(&dir).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn retention_deletes_only_shipped_segments_and_restart_keeps_their_statistics() {
+        let dir = temp_dir("retire");
+        let mut opts = options(&dir);
+        opts.max_age = Duration::ZERO;
+        let (mut store, mut sensors) = Store::open(opts.clone()).unwrap();
+        for seq in 1..=4 {
+            append(&mut store, &[reading("a", seq as f64, seq)]);
+            let mut s = sensors.remove("a");
+            match &mut s {
+                Some(s) => s.add(seq as f64, seq, None),
+                None => s = Some(SensorStats::first("temperature", 1.0, 1, None)),
+            }
+            sensors.insert("a".into(), s.unwrap());
+            store.seal_if_due().unwrap();
+        }
+        // Segments 1..=4 are sealed; 1 and 2 are shipped; keep nothing shipped.
+        let (checkpoint, victims) = store.retire(2, 0, sensors.clone()).unwrap();
+        assert_eq!(
+            victims,
+            vec![dir.join(segment_name(1)), dir.join(segment_name(2))]
+        );
+        checkpoint.write().unwrap();
+        // A crash here leaves the victims on disk: start-up must not count them again.
+        drop(store);
+        let (store, restored) = Store::open(opts.clone()).unwrap();
+        assert_eq!(restored["a"].count, 4);
+        assert_eq!(restored["a"].last_seq, 4);
+        assert!(!dir.join(segment_name(1)).exists(), "retention finished");
+        assert!(dir.join(segment_name(3)).exists(), "unshipped: kept");
+        assert_eq!(store.active_number, 5);
+        drop(store);
+        // Everything shipped and deleted: numbering still goes on.
+        let (mut store, restored) = Store::open(opts.clone()).unwrap();
+        let (checkpoint, victims) = store.retire(4, 0, restored).unwrap();
+        checkpoint.write().unwrap();
+        delete_retired(&victims).unwrap();
+        drop(store);
+        let (mut store, restored) = Store::open(opts).unwrap();
+        assert_eq!(restored["a"].count, 4);
+        assert_eq!(store.active_number, 5);
+        assert!(store.retire(4, 0, restored).is_none());
+    }
+
+    #[test]
+    fn retention_keeps_the_newest_shipped_segments_within_the_budget() {
+        let dir = temp_dir("retire-budget");
+        let mut opts = options(&dir);
+        opts.max_age = Duration::ZERO;
+        let (mut store, _) = Store::open(opts).unwrap();
+        for seq in 1..=3 {
+            append(&mut store, &[reading("a", 1.0, seq)]);
+            store.seal_if_due().unwrap();
+        }
+        let one = store.lengths[&segment_name(1)];
+        let (_, victims) = store.retire(3, 2 * one, Sensors::new()).unwrap();
+        assert_eq!(victims, vec![dir.join(segment_name(1))]);
     }
 
     #[test]
