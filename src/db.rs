@@ -228,10 +228,10 @@ pub fn run_committer(db: &Db, checkpoint_every: Duration, retention: Option<&Ret
             }
             last_checkpoint = Instant::now();
         }
-        if let Some((checkpoint, victims)) = retired {
-            if let Err(e) = checkpoint.write().and_then(|()| delete_retired(&victims)) {
-                fail(e);
-            }
+        if let Some((checkpoint, victims)) = retired
+            && let Err(e) = checkpoint.write().and_then(|()| delete_retired(&victims))
+        {
+            fail(e);
         }
         if closing {
             return;
