@@ -1,0 +1,451 @@
+//! The archive against a local S3 (moto_server) through the real AWS CLI: sealed
+//! segments ship once, byte for byte, in the Hive layout; outages, refusals and a crash
+//! mid-upload are retried; retention never deletes what S3 has not confirmed.
+//!
+//! Needs `moto_server` and `aws` on PATH (`scripts/test.sh` installs both in a venv).
+//! moto does not verify `x-amz-checksum-sha256` (measured with moto 5.2), so S3's
+//! refusal of a bad checksum is played by a wrapper around the CLI that answers what S3
+//! answers.
+
+mod common;
+use common::*;
+use flate2::read::GzDecoder;
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const BUCKET: &str = "sensorhub-archive";
+const CREDENTIALS: &[&str] = &[
+    "env",
+    "AWS_ACCESS_KEY_ID=test",
+    "AWS_SECRET_ACCESS_KEY=test",
+    "AWS_DEFAULT_REGION=us-east-1",
+];
+
+/// A program on PATH, or a panic saying how to get it.
+fn on_path(program: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(program))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{program} is not on PATH: run the tests with scripts/test.sh, which installs it"
+            )
+        })
+}
+
+/// A moto_server on a free loopback port, killed when dropped.
+struct S3 {
+    child: Option<Child>,
+    port: u16,
+}
+
+impl S3 {
+    fn free_port() -> u16 {
+        let probe = TcpListener::bind("127.0.0.1:0").expect("bind");
+        probe.local_addr().expect("addr").port()
+    }
+
+    /// The endpoint a server is told about, with nothing listening yet (an outage).
+    fn down() -> S3 {
+        S3 {
+            child: None,
+            port: S3::free_port(),
+        }
+    }
+
+    fn up() -> S3 {
+        let mut s3 = S3::down();
+        s3.start();
+        s3
+    }
+
+    fn start(&mut self) {
+        let child = Command::new(on_path("moto_server"))
+            .args(["-H", "127.0.0.1", "-p", &self.port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn moto_server");
+        self.child = Some(child);
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        wait_until("moto_server to listen", || TcpStream::connect(addr).is_ok());
+        self.aws(&["s3api", "create-bucket", "--bucket", BUCKET]);
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Runs the AWS CLI against this S3 and returns its stdout.
+    fn aws(&self, args: &[&str]) -> Vec<u8> {
+        let out = Command::new(CREDENTIALS[0])
+            .args(&CREDENTIALS[1..])
+            .arg(on_path("aws"))
+            .args(["--endpoint-url", &self.endpoint()])
+            .args(args)
+            .output()
+            .expect("run aws");
+        assert!(
+            out.status.success(),
+            "aws {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+
+    fn keys(&self) -> Vec<String> {
+        let out = self.aws(&[
+            "s3api",
+            "list-objects-v2",
+            "--bucket",
+            BUCKET,
+            "--output",
+            "json",
+        ]);
+        let listing: serde_json::Value = serde_json::from_slice(&out).expect("listing");
+        let mut keys: Vec<String> = listing["Contents"]
+            .as_array()
+            .map(|objects| {
+                objects
+                    .iter()
+                    .map(|o| o["Key"].as_str().expect("key").to_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        keys.sort();
+        keys
+    }
+
+    /// The object's bytes, gunzipped.
+    fn object(&self, key: &str, scratch: &Path) -> Vec<u8> {
+        let file = scratch.join("download.gz");
+        let path = file.to_str().expect("utf-8 path");
+        self.aws(&[
+            "s3api",
+            "get-object",
+            "--bucket",
+            BUCKET,
+            "--key",
+            key,
+            path,
+        ]);
+        let mut text = Vec::new();
+        GzDecoder::new(std::fs::File::open(&file).expect("download"))
+            .read_to_end(&mut text)
+            .expect("gzip");
+        text
+    }
+}
+
+impl Drop for S3 {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// An executable script standing in for the AWS CLI: `body` runs first, then it execs
+/// the real CLI with the same arguments. Every call's arguments go to `calls.log`.
+fn cli_wrapper(dir: &Path, body: &str) -> PathBuf {
+    let path = dir.with_extension("aws-wrapper.sh");
+    let script = format!(
+        "#!/usr/bin/env bash\nset -u\nprintf '%s\\n' \"$*\" >> {log}\n{body}\nexec {aws} \"$@\"\n",
+        log = calls_log(dir).display(),
+        aws = on_path("aws").display(),
+    );
+    std::fs::write(&path, script).expect("write wrapper");
+    let status = Command::new("chmod")
+        .arg("+x")
+        .arg(&path)
+        .status()
+        .expect("chmod");
+    assert!(status.success());
+    path
+}
+
+fn calls_log(dir: &Path) -> PathBuf {
+    dir.with_extension("aws-calls.log")
+}
+
+/// How many uploads the wrapper saw for segment `number`.
+fn uploads_of(dir: &Path, number: u64) -> usize {
+    let needle = format!("segment-{number:010}.jsonl.gz");
+    std::fs::read_to_string(calls_log(dir))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(&needle))
+        .count()
+}
+
+fn archived_server(dir: &Path, s3: &S3, extra: &[&str]) -> Server {
+    let endpoint = s3.endpoint();
+    let mut args = vec![
+        "--archive",
+        "s3://sensorhub-archive/fleet",
+        "--archive-endpoint",
+        endpoint.as_str(),
+        "--host-id",
+        "server-a",
+        "--segment-max-age",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    Server::start_wrapped(CREDENTIALS, dir, &args)
+}
+
+/// Sends readings `seqs` of sensor `a` and checks each is answered `ok`.
+fn store_readings(server: &Server, seqs: std::ops::RangeInclusive<u64>) {
+    let mut c = server.connect();
+    let lines: String = seqs
+        .clone()
+        .map(|seq| reading("a", "temperature", 20.5, seq))
+        .collect();
+    c.send(lines);
+    for seq in seqs {
+        assert_eq!(c.reply(), format!(r#"{{"seq":{seq},"status":"ok"}}"#));
+    }
+}
+
+fn segment_files(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("read dir")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("segment-") && n.ends_with(".jsonl"))
+        .collect();
+    names.sort();
+    names
+}
+
+fn shipped_everything(server: &Server) -> bool {
+    server.metric("sensorhub_archive_pending_segments") == 0.0
+        && server.metric("sensorhub_archive_segments_shipped_total") >= 1.0
+}
+
+#[test]
+fn sealed_segments_ship_once_byte_for_byte_in_the_hive_layout() {
+    let dir = temp_dir("archive-ship");
+    let s3 = S3::up();
+    let wrapper = cli_wrapper(&dir, "");
+    let cli = wrapper.to_str().expect("path");
+    let mut server = archived_server(&dir, &s3, &["--archive-cli", cli]);
+    store_readings(&server, 1..=100);
+    wait_until("segment 1 sealed by age and shipped", || {
+        shipped_everything(&server)
+    });
+    assert_eq!(server.get("/healthz"), (200, "ok".into()));
+    store_readings(&server, 101..=150);
+    server.signal("TERM");
+    assert!(server.wait_exit(PATIENCE).success());
+
+    let keys = s3.keys();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    let today = Command::new("date")
+        .args(["-u", "+%F"])
+        .output()
+        .expect("date")
+        .stdout;
+    let today = String::from_utf8_lossy(&today);
+    assert_eq!(
+        keys[0],
+        format!(
+            "fleet/readings/dt={}/host=server-a/segment-0000000001.jsonl.gz",
+            today.trim()
+        )
+    );
+    for (key, name) in keys.iter().zip(segment_files(&dir)) {
+        assert!(key.ends_with(&format!("/host=server-a/{name}.gz")), "{key}");
+        let local = std::fs::read(dir.join(&name)).expect("segment");
+        assert_eq!(s3.object(key, &dir), local, "{key} holds exactly {name}");
+    }
+    let archived: usize = keys
+        .iter()
+        .map(|k| s3.object(k, &dir).iter().filter(|&&b| b == b'\n').count())
+        .sum();
+    assert_eq!(archived, 150, "a graceful stop sealed and shipped the rest");
+
+    // A restart ships nothing again: the watermark is in the data dir.
+    let server = archived_server(&dir, &s3, &["--archive-cli", cli]);
+    assert_eq!(server.sensors()["a"]["count"], 150);
+    store_readings(&server, 151..=160);
+    wait_until("segment 3 shipped", || s3.keys().len() == 3);
+    for number in 1..=3 {
+        assert_eq!(
+            uploads_of(&dir, number),
+            1,
+            "segment {number} uploaded once"
+        );
+    }
+}
+
+#[test]
+fn an_s3_outage_is_retried_until_it_ends_and_health_stays_ok() {
+    let dir = temp_dir("archive-outage");
+    let mut s3 = S3::down();
+    let server = archived_server(&dir, &s3, &[]);
+    store_readings(&server, 1..=50);
+    // The CLI retries a refused connection itself for about 10 s before it gives up.
+    wait_until("a failed upload counted", || {
+        server.metric("sensorhub_archive_failures_total") >= 1.0
+    });
+    assert_eq!(server.metric("sensorhub_archive_pending_segments"), 1.0);
+    assert!(server.metric("sensorhub_archive_lag_seconds") > 0.0);
+    assert_eq!(
+        server.get("/healthz"),
+        (200, "ok".into()),
+        "behind is not unhealthy"
+    );
+    s3.start();
+    wait_until("the backlog shipped after the outage", || {
+        shipped_everything(&server)
+    });
+    assert_eq!(server.metric("sensorhub_archive_lag_seconds"), 0.0);
+    let keys = s3.keys();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert_eq!(
+        s3.object(&keys[0], &dir)
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count(),
+        50
+    );
+}
+
+#[test]
+fn a_stop_during_an_outage_exits_in_time_and_ships_at_the_next_start() {
+    let dir = temp_dir("archive-stop");
+    let mut s3 = S3::down();
+    let mut server = archived_server(&dir, &s3, &["--archive-stop-timeout", "2"]);
+    store_readings(&server, 1..=20);
+    server.signal("TERM");
+    assert!(server.wait_exit(Duration::from_secs(10)).success());
+    let log = std::fs::read_to_string(dir.with_extension("server.log")).expect("log");
+    assert!(
+        log.contains("unshipped"),
+        "the stop says what it left: {log}"
+    );
+    let left = std::fs::read_to_string(dir.join("segment-0000000001.jsonl")).expect("kept");
+    assert_eq!(
+        left.lines().count(),
+        20,
+        "the unshipped segment stays whole"
+    );
+
+    s3.start();
+    let server = archived_server(&dir, &s3, &[]);
+    wait_until("the left segment shipped at the next start", || {
+        shipped_everything(&server)
+    });
+    assert_eq!(s3.keys().len(), 1);
+}
+
+#[test]
+fn a_refused_checksum_is_not_counted_as_shipped_and_is_retried() {
+    let dir = temp_dir("archive-baddigest");
+    let s3 = S3::up();
+    // The first two uploads get S3's answer to a body that does not match its SHA-256.
+    let refusals = dir.with_extension("refusals");
+    let body = format!(
+        "if [ \"$(cat {r} 2>/dev/null | wc -l)\" -lt 2 ]; then echo x >> {r}; \
+         echo 'An error occurred (BadDigest) when calling the PutObject operation: \
+         The SHA256 you specified did not match the calculated checksum.' >&2; exit 255; fi",
+        r = refusals.display()
+    );
+    let wrapper = cli_wrapper(&dir, &body);
+    let server = archived_server(
+        &dir,
+        &s3,
+        &["--archive-cli", wrapper.to_str().expect("path")],
+    );
+    store_readings(&server, 1..=10);
+    wait_until("two refusals counted", || {
+        server.metric("sensorhub_archive_failures_total") >= 2.0
+    });
+    wait_until("shipped after the refusals", || shipped_everything(&server));
+    assert_eq!(
+        server.metric("sensorhub_archive_segments_shipped_total"),
+        1.0
+    );
+    assert_eq!(uploads_of(&dir, 1), 3, "two refused, one accepted");
+    let log = std::fs::read_to_string(dir.with_extension("server.log")).expect("log");
+    assert!(log.contains("BadDigest"), "the refusal is logged");
+    let keys = s3.keys();
+    assert_eq!(
+        s3.object(&keys[0], &dir),
+        std::fs::read(dir.join(&segment_files(&dir)[0])).expect("segment")
+    );
+}
+
+#[test]
+fn a_crash_mid_upload_leaves_one_exact_object_after_restart() {
+    let dir = temp_dir("archive-crash");
+    let s3 = S3::up();
+    let started = dir.with_extension("upload-started");
+    // The upload stalls until the server is gone.
+    let body = format!("touch {}; sleep 2", started.display());
+    let slow = cli_wrapper(&dir, &body);
+    let server = archived_server(&dir, &s3, &["--archive-cli", slow.to_str().expect("path")]);
+    store_readings(&server, 1..=30);
+    wait_until("an upload in flight", || started.exists());
+    server.crash();
+    let server = archived_server(&dir, &s3, &[]);
+    wait_until("shipped after the restart", || shipped_everything(&server));
+    // The orphaned slow upload may land too: same key, same bytes.
+    std::thread::sleep(Duration::from_secs(3));
+    let keys = s3.keys();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let segment = std::fs::read(dir.join(&segment_files(&dir)[0])).expect("segment");
+    assert_eq!(s3.object(&keys[0], &dir), segment);
+    assert_eq!(server.sensors()["a"]["count"], 30);
+}
+
+#[test]
+fn retention_never_deletes_unshipped_segments_and_statistics_outlive_it() {
+    let dir = temp_dir("archive-retention");
+    let mut s3 = S3::down();
+    let mut server = archived_server(&dir, &s3, &["--keep-shipped-bytes", "0"]);
+    for batch in 0..3 {
+        let first = batch * 10 + 1;
+        store_readings(&server, first..=first + 9);
+        let sealed = batch as usize + 2;
+        wait_until("the batch sealed", || segment_files(&dir).len() >= sealed);
+    }
+    wait_until("uploads failing", || {
+        server.metric("sensorhub_archive_failures_total") >= 1.0
+    });
+    assert_eq!(
+        segment_files(&dir).len(),
+        4,
+        "3 sealed, unshipped, all kept + the active one"
+    );
+    s3.start();
+    wait_until("everything shipped", || {
+        server.metric("sensorhub_archive_segments_shipped_total") == 3.0
+    });
+    wait_until("shipped segments deleted", || {
+        segment_files(&dir).len() == 1
+    });
+    assert_eq!(server.metric("sensorhub_store_segments_retired_total"), 3.0);
+    assert_eq!(s3.keys().len(), 3);
+    server.signal("TERM");
+    assert!(server.wait_exit(PATIENCE).success());
+
+    let server = archived_server(&dir, &s3, &["--keep-shipped-bytes", "0"]);
+    assert_eq!(
+        server.sensors()["a"]["count"],
+        30,
+        "statistics outlive the files"
+    );
+    let mut c = server.connect();
+    c.send(reading("a", "temperature", 20.5, 30));
+    assert_eq!(c.reply(), r#"{"seq":30,"status":"duplicate"}"#);
+    c.send(reading("a", "temperature", 20.5, 31));
+    assert_eq!(c.reply(), r#"{"seq":31,"status":"ok"}"#);
+}
