@@ -1,0 +1,46 @@
+"""The archive SQL as it is in the repo, run by DuckDB over a small archive written
+here in the bucket's layout. Run by .ci/run: `pytest infra/athena`."""
+
+import gzip
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import archive_sql  # noqa: E402
+
+
+def segment(root, day, host, number, records):
+    path = root / "readings" / f"dt={day}" / f"host={host}" / f"segment-{number:010}.jsonl.gz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode()))
+
+
+def reading(sensor, seq, recv, value=20.5, ts=None):
+    r = {"sensor": sensor, "kind": "temperature", "value": value, "seq": seq}
+    if ts is not None:
+        r["ts"] = ts
+    r["recv"] = recv
+    return r
+
+
+def test_each_reading_once_keeping_the_earliest_copy(tmp_path):
+    # Server a stored seq 2 and died before acking; the sensor resent it to b, which
+    # stored it later. A third copy on a later day (a restored old volume) too.
+    segment(tmp_path, "2026-11-30", "a", 1, [reading("s1", 1, 100, ts=7), reading("s1", 2, 101)])
+    segment(tmp_path, "2026-11-30", "b", 4, [reading("s1", 2, 150), reading("s1", 3, 151)])
+    segment(tmp_path, "2026-12-01", "c", 1, [reading("s1", 2, 99_999_999)])
+    segment(tmp_path, "2026-11-30", "b", 5, [reading("s2", 9, 160, value=-3)])
+    con = archive_sql.connect(tmp_path)
+
+    names, rows = archive_sql.query(con, "readings_dedup.sql")
+    assert names == ["sensor", "kind", "value", "seq", "ts", "recv", "dt", "host"]
+    by_key = {(r[0], r[3]): r for r in rows}
+    assert len(rows) == len(by_key) == 4
+    assert by_key[("s1", 2)][5:] == (101, "2026-11-30", "a"), "the earliest recv wins"
+    assert by_key[("s1", 1)][4] == 7 and by_key[("s1", 3)][4] is None
+    assert by_key[("s2", 9)][2] == -3.0
+
+    names, rows = archive_sql.query(con, "readings_duplicates.sql")
+    assert names == ["sensor", "raw_records", "readings", "raw_duplicates"]
+    assert rows == [("s1", 5, 3, 2), ("s2", 1, 1, 0)]
