@@ -1,22 +1,29 @@
 #!/usr/bin/env python3
-"""The topology scenario (scenario.py) on Linux network namespaces, as root.
+"""The topology scenarios (scenario.py) on Linux network namespaces, as root.
 
-Namespaces `router`, `server`, `client1`, `client2`; in `router`, bridge br1 is the
-server subnet (192.168.1.0/24) and br2 the client subnet (192.168.2.0/24), with
-forwarding on; each host hangs off its bridge by a veth pair. The addresses match the
-NixOS test (server 192.168.1.4, router .1.3 / .2.3, clients 192.168.2.1 and .2.2).
+One namespace per host plus `router`; in `router`, bridge br1 is the server subnet and
+br2 the client subnet, with forwarding on; each host hangs off its bridge by a veth
+pair. Addresses and names come from topology.json, the same as the NixOS tests'.
+
+- default: `server`, `client1`, `client2` (scenario.run)
+- `--fleet`: `servera` and `serverb` behind HAProxy on `balancer` (mode tcp, source
+  hashing, health checks on /healthz), moto_server as S3 on `s3`, the sensors
+  connecting to the balancer (scenario.run_fleet). Needs haproxy, and moto_server,
+  the AWS CLI and DuckDB (tests/requirements.txt) on PATH and importable.
 
 Safety: the whole run happens inside `unshare --net --mount` with a private tmpfs on
 /run/netns, so its namespaces are invisible to the host and this process itself sits in
 an empty network namespace: nothing can route off the machine. Every server, client
 and probe runs with `ip netns exec`. Every wait is bounded, and an alarm ends the run.
 
-    sudo nixos-tests/netns.py [--bin DIR]   (DIR holds sensor-server and sensor-client;
-                                             default dist/x86_64 from build-static.sh)
+    sudo nixos-tests/netns.py [--fleet] [--bin DIR]   (DIR holds sensor-server and
+                         sensor-client; default dist/x86_64 from build-static.sh)
 """
 
 import argparse
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,19 +32,22 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "infra" / "athena"))
 import scenario  # noqa: E402
 
+try:
+    import archive_sql  # noqa: E402  (DuckDB: only the fleet run needs it)
+except ImportError:
+    archive_sql = None
+
 SANDBOX_MARK = "SENSORHUB_NETNS_SANDBOX"
-SERVER = "192.168.1.4"
-HOSTS = {  # namespace: (bridge, address, gateway, other subnet)
-    "server": ("br1", "192.168.1.4/24", "192.168.1.3", "192.168.2.0/24"),
-    "client1": ("br2", "192.168.2.1/24", "192.168.2.3", "192.168.1.0/24"),
-    "client2": ("br2", "192.168.2.2/24", "192.168.2.3", "192.168.1.0/24"),
-}
-SENSORS = {"client1": ("client1-temperature", "temperature"),
-           "client2": ("client2-humidity", "humidity")}
-INTERVAL_MS = 100
+TOPOLOGY = scenario.TOPOLOGY
+SENSOR_PORT = TOPOLOGY["sensor_port"]
+HTTP_PORT = TOPOLOGY["http_port"]
+INTERVAL_MS = TOPOLOGY["interval_ms"]
 RUN_LIMIT_SECONDS = 420
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 def sh(*args, check=True, **kwargs):
@@ -48,89 +58,87 @@ def in_ns(ns, *args, **kwargs):
     return sh("ip", "netns", "exec", ns, *args, **kwargs)
 
 
-def build_topology():
-    for ns in ("router", *HOSTS):
+def build_topology(layout):
+    """Namespaces and links for `layout` (topology.json's "topology" or "fleet")."""
+    router = layout["router"]
+    subnets = {1: TOPOLOGY["server_subnet"], 2: TOPOLOGY["client_subnet"]}
+    gateways = {1: router["server_side"], 2: router["client_side"]}
+    for ns in ("router", *layout["hosts"]):
         sh("ip", "netns", "add", ns)
         sh("ip", "-n", ns, "link", "set", "lo", "up")
-    for bridge, address in (("br1", "192.168.1.3/24"), ("br2", "192.168.2.3/24")):
+    for vlan in (1, 2):
+        bridge = f"br{vlan}"
         sh("ip", "-n", "router", "link", "add", bridge, "type", "bridge")
-        sh("ip", "-n", "router", "addr", "add", address, "dev", bridge)
+        sh("ip", "-n", "router", "addr", "add", f"{gateways[vlan]}/24", "dev", bridge)
         sh("ip", "-n", "router", "link", "set", bridge, "up")
     in_ns("router", "sysctl", "-qw", "net.ipv4.ip_forward=1")
-    for ns, (bridge, address, gateway, other) in HOSTS.items():
+    for ns, host in layout["hosts"].items():
+        vlan = host["vlan"]
         peer = f"v-{ns}"
         sh("ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", peer,
            "netns", "router")
-        sh("ip", "-n", "router", "link", "set", peer, "master", bridge, "up")
-        sh("ip", "-n", ns, "addr", "add", address, "dev", "eth0")
+        sh("ip", "-n", "router", "link", "set", peer, "master", f"br{vlan}", "up")
+        sh("ip", "-n", ns, "addr", "add", f"{host['address']}/24", "dev", "eth0")
         sh("ip", "-n", ns, "link", "set", "eth0", "up")
-        sh("ip", "-n", ns, "route", "add", other, "via", gateway)
+        sh("ip", "-n", ns, "route", "add", subnets[3 - vlan], "via", gateways[vlan])
 
 
-class Namespaces:
-    """The scenario's driver interface (see scenario.py) over the namespaces."""
+def http_get(ns, port, path):
+    """GET on 127.0.0.1:port inside `ns`; the body."""
+    request = (f"exec 3<>/dev/tcp/127.0.0.1/{port}; "
+               f"printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3")
+    # Bytes: text mode would turn the header's CRLFs into LFs.
+    response = subprocess.run(
+        ["ip", "netns", "exec", ns, "timeout", "5", "bash", "-c", request],
+        check=True, capture_output=True).stdout
+    return response.split(b"\r\n\r\n", 1)[1].decode()
+
+
+def spawn(ns, args, out, err=None, env=None):
+    """Runs `args` in namespace `ns` (ip netns exec execs it: the pid is the program's)."""
+    return subprocess.Popen(["ip", "netns", "exec", ns, *args], stdout=out,
+                            stderr=err or out, env=env)
+
+
+def stop(proc, what, limit):
+    """SIGTERM, then a bounded wait for exit 0."""
+    proc.send_signal(signal.SIGTERM)
+    status = proc.wait(timeout=limit)
+    assert status == 0, f"{what} exited {status} on SIGTERM"
+
+
+def kill_all(procs):
+    for proc in procs:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+class Clients:
+    """The two simulated sensors, for both scenarios."""
 
     interval_ms = INTERVAL_MS
 
-    def __init__(self, bin_dir, work):
+    def __init__(self, bin_dir, work, target):
         self.bin = bin_dir
         self.work = work
-        self.server = None
+        self.target = target
         self.clients = {}
 
-    def http(self, path):
-        request = f"exec 3<>/dev/tcp/127.0.0.1/9000; printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3"
-        # Bytes: text mode would turn the header's CRLFs into LFs.
-        response = subprocess.run(
-            ["ip", "netns", "exec", "server", "timeout", "5", "bash", "-c", request],
-            check=True, capture_output=True).stdout
-        return response.split(b"\r\n\r\n", 1)[1].decode()
-
-    def start_server(self):
-        log = open(self.work / "server.log", "a")
-        self.server = subprocess.Popen(
-            ["ip", "netns", "exec", "server", str(self.bin / "sensor-server"),
-             "--listen", "0.0.0.0:5000", "--http-listen", "127.0.0.1:9000",
-             "--data-dir", str(self.work / "data")],
-            stdout=log, stderr=log)
-
-    def crash_server(self):
-        self.server.kill()
-        self.server.wait(timeout=10)
-
-    def stop_server(self):
-        self.server.send_signal(signal.SIGTERM)
-        status = self.server.wait(timeout=15)
-        assert status == 0, f"server exited {status} on SIGTERM"
-
     def start_client(self, name):
-        sensor, kind = SENSORS[name]
-        out = open(self.work / f"{name}.out", "w")
-        err = open(self.work / f"{name}.log", "w")
-        self.clients[name] = subprocess.Popen(
-            ["ip", "netns", "exec", name, str(self.bin / "sensor-client"),
-             "--server", f"{SERVER}:5000", "--sensor", sensor, "--kind", kind,
-             "--interval-ms", str(INTERVAL_MS), "--record", str(self.work / f"{name}.answers")],
-            stdout=out, stderr=err)
+        sensor = TOPOLOGY["sensors"][name]
+        self.clients[name] = spawn(
+            name, [str(self.bin / "sensor-client"), "--server", f"{self.target}:{SENSOR_PORT}",
+                   "--sensor", sensor["sensor"], "--kind", sensor["kind"],
+                   "--interval-ms", str(INTERVAL_MS),
+                   "--record", str(self.work / f"{name}.answers")],
+            open(self.work / f"{name}.out", "w"), open(self.work / f"{name}.log", "w"))
 
     def stop_client(self, name):
-        self.clients[name].send_signal(signal.SIGTERM)
-        status = self.clients[name].wait(timeout=30)
-        assert status == 0, f"{name} exited {status}: {(self.work / f'{name}.log').read_text()}"
-
-    def cut(self, name):
-        # On the router's side, so the client keeps its address and routes.
-        sh("ip", "-n", "router", "link", "set", f"v-{name}", "down")
-
-    def restore(self, name):
-        sh("ip", "-n", "router", "link", "set", f"v-{name}", "up")
-
-    def exchange(self, name, data, timeout):
-        command = scenario.exchange_command(SERVER, 5000, data, timeout)
-        return in_ns(name, "bash", "-c", command).stdout.encode()
-
-    def store_text(self):
-        return "".join(p.read_text() for p in sorted((self.work / "data").glob("*.jsonl")))
+        try:
+            stop(self.clients[name], name, 30)
+        except AssertionError as e:
+            raise AssertionError(f"{e}: {(self.work / f'{name}.log').read_text()}") from None
 
     def answers(self, name):
         return (self.work / f"{name}.answers").read_text()
@@ -140,18 +148,161 @@ class Namespaces:
         return next(line for line in reversed(lines) if line.startswith("sent "))
 
     def sensor(self, name):
-        return SENSORS[name][0]
+        return TOPOLOGY["sensors"][name]["sensor"]
+
+
+class Namespaces(Clients):
+    """scenario.run's driver interface over the namespaces of topology.json's
+    "topology"."""
+
+    def __init__(self, bin_dir, work):
+        server = TOPOLOGY["topology"]["hosts"]["server"]["address"]
+        super().__init__(bin_dir, work, server)
+        self.server = None
+
+    def http(self, path):
+        return http_get("server", HTTP_PORT, path)
+
+    def start_server(self):
+        log = open(self.work / "server.log", "a")
+        self.server = spawn("server", [
+            str(self.bin / "sensor-server"), "--listen", f"0.0.0.0:{SENSOR_PORT}",
+            "--http-listen", f"127.0.0.1:{HTTP_PORT}", "--data-dir", str(self.work / "data")],
+            log)
+
+    def crash_server(self):
+        self.server.kill()
+        self.server.wait(timeout=10)
+
+    def stop_server(self):
+        stop(self.server, "server", 15)
+
+    def cut(self, name):
+        # On the router's side, so the client keeps its address and routes.
+        sh("ip", "-n", "router", "link", "set", f"v-{name}", "down")
+
+    def restore(self, name):
+        sh("ip", "-n", "router", "link", "set", f"v-{name}", "up")
+
+    def exchange(self, name, data, timeout):
+        command = scenario.exchange_command(self.target, SENSOR_PORT, data, timeout)
+        return in_ns(name, "bash", "-c", command).stdout.encode()
+
+    def store_text(self):
+        return "".join(p.read_text() for p in sorted((self.work / "data").glob("*.jsonl")))
 
     def kill_all(self):
-        for proc in [self.server, *self.clients.values()]:
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=10)
+        kill_all([self.server, *self.clients.values()])
+
+
+HAPROXY_CONFIG = """\
+global
+    maxconn 4000
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 10m
+    timeout server 10m
+    retries 3
+    option redispatch
+frontend sensors
+    bind 0.0.0.0:{sensor_port}
+    default_backend servers
+backend servers
+    # The NLB's source-IP stickiness; consistent hashing moves only a failed server's
+    # sensors.
+    balance source
+    hash-type consistent
+    option httpchk GET /healthz
+    http-check expect status 200
+    default-server inter 500ms fall 2 rise 2 port {http_port} on-marked-down shutdown-sessions
+{servers}
+"""
+
+
+class Fleet(Clients):
+    """scenario.run_fleet's driver interface over topology.json's "fleet"."""
+
+    def __init__(self, bin_dir, work):
+        self.layout = TOPOLOGY["fleet"]
+        hosts = self.layout["hosts"]
+        super().__init__(bin_dir, work, hosts["balancer"]["address"])
+        self.s3_url = f"http://{hosts['s3']['address']}:{TOPOLOGY['s3_port']}"
+        self.servers = {}
+        self.others = []
+
+    def aws(self, *args):
+        """The AWS CLI against the S3 stand-in, from the s3 host itself."""
+        local = f"http://127.0.0.1:{TOPOLOGY['s3_port']}"
+        return in_ns("s3", "env", *[f"{k}={v}" for k, v in AWS_ENV.items()],
+                     "aws", "--endpoint-url", local, *args).stdout
+
+    def start_s3(self):
+        self.others.append(spawn(
+            "s3", ["moto_server", "-H", "0.0.0.0", "-p", str(TOPOLOGY["s3_port"])],
+            open(self.work / "s3.log", "w")))
+        scenario.wait_for("the S3 stand-in", lambda: self.aws("s3api", "list-buckets") != "")
+        self.aws("s3api", "create-bucket", "--bucket", self.layout["bucket"])
+
+    def cut_s3(self):
+        sh("ip", "-n", "router", "link", "set", "v-s3", "down")
+
+    def restore_s3(self):
+        sh("ip", "-n", "router", "link", "set", "v-s3", "up")
+
+    def start_balancer(self):
+        servers = "\n".join(
+            f"    server {name} {self.layout['hosts'][name]['address']}:{SENSOR_PORT} check"
+            for name in self.layout["servers"])
+        config = self.work / "haproxy.cfg"
+        config.write_text(HAPROXY_CONFIG.format(
+            sensor_port=SENSOR_PORT, http_port=HTTP_PORT, servers=servers))
+        self.others.append(spawn("balancer", ["haproxy", "-db", "-f", str(config)],
+                                 open(self.work / "haproxy.log", "w")))
+
+    def start_server(self, name):
+        self.servers[name] = spawn(name, [
+            str(self.bin / "sensor-server"), "--listen", f"0.0.0.0:{SENSOR_PORT}",
+            "--http-listen", f"0.0.0.0:{HTTP_PORT}", "--data-dir", str(self.work / name),
+            "--archive", f"s3://{self.layout['bucket']}/{self.layout['prefix']}",
+            "--archive-endpoint", self.s3_url, "--host-id", name,
+            "--segment-max-age", str(self.layout["segment_max_age"]),
+            "--archive-stop-timeout", str(self.layout["archive_stop_timeout"])],
+            open(self.work / f"{name}.log", "a"), env=dict(os.environ, **AWS_ENV))
+
+    def crash_server(self, name):
+        self.servers[name].kill()
+        self.servers[name].wait(timeout=10)
+
+    def stop_server(self, name):
+        stop(self.servers[name], name, 10 + self.layout["archive_stop_timeout"])
+
+    def server_log(self, name):
+        return (self.work / f"{name}.log").read_text()
+
+    def http(self, name, path):
+        return http_get(name, HTTP_PORT, path)
+
+    def archive_sql(self, name):
+        root = self.work / "archive"
+        if not root.exists():
+            self.aws("s3", "cp", "--recursive", "--only-show-errors",
+                     f"s3://{self.layout['bucket']}/{self.layout['prefix']}", str(root))
+        return archive_sql.query(archive_sql.connect(root), name)
+
+    def stored_records(self, name):
+        return [json.loads(line) for p in sorted((self.work / name).glob("*.jsonl"))
+                for line in p.read_text().splitlines()]
+
+    def kill_all(self):
+        kill_all([*self.servers.values(), *self.clients.values(), *self.others])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bin", type=Path, default=HERE.parent / "dist" / "x86_64")
+    parser.add_argument("--fleet", action="store_true",
+                        help="two servers behind HAProxy, archiving to a local S3")
     args = parser.parse_args()
 
     if os.environ.get(SANDBOX_MARK) != "1":
@@ -159,7 +310,7 @@ def main():
             sys.exit("netns.py must run as root (it creates network namespaces)")
         env = dict(os.environ, **{SANDBOX_MARK: "1"})
         command = ["unshare", "--net", "--mount", "--", sys.executable, __file__,
-                   "--bin", str(args.bin.resolve())]
+                   "--bin", str(args.bin.resolve()), *(["--fleet"] if args.fleet else [])]
         sys.exit(subprocess.run(command, env=env).returncode)
 
     # Inside the sandbox: a private /run/netns, so `ip netns add` stays in here.
@@ -169,19 +320,24 @@ def main():
     for tool in ("sensor-server", "sensor-client"):
         if not (args.bin / tool).exists():
             sys.exit(f"{args.bin / tool} missing: run scripts/build-static.sh first")
+    for tool in (("haproxy", "moto_server", "aws") if args.fleet else ()):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} is not on PATH (haproxy: apt; the others: tests/requirements.txt)")
 
-    with tempfile.TemporaryDirectory(prefix="sensorhub-netns-") as work:
-        driver = Namespaces(args.bin, Path(work))
+    name = "fleet" if args.fleet else "topology"
+    with tempfile.TemporaryDirectory(prefix=f"sensorhub-netns-{name}-") as work:
+        driver = (Fleet if args.fleet else Namespaces)(args.bin, Path(work))
+        run = scenario.run_fleet if args.fleet else scenario.run
         try:
-            build_topology()
-            verdict = scenario.run(driver, log=lambda line: print(line, flush=True))
+            build_topology(TOPOLOGY[name])
+            verdict = run(driver, log=lambda line: print(line, flush=True))
         except BaseException:
             for f in sorted(Path(work).glob("*.log")):
                 print(f"--- {f.name}\n{f.read_text()[-3000:]}", file=sys.stderr)
             raise
         finally:
             driver.kill_all()
-    print("netns topology: passed")
+    print(f"netns {name}: passed")
     for line in verdict:
         print("  " + line)
 

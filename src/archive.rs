@@ -341,8 +341,13 @@ impl Shipper {
         if let Some(endpoint) = &self.config.endpoint {
             command.args(["--endpoint-url", endpoint]);
         }
+        // The shipper retries with its own backoff; the CLI's own retries (5 attempts,
+        // each up to the connect timeout) would hide an outage for a minute.
+        if std::env::var_os("AWS_MAX_ATTEMPTS").is_none() {
+            command.env("AWS_MAX_ATTEMPTS", "2");
+        }
         command
-            .args(["--cli-connect-timeout", "10", "--output", "json"])
+            .args(["--cli-connect-timeout", "5", "--output", "json"])
             .args([
                 "s3api",
                 "put-object",
@@ -370,6 +375,7 @@ impl Shipper {
         if let Some(stop) = stop_deadline {
             deadline = deadline.min(stop);
         }
+        let mut refreshed = Instant::now();
         let status = loop {
             match child.try_wait() {
                 Ok(Some(status)) => break status,
@@ -380,6 +386,14 @@ impl Shipper {
                 }
                 Ok(None) => std::thread::sleep(Duration::from_millis(20)),
                 Err(e) => return Err(format!("waiting for the AWS CLI: {e}")),
+            }
+            // A slow upload must not freeze the backlog `/metrics` shows.
+            if refreshed.elapsed() >= POLL {
+                refreshed = Instant::now();
+                self.refresh_pending(
+                    self.shipped_through.load(Relaxed),
+                    self.store.sealed_through.load(Relaxed),
+                );
             }
         };
         if status.success() {
