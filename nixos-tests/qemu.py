@@ -5,10 +5,11 @@ Each VM boots Debian's kernel with an initramfs holding only busybox-static, the
 virtio/bridge kernel modules and the two static sensorhub binaries: proof that the
 binaries need nothing from a distribution. TCG only (no KVM needed).
 
-    router  eth0 = 192.168.1.3 (server subnet); eth1 + eth2 bridged as br0 =
-            192.168.2.3 (client subnet); forwarding on
-    server  eth0 = 192.168.1.4, route to 192.168.2.0/24 via .1.3
-    client1 eth0 = 192.168.2.1, client2 eth0 = 192.168.2.2, routes via .2.3
+    router  eth0 on the server subnet; eth1 + eth2 bridged as br0 on the client subnet;
+            forwarding on
+    server  eth0, route to the client subnet via the router
+    client1, client2  eth0, routes to the server subnet via the router
+    (addresses from topology.json, the same as every other driver's)
 
 Every link is a point-to-point `-netdev dgram` pair of UDP sockets on 127.0.0.1; the
 guests' addresses exist only inside the guests. The host drives each guest through a
@@ -40,10 +41,10 @@ import scenario  # noqa: E402
 
 KERNEL_PACKAGE = "linux-image-amd64"  # Debian's metapackage; its dependency is the kernel
 MODULES = ["virtio_pci", "virtio_net", "virtio_console", "bridge"]  # with dependencies from modules.dep
-SERVER = "192.168.1.4"
-SENSORS = {"client1": ("client1-temperature", "temperature"),
-           "client2": ("client2-humidity", "humidity")}
-INTERVAL_MS = 100
+LAYOUT = scenario.TOPOLOGY["topology"]
+SERVER = LAYOUT["hosts"]["server"]["address"]
+SENSORS = {name: (s["sensor"], s["kind"]) for name, s in scenario.TOPOLOGY["sensors"].items()}
+INTERVAL_MS = scenario.TOPOLOGY["interval_ms"]
 BOOT_SECONDS = 120
 RUN_LIMIT_SECONDS = 600
 
@@ -59,17 +60,17 @@ ip link set lo up
 up() { ip addr add "$2" dev "$1"; ip link set "$1" up; }
 case $role in
   router)
-    up eth0 192.168.1.3/24
+    up eth0 @ROUTER_SERVER_SIDE@/24
     brctl addbr br0; brctl addif br0 eth1; brctl addif br0 eth2
     ip link set eth1 up; ip link set eth2 up
-    up br0 192.168.2.3/24
+    up br0 @ROUTER_CLIENT_SIDE@/24
     echo 1 > /proc/sys/net/ipv4/ip_forward ;;
   server)
-    up eth0 192.168.1.4/24; ip route add 192.168.2.0/24 via 192.168.1.3 ;;
+    up eth0 @SERVER@/24; ip route add @CLIENT_SUBNET@ via @ROUTER_SERVER_SIDE@ ;;
   client1)
-    up eth0 192.168.2.1/24; ip route add 192.168.1.0/24 via 192.168.2.3 ;;
+    up eth0 @CLIENT1@/24; ip route add @SERVER_SUBNET@ via @ROUTER_CLIENT_SIDE@ ;;
   client2)
-    up eth0 192.168.2.2/24; ip route add 192.168.1.0/24 via 192.168.2.3 ;;
+    up eth0 @CLIENT2@/24; ip route add @SERVER_SUBNET@ via @ROUTER_CLIENT_SIDE@ ;;
 esac
 mkdir -p /data /tmp
 for _ in $(seq 100); do [ -e /dev/hvc0 ] && break; sleep 0.1; done
@@ -78,6 +79,16 @@ echo "sensorhub-ready $role"
 # Through a pipe the shell is non-interactive: no prompt, no line editing.
 exec sh -c 'exec 3<>/dev/hvc0; stty raw -echo <&3; cat <&3 | sh >&3 2>&3'
 """
+for token, value in {
+    "@ROUTER_SERVER_SIDE@": LAYOUT["router"]["server_side"],
+    "@ROUTER_CLIENT_SIDE@": LAYOUT["router"]["client_side"],
+    "@SERVER@": SERVER,
+    "@CLIENT1@": LAYOUT["hosts"]["client1"]["address"],
+    "@CLIENT2@": LAYOUT["hosts"]["client2"]["address"],
+    "@SERVER_SUBNET@": scenario.TOPOLOGY["server_subnet"],
+    "@CLIENT_SUBNET@": scenario.TOPOLOGY["client_subnet"],
+}.items():
+    INIT = INIT.replace(token, value)
 
 
 def sh(*args, **kwargs):
