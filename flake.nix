@@ -68,6 +68,10 @@
             inherit pkgs;
             module = self.nixosModules.default;
           };
+          fleet = import ./nixos-tests/fleet.nix {
+            inherit pkgs;
+            module = self.nixosModules.default;
+          };
         });
 
       apps = forAllSystems (pkgs:

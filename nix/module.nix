@@ -1,7 +1,7 @@
 # NixOS module: services.sensorhub.server and services.sensorhub.clients.<name>.
 # flake.nix's nixosModules.default imports this and sets services.sensorhub.package
 # to the flake's build.
-{ config, lib, ... }:
+{ config, lib, pkgs, utils, ... }:
 
 let
   inherit (lib) mkOption mkEnableOption mkIf types;
@@ -11,6 +11,19 @@ let
   hardening = import ./hardening.nix ../deploy/systemd/hardening.conf;
 
   server = cfg.server;
+  archive = server.archive;
+  archiveArgs = lib.optionals (archive.bucket != null) ([
+    "--archive"
+    "s3://${archive.bucket}/${archive.prefix}"
+    "--host-id"
+    archive.hostId
+    "--keep-shipped-bytes"
+    (toString archive.keepShippedBytes)
+    "--archive-stop-timeout"
+    (toString archive.stopTimeout)
+    "--archive-cli"
+    (lib.getExe' archive.cli "aws")
+  ] ++ lib.optionals (archive.endpoint != null) [ "--archive-endpoint" archive.endpoint ]);
   serverArgs = [
     "--listen"
     "${server.listenAddress}:${toString server.port}"
@@ -22,7 +35,10 @@ let
     (toString server.maxConnections)
     "--idle-timeout"
     (toString server.idleTimeout)
+    "--segment-max-age"
+    (toString server.segmentMaxAge)
   ]
+  ++ archiveArgs
   ++ lib.optionals (server.httpListen != null) [ "--http-listen" server.httpListen ]
   ++ lib.optionals (server.workers != null) [ "--workers" (toString server.workers) ]
   ++ server.extraArgs;
@@ -125,6 +141,61 @@ in
         default = false;
         description = "Open the sensor port in the firewall (to everyone; restrict sources with firewall rules of your own).";
       };
+      segmentMaxAge = mkOption {
+        type = types.ints.positive;
+        default = 60;
+        description = "Seconds after which a non-empty store segment is sealed (and, with an archive, shipped).";
+      };
+      archive = {
+        bucket = mkOption {
+          type = types.nullOr (types.strMatching "[a-z0-9.-]{3,63}");
+          default = null;
+          example = "my-readings";
+          description = "S3 bucket that sealed segments are shipped to; null for no archive.";
+        };
+        prefix = mkOption {
+          type = types.str;
+          default = "sensorhub";
+          description = "Key prefix: objects are PREFIX/readings/dt=YYYY-MM-DD/host=HOST/segment-N.jsonl.gz.";
+        };
+        endpoint = mkOption {
+          type = types.nullOr types.str;
+          default = null;
+          example = "http://minio:9000";
+          description = "S3 endpoint override (MinIO, a local S3); null for AWS.";
+        };
+        hostId = mkOption {
+          type = types.strMatching "[A-Za-z0-9._-]{1,64}";
+          default = config.networking.hostName;
+          defaultText = lib.literalExpression "config.networking.hostName";
+          description = "This server's stable id in object keys; unique per data directory.";
+        };
+        keepShippedBytes = mkOption {
+          type = types.ints.unsigned;
+          default = 1024 * 1024 * 1024;
+          description = "Shipped segments kept on local disk; older ones are deleted. Unshipped ones never are.";
+        };
+        stopTimeout = mkOption {
+          type = types.ints.unsigned;
+          default = 8;
+          description = "Seconds a stop keeps shipping pending segments before exiting; the rest ships at the next start.";
+        };
+        environmentFile = mkOption {
+          type = types.nullOr types.path;
+          default = null;
+          example = "/run/secrets/sensorhub-s3";
+          description = ''
+            systemd EnvironmentFile with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and
+            AWS_DEFAULT_REGION, for an S3 outside AWS; on EC2 the instance profile needs none.
+          '';
+        };
+        cli = mkOption {
+          type = types.package;
+          default = pkgs.awscli2;
+          defaultText = lib.literalExpression "pkgs.awscli2";
+          description = "Package providing the `aws` CLI that uploads segments.";
+        };
+      };
       extraArgs = mkOption {
         type = types.listOf types.str;
         default = [ ];
@@ -149,15 +220,19 @@ in
         description = "sensorhub ingest server";
         wantedBy = [ "multi-user.target" ];
         after = [ "network.target" ];
+        # The AWS CLI keeps its caches under $HOME.
+        environment = lib.mkIf (archive.bucket != null) { HOME = "/var/lib/sensorhub"; };
         serviceConfig = hardening // {
-          ExecStart = "${lib.getExe' server.package "sensor-server"} ${lib.escapeShellArgs serverArgs}";
+          ExecStart = utils.escapeSystemdExecArgs ([ (lib.getExe' server.package "sensor-server") ] ++ serverArgs);
           Restart = "always";
           RestartSec = "1s";
           StateDirectory = "sensorhub";
           # Connections plus the store, listeners and a margin.
           LimitNOFILE = server.maxConnections + 1024;
-          # SIGTERM drains within 10 s by contract.
-          TimeoutStopSec = "15s";
+          # SIGTERM drains within 10 s by contract, then ships for up to stopTimeout.
+          TimeoutStopSec = "${toString (15 + archive.stopTimeout)}s";
+        } // lib.optionalAttrs (archive.environmentFile != null) {
+          EnvironmentFile = archive.environmentFile;
         };
       };
     })
@@ -169,7 +244,7 @@ in
           wants = [ "network-online.target" ];
           after = [ "network-online.target" ];
           serviceConfig = hardening // {
-            ExecStart = "${lib.getExe' cfg.package "sensor-client"} ${lib.escapeShellArgs (clientArgs c)}";
+            ExecStart = utils.escapeSystemdExecArgs ([ (lib.getExe' cfg.package "sensor-client") ] ++ clientArgs c);
             Restart = "always";
             RestartSec = "1s";
             StateDirectory = "sensorhub-client-${name}";

@@ -195,31 +195,6 @@ class Namespaces(Clients):
         kill_all([self.server, *self.clients.values()])
 
 
-HAPROXY_CONFIG = """\
-global
-    maxconn 4000
-defaults
-    mode tcp
-    timeout connect 2s
-    timeout client 10m
-    timeout server 10m
-    retries 3
-    option redispatch
-frontend sensors
-    bind 0.0.0.0:{sensor_port}
-    default_backend servers
-backend servers
-    # The NLB's source-IP stickiness; consistent hashing moves only a failed server's
-    # sensors.
-    balance source
-    hash-type consistent
-    option httpchk GET /healthz
-    http-check expect status 200
-    default-server inter 500ms fall 2 rise 2 port {http_port} on-marked-down shutdown-sessions
-{servers}
-"""
-
-
 class Fleet(Clients):
     """scenario.run_fleet's driver interface over topology.json's "fleet"."""
 
@@ -255,8 +230,10 @@ class Fleet(Clients):
             f"    server {name} {self.layout['hosts'][name]['address']}:{SENSOR_PORT} check"
             for name in self.layout["servers"])
         config = self.work / "haproxy.cfg"
-        config.write_text(HAPROXY_CONFIG.format(
-            sensor_port=SENSOR_PORT, http_port=HTTP_PORT, servers=servers))
+        config.write_text((HERE / "haproxy.cfg").read_text()
+                          .replace("@SENSOR_PORT@", str(SENSOR_PORT))
+                          .replace("@HTTP_PORT@", str(HTTP_PORT))
+                          .replace("@SERVERS@", servers))
         self.others.append(spawn("balancer", ["haproxy", "-db", "-f", str(config)],
                                  open(self.work / "haproxy.log", "w")))
 

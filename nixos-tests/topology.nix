@@ -1,30 +1,34 @@
 # The original design's topology as NixOS VMs: `server` in the server subnet (vlan 1),
 # `client1` (temperature) and `client2` (humidity) in the client subnet (vlan 2),
 # `router` forwarding between them. The steps and assertions live in scenario.py,
-# shared with the network-namespace run (netns.py); this file only says how to act on
-# VMs. Exposed as checks.x86_64-linux.topology.
+# shared with the network-namespace and qemu runs (netns.py, qemu.py); this file only
+# says how to act on VMs. Exposed as checks.x86_64-linux.topology.
 #
-# Addresses come from the test driver (nixos/lib/testing/network.nix):
-# 192.168.<vlan>.<node number>, node numbers in name order: client1 = 1,
-# client2 = 2, router = 3, server = 4; interfaces eth1, eth2 in vlan order.
+# Addresses and names come from topology.json, which every driver reads; they match
+# what the test driver assigns (nixos/lib/testing/network.nix):
+# 192.168.<vlan>.<node number>, node numbers in name order, interfaces eth1, eth2 in
+# vlan order.
 { pkgs, module }:
 
 let
-  intervalMs = 100;
-  serverAddress = "192.168.1.4";
-  routerOnServerSide = "192.168.1.3";
-  routerOnClientSide = "192.168.2.3";
+  topology = builtins.fromJSON (builtins.readFile ./topology.json);
+  layout = topology.topology;
+  serverAddress = layout.hosts.server.address;
+  sensorPort = toString topology.sensor_port;
+  httpPort = toString topology.http_port;
+  # "192.168.1.0/24" -> { address = "192.168.1.0"; prefixLength = 24; }
+  route = subnet: via:
+    let parts = builtins.split "/" subnet;
+    in { address = builtins.elemAt parts 0; prefixLength = pkgs.lib.toInt (builtins.elemAt parts 2); inherit via; };
 
-  clientNode = name: kind: { lib, ... }: {
+  clientNode = name: { lib, ... }: {
     imports = [ module ];
     virtualisation.vlans = [ 2 ];
-    networking.interfaces.eth1.ipv4.routes = [
-      { address = "192.168.1.0"; prefixLength = 24; via = routerOnClientSide; }
-    ];
+    networking.interfaces.eth1.ipv4.routes = [ (route topology.server_subnet layout.router.client_side) ];
     services.sensorhub.clients.${name} = {
-      server = "${serverAddress}:5000";
-      sensor = "${name}-${kind}";
-      inherit kind intervalMs;
+      server = "${serverAddress}:${sensorPort}";
+      inherit (topology.sensors.${name}) sensor kind;
+      intervalMs = topology.interval_ms;
       extraArgs = [ "--record" "/var/lib/sensorhub-client-${name}/answers.txt" ];
     };
     # The scenario starts the clients after the server.
@@ -44,32 +48,33 @@ pkgs.testers.runNixOSTest {
     server = { pkgs, ... }: {
       imports = [ module ];
       virtualisation.vlans = [ 1 ];
-      networking.interfaces.eth1.ipv4.routes = [
-        { address = "192.168.2.0"; prefixLength = 24; via = routerOnServerSide; }
-      ];
+      networking.interfaces.eth1.ipv4.routes = [ (route topology.client_subnet layout.router.server_side) ];
       services.sensorhub.server = {
         enable = true;
-        httpListen = "127.0.0.1:9000";
+        httpListen = "127.0.0.1:${httpPort}";
       };
       # The sensor port is open to the client subnet only (the VPC's security group).
       networking.firewall.extraCommands = ''
-        iptables -A nixos-fw -p tcp -s 192.168.2.0/24 --dport 5000 -j nixos-fw-accept
+        iptables -A nixos-fw -p tcp -s ${topology.client_subnet} --dport ${sensorPort} -j nixos-fw-accept
       '';
       environment.systemPackages = [ pkgs.curl ];
     };
 
-    client1 = clientNode "client1" "temperature";
-    client2 = clientNode "client2" "humidity";
+    client1 = clientNode "client1";
+    client2 = clientNode "client2";
   };
 
-  # The scenario is loaded from scenario.py at run time, which the type checker
-  # cannot follow; pyflakes still lints this script.
+  # Why skipTypeCheck: the scenario module is loaded from a file at run time
+  # (importlib), so mypy sees `scenario` as Any and the driver class's methods as
+  # untyped calls it cannot check against the VMs' API; pyflakes still lints this
+  # script, and the same scenario runs in CI under the namespace and qemu drivers.
   skipTypeCheck = true;
 
   testScript = ''
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("scenario", "${./scenario.py}")
+    # The whole directory, so that scenario.py finds topology.json beside it.
+    spec = importlib.util.spec_from_file_location("scenario", "${./.}/scenario.py")
     assert spec is not None and spec.loader is not None
     scenario = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(scenario)
@@ -78,14 +83,14 @@ pkgs.testers.runNixOSTest {
 
 
     class Vms:
-        interval_ms = ${toString intervalMs}
+        interval_ms = scenario.TOPOLOGY["interval_ms"]
 
         def http(self, path):
-            return server.succeed(f"curl -sf http://127.0.0.1:9000{path}")
+            return server.succeed(f"curl -sf http://127.0.0.1:${httpPort}{path}")
 
         def start_server(self):
             server.succeed("systemctl start sensorhub-server")
-            server.wait_for_open_port(5000)
+            server.wait_for_open_port(${sensorPort})
 
         def crash_server(self):
             server.succeed("systemctl kill --signal=SIGKILL sensorhub-server")
@@ -107,7 +112,7 @@ pkgs.testers.runNixOSTest {
             machines[name].unblock()
 
         def exchange(self, name, data, timeout):
-            command = scenario.exchange_command("${serverAddress}", 5000, data, timeout)
+            command = scenario.exchange_command("${serverAddress}", ${sensorPort}, data, timeout)
             return machines[name].succeed(command).encode()
 
         def store_text(self):
@@ -122,23 +127,23 @@ pkgs.testers.runNixOSTest {
             )
 
         def sensor(self, name):
-            return {"client1": "client1-temperature", "client2": "client2-humidity"}[name]
+            return scenario.TOPOLOGY["sensors"][name]["sensor"]
 
 
     start_all()
     server.wait_for_unit("sensorhub-server.service")
-    server.wait_for_open_port(5000)
+    server.wait_for_open_port(${sensorPort})
     router.wait_for_unit("network.target")
     for machine in (client1, client2):
         machine.wait_for_unit("network.target")
         machine.wait_until_succeeds("ping -c 1 ${serverAddress}")
 
     with subtest("the sensor port is closed to hosts outside the client subnet"):
-        router.fail("timeout 5 bash -c 'exec 3<>/dev/tcp/${serverAddress}/5000'")
-        client1.succeed("timeout 5 bash -c 'exec 3<>/dev/tcp/${serverAddress}/5000'")
+        router.fail("timeout 5 bash -c 'exec 3<>/dev/tcp/${serverAddress}/${sensorPort}'")
+        client1.succeed("timeout 5 bash -c 'exec 3<>/dev/tcp/${serverAddress}/${sensorPort}'")
 
-    with subtest("scenario: readings flow, faults lose nothing"):
-        for line in scenario.run(Vms(), log=print):
-            print(line)
+    # One subtest per scenario step.
+    for line in scenario.run(Vms(), log=print, step=subtest):
+        print(line)
   '';
 }

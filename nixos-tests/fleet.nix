@@ -1,0 +1,238 @@
+# The fleet as NixOS VMs: `servera` and `serverb` (the NixOS module, archiving to S3)
+# behind `balancer` (services.haproxy, the NLB's local stand-in) in the server subnet
+# with `s3` (MinIO), the two simulated sensors in the client subnet connecting to the
+# balancer, `router` between the subnets. The steps and the verdict are
+# scenario.run_fleet, shared with the network-namespace run (netns.py --fleet), whose
+# verdict comes from the repo's Athena SQL run by DuckDB over the downloaded bucket.
+# Exposed as checks.x86_64-linux.fleet. Addresses and names: topology.json.
+{ pkgs, module }:
+
+let
+  inherit (pkgs) lib;
+  topology = builtins.fromJSON (builtins.readFile ./topology.json);
+  layout = topology.fleet;
+  hosts = layout.hosts;
+  sensorPort = toString topology.sensor_port;
+  httpPort = toString topology.http_port;
+  s3Port = toString topology.s3_port;
+  s3Endpoint = "http://${hosts.s3.address}:${s3Port}";
+  route = subnet: via:
+    let parts = builtins.split "/" subnet;
+    in { address = builtins.elemAt parts 0; prefixLength = lib.toInt (builtins.elemAt parts 2); inherit via; };
+  toServerSubnet = [ (route topology.server_subnet layout.router.client_side) ];
+  toClientSubnet = [ (route topology.client_subnet layout.router.server_side) ];
+
+  # Test-only credentials, shared by MinIO and the servers' AWS CLI.
+  credentials = {
+    user = "sensorhub";
+    password = "sensorhub-test-secret";
+  };
+  minioCredentials = pkgs.writeText "minio-credentials" ''
+    MINIO_ROOT_USER=${credentials.user}
+    MINIO_ROOT_PASSWORD=${credentials.password}
+  '';
+  awsEnvironment = pkgs.writeText "aws-environment" ''
+    AWS_ACCESS_KEY_ID=${credentials.user}
+    AWS_SECRET_ACCESS_KEY=${credentials.password}
+    AWS_DEFAULT_REGION=us-east-1
+  '';
+
+  haproxyConfig = builtins.replaceStrings
+    [ "@SENSOR_PORT@" "@HTTP_PORT@" "@SERVERS@" ]
+    [
+      sensorPort
+      httpPort
+      (lib.concatMapStringsSep "\n"
+        (name: "    server ${name} ${hosts.${name}.address}:${sensorPort} check")
+        layout.servers)
+    ]
+    (builtins.readFile ./haproxy.cfg);
+
+  serverNode = name: { lib, ... }: {
+    imports = [ module ];
+    virtualisation.vlans = [ 1 ];
+    networking.interfaces.eth1.ipv4.routes = toClientSubnet;
+    services.sensorhub.server = {
+      enable = true;
+      # The balancer checks /healthz from its own address.
+      httpListen = "0.0.0.0:${httpPort}";
+      segmentMaxAge = layout.segment_max_age;
+      archive = {
+        inherit (layout) bucket prefix;
+        endpoint = s3Endpoint;
+        hostId = name;
+        stopTimeout = layout.archive_stop_timeout;
+        environmentFile = awsEnvironment;
+      };
+    };
+    networking.firewall.allowedTCPPorts = [ topology.sensor_port topology.http_port ];
+    # The scenario starts, kills and restarts the servers itself: systemd must not.
+    systemd.services.sensorhub-server = {
+      wantedBy = lib.mkForce [ ];
+      serviceConfig.Restart = lib.mkForce "no";
+    };
+    environment.systemPackages = [ pkgs.curl ];
+  };
+
+  clientNode = name: { lib, ... }: {
+    imports = [ module ];
+    virtualisation.vlans = [ 2 ];
+    networking.interfaces.eth1.ipv4.routes = toServerSubnet;
+    services.sensorhub.clients.${name} = {
+      server = "${hosts.balancer.address}:${sensorPort}";
+      inherit (topology.sensors.${name}) sensor kind;
+      intervalMs = topology.interval_ms;
+      extraArgs = [ "--record" "/var/lib/sensorhub-client-${name}/answers.txt" ];
+    };
+    systemd.services."sensorhub-client-${name}".wantedBy = lib.mkForce [ ];
+  };
+in
+pkgs.testers.runNixOSTest {
+  name = "sensorhub-fleet";
+
+  nodes = {
+    router = {
+      virtualisation.vlans = [ 1 2 ];
+      boot.kernel.sysctl."net.ipv4.ip_forward" = 1;
+      networking.firewall.enable = false;
+    };
+
+    balancer = { lib, ... }: {
+      virtualisation.vlans = [ 1 ];
+      networking.interfaces.eth1.ipv4.routes = toClientSubnet;
+      services.haproxy = {
+        enable = true;
+        config = haproxyConfig;
+      };
+      systemd.services.haproxy.wantedBy = lib.mkForce [ ];
+      networking.firewall.allowedTCPPorts = [ topology.sensor_port ];
+    };
+
+    s3 = {
+      virtualisation.vlans = [ 1 ];
+      services.minio = {
+        enable = true;
+        listenAddress = ":${s3Port}";
+        rootCredentialsFile = minioCredentials;
+      };
+      networking.firewall.allowedTCPPorts = [ topology.s3_port ];
+      environment.systemPackages = [ pkgs.awscli2 ];
+    };
+
+    servera = serverNode "servera";
+    serverb = serverNode "serverb";
+    client1 = clientNode "client1";
+    client2 = clientNode "client2";
+  };
+
+  # DuckDB runs the repo's SQL over the archive in the driver, as in CI.
+  extraPythonPackages = p: [ p.duckdb ];
+
+  # Why skipTypeCheck: the scenario and archive_sql modules are loaded from files at
+  # run time (importlib), so mypy sees them as Any and cannot check the driver class's
+  # calls; pyflakes still lints this script, and the same scenario runs in CI under
+  # the namespace driver.
+  skipTypeCheck = true;
+
+  testScript = ''
+    import importlib.util
+    import json
+    from pathlib import Path
+
+
+    def load(name, path):
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+
+    # The whole directory, so that scenario.py finds topology.json beside it.
+    scenario = load("scenario", "${./.}/scenario.py")
+    archive_sql = load("archive_sql", "${../infra/athena}/archive_sql.py")
+    layout = scenario.TOPOLOGY["fleet"]
+    servers = {"servera": servera, "serverb": serverb}
+    clients = {"client1": client1, "client2": client2}
+    aws = ("AWS_ACCESS_KEY_ID=${credentials.user} AWS_SECRET_ACCESS_KEY=${credentials.password} "
+           "AWS_DEFAULT_REGION=us-east-1 aws --endpoint-url http://127.0.0.1:${s3Port}")
+
+
+    class Vms:
+        interval_ms = scenario.TOPOLOGY["interval_ms"]
+
+        def start_s3(self):
+            s3.wait_for_unit("minio.service")
+            s3.wait_for_open_port(${s3Port})
+            s3.wait_until_succeeds(f"{aws} s3api create-bucket --bucket {layout['bucket']}")
+
+        def cut_s3(self):
+            s3.block()
+
+        def restore_s3(self):
+            s3.unblock()
+
+        def start_balancer(self):
+            balancer.succeed("systemctl start haproxy")
+            balancer.wait_for_open_port(${sensorPort})
+
+        def start_server(self, name):
+            servers[name].succeed("systemctl start sensorhub-server")
+            servers[name].wait_for_open_port(${sensorPort})
+
+        def crash_server(self, name):
+            servers[name].succeed("systemctl kill --signal=SIGKILL sensorhub-server")
+
+        def stop_server(self, name):
+            servers[name].succeed("systemctl stop sensorhub-server")
+            servers[name].succeed("test $(systemctl show -P ExecMainStatus sensorhub-server) = 0")
+
+        def server_log(self, name):
+            return servers[name].succeed("journalctl -u sensorhub-server -o cat")
+
+        def http(self, name, path):
+            return servers[name].succeed(f"curl -sf http://127.0.0.1:${httpPort}{path}")
+
+        def start_client(self, name):
+            clients[name].succeed(f"systemctl start sensorhub-client-{name}")
+
+        def stop_client(self, name):
+            clients[name].succeed(f"systemctl stop sensorhub-client-{name}")
+
+        def answers(self, name):
+            return clients[name].succeed(f"cat /var/lib/sensorhub-client-{name}/answers.txt")
+
+        def summary(self, name):
+            return clients[name].succeed(
+                f"journalctl -u sensorhub-client-{name} -o cat | grep '^sent' | tail -n 1"
+            )
+
+        def sensor(self, name):
+            return scenario.TOPOLOGY["sensors"][name]["sensor"]
+
+        def archive_sql(self, name):
+            root = s3.out_dir / "archive"
+            if not root.exists():
+                s3.succeed(f"{aws} s3 cp --recursive --only-show-errors "
+                           f"s3://{layout['bucket']}/{layout['prefix']} /tmp/archive")
+                s3.copy_from_vm("/tmp/archive", "")
+            return archive_sql.query(archive_sql.connect(root), name)
+
+        def stored_records(self, name):
+            text = servers[name].succeed("cat /var/lib/sensorhub/*.jsonl")
+            return [json.loads(line) for line in text.splitlines()]
+
+
+    start_all()
+    router.wait_for_unit("network.target")
+    for machine in (*servers.values(), *clients.values(), balancer):
+        machine.wait_for_unit("network.target")
+    for machine in clients.values():
+        machine.wait_until_succeeds("ping -c 1 ${hosts.balancer.address}")
+
+    # One subtest per scenario step.
+    for line in scenario.run_fleet(Vms(), log=print, step=subtest):
+        print(line)
+    print("archive copy kept in", Path(s3.out_dir) / "archive")
+  '';
+}
