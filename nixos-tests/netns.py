@@ -234,8 +234,13 @@ class Fleet(Clients):
                           .replace("@SENSOR_PORT@", str(SENSOR_PORT))
                           .replace("@HTTP_PORT@", str(HTTP_PORT))
                           .replace("@SERVERS@", servers))
-        self.others.append(spawn("balancer", ["haproxy", "-db", "-f", str(config)],
-                                 open(self.work / "haproxy.log", "w")))
+        haproxy = spawn("balancer", ["haproxy", "-db", "-f", str(config)],
+                        open(self.work / "haproxy.log", "w"))
+        self.others.append(haproxy)
+        probe = f"exec 3<>/dev/tcp/127.0.0.1/{SENSOR_PORT}"
+        scenario.wait_for("the balancer to listen", lambda: haproxy.poll() is None and in_ns(
+            "balancer", "timeout", "2", "bash", "-c", probe, check=False).returncode == 0)
+        assert haproxy.poll() is None, (self.work / "haproxy.log").read_text()
 
     def start_server(self, name):
         self.servers[name] = spawn(name, [
