@@ -80,9 +80,15 @@ pub struct ClientConfig {
     #[arg(long)]
     pub bench: bool,
 
-    /// Exit non-zero after the server has been unreachable this long (seconds).
+    /// Exit non-zero after the server has been unreachable, or has left readings
+    /// unanswered, this long (seconds).
     #[arg(long, default_value_t = 60)]
     pub give_up_after: u64,
+
+    /// Drop and re-establish a connection whose oldest unanswered reading (or whose
+    /// connect) is older than this many seconds, then resend.
+    #[arg(long, default_value_t = 10.0, value_parser = positive_seconds)]
+    pub reply_timeout: f64,
 
     /// Append "SENSOR SEQ STATUS" for every answered reading to this file.
     #[arg(long)]
@@ -99,6 +105,20 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long a stopping client waits for answers to what it has sent.
 const FINAL_WAIT: Duration = Duration::from_secs(10);
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+/// How often links are checked against the reply timeout.
+const STALL_CHECK_EVERY: Duration = Duration::from_millis(250);
+/// TCP keepalive: a peer gone without a FIN or RST (a cut link, a dead host) is found
+/// after about 5 + 3 x 2 s of silence even while nothing is unanswered.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+const KEEPALIVE_PROBES: u32 = 3;
+
+fn positive_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(s) if s.is_finite() && s > 0.0 => Ok(s),
+        _ => Err(format!("{text:?} is not a positive number of seconds")),
+    }
+}
 
 /// One simulated sensor.
 struct Sensor {
@@ -122,7 +142,8 @@ struct Pending {
 enum LinkState {
     /// Waiting for its retry (queued in `Client::retries`).
     Down,
-    Connecting(TcpStream),
+    /// Connecting since the given time.
+    Connecting(TcpStream, Instant),
     Up(TcpStream),
 }
 
@@ -157,6 +178,10 @@ pub struct Totals {
     pub error: u64,
     pub reconnects: u64,
     pub generation_waits: u64,
+    /// Replies whose seq did not match the reading they answer.
+    pub violations: u64,
+    /// Connections dropped for exceeding the reply timeout.
+    pub stalls: u64,
 }
 
 impl Totals {
@@ -192,6 +217,8 @@ pub struct Client {
     down_since: Option<Instant>,
     record: Option<BufWriter<File>>,
     interval: Duration,
+    reply_timeout: Duration,
+    next_stall_check: Instant,
 }
 
 impl Client {
@@ -269,6 +296,7 @@ impl Client {
         let stop_at = config
             .duration
             .map(|s| now + Duration::from_secs_f64(s.max(0.0)));
+        let config_reply_timeout = config.reply_timeout;
         Ok(Client {
             retries: (0..links_count).map(|i| Reverse((now, i))).collect(),
             touched: (0..links_count).collect(),
@@ -290,6 +318,8 @@ impl Client {
             down_since: Some(now),
             record,
             interval,
+            reply_timeout: Duration::from_secs_f64(config_reply_timeout),
+            next_stall_check: now + STALL_CHECK_EVERY,
         })
     }
 
@@ -302,6 +332,10 @@ impl Client {
         loop {
             let now = Instant::now();
             self.generate(now);
+            if now >= self.next_stall_check {
+                self.next_stall_check = now + STALL_CHECK_EVERY;
+                self.drop_stalled(now);
+            }
             self.reconnect_due(now);
             for i in std::mem::take(&mut self.touched) {
                 self.links[i].touched = false;
@@ -403,7 +437,7 @@ impl Client {
     }
 
     fn poll_timeout(&self, now: Instant) -> Duration {
-        let mut until = now + PROGRESS_EVERY;
+        let mut until = (now + PROGRESS_EVERY).min(self.next_stall_check);
         if self.generating
             && !self.config.bench
             && let Some((t, _)) = self.due.front()
@@ -500,10 +534,42 @@ impl Client {
         }
     }
 
+    /// Drops every connection whose oldest unanswered reading, or whose connect, is
+    /// older than the reply timeout: a stopped or half-open server would otherwise hold
+    /// its readings forever. Their readings are resent on the next connection.
+    fn drop_stalled(&mut self, now: Instant) {
+        for i in 0..self.links.len() {
+            let link = &self.links[i];
+            let since = match &link.state {
+                LinkState::Up(_) if link.sent > 0 => link.queue[0].sent_at,
+                LinkState::Connecting(_, since) => *since,
+                _ => continue,
+            };
+            let waited = now.saturating_duration_since(since);
+            if waited > self.reply_timeout {
+                self.totals.stalls += 1;
+                // Unanswered since `since`: that is how long it has been unreachable.
+                self.down_since = Some(self.down_since.map_or(since, |d| d.min(since)));
+                self.lose(
+                    i,
+                    now,
+                    &format_args!("nothing answered for {:.1} s", waited.as_secs_f64()),
+                );
+            }
+        }
+    }
+
     fn connect(&mut self, i: usize, now: Instant) {
         let addr = self.addrs[(self.links[i].failures as usize) % self.addrs.len()];
         match TcpStream::connect(addr) {
             Ok(mut stream) => {
+                let keepalive = socket2::TcpKeepalive::new()
+                    .with_time(KEEPALIVE_IDLE)
+                    .with_interval(KEEPALIVE_INTERVAL)
+                    .with_retries(KEEPALIVE_PROBES);
+                if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
+                    debug!("connection {i}: keepalive: {e}");
+                }
                 let interest = Interest::READABLE | Interest::WRITABLE;
                 if let Err(e) = self
                     .poll
@@ -513,7 +579,7 @@ impl Client {
                     self.lose(i, now, &format_args!("register: {e}"));
                     return;
                 }
-                self.links[i].state = LinkState::Connecting(stream);
+                self.links[i].state = LinkState::Connecting(stream, now);
             }
             Err(e) => self.lose(i, now, &format_args!("connect {addr}: {e}")),
         }
@@ -523,7 +589,7 @@ impl Client {
     fn lose(&mut self, i: usize, now: Instant, why: &dyn std::fmt::Display) {
         let link = &mut self.links[i];
         match std::mem::replace(&mut link.state, LinkState::Down) {
-            LinkState::Up(mut s) | LinkState::Connecting(mut s) => {
+            LinkState::Up(mut s) => {
                 let _ = self.poll.registry().deregister(&mut s);
                 self.totals.reconnects += 1;
                 info!(
@@ -532,7 +598,12 @@ impl Client {
                     link.queue.len()
                 );
             }
-            LinkState::Down => debug!("connection {i}: {why}"),
+            // Never established: not a reconnect.
+            LinkState::Connecting(mut s, _) => {
+                let _ = self.poll.registry().deregister(&mut s);
+                info!("cannot connect to {} ({why}); retrying", self.config.server);
+            }
+            LinkState::Down => info!("cannot connect to {} ({why}); retrying", self.config.server),
         }
         link.sent = 0;
         link.out.clear();
@@ -552,7 +623,7 @@ impl Client {
 
     fn on_ready(&mut self, i: usize) {
         let now = Instant::now();
-        if let LinkState::Connecting(stream) = &self.links[i].state {
+        if let LinkState::Connecting(stream, _) = &self.links[i].state {
             match stream.take_error() {
                 Ok(None) if stream.peer_addr().is_ok() => {}
                 Ok(None) => return, // not connected yet: wait for the next edge
@@ -561,7 +632,7 @@ impl Client {
                     return;
                 }
             }
-            let LinkState::Connecting(stream) =
+            let LinkState::Connecting(stream, _) =
                 std::mem::replace(&mut self.links[i].state, LinkState::Down)
             else {
                 return;
@@ -677,8 +748,8 @@ impl Client {
     }
 
     fn handle_reply(&mut self, i: usize, line: &[u8], now: Instant) -> io::Result<()> {
-        let status = match fast_status(line) {
-            Some(s) => s,
+        let (status, seq) = match fast_status(line) {
+            Some(fast) => fast,
             None => {
                 let reply: Reply = serde_json::from_slice(line).map_err(|e| {
                     io::Error::new(io::ErrorKind::InvalidData, format!("bad reply: {e}"))
@@ -693,12 +764,13 @@ impl Client {
                         reply.error.as_deref().unwrap_or("")
                     );
                 }
-                match reply.status.as_str() {
+                let status = match reply.status.as_str() {
                     "ok" => Status::Ok,
                     "duplicate" => Status::Duplicate,
                     "rejected" => Status::Rejected,
                     _ => Status::Error,
-                }
+                };
+                (status, reply.seq.and_then(|n| n.as_u64()))
             }
         };
         let link = &mut self.links[i];
@@ -706,6 +778,21 @@ impl Client {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "reply to nothing sent",
+            ));
+        }
+        let Some(expected) = link.queue.front().map(|p| p.seq) else {
+            return Ok(());
+        };
+        // Every reading this client sends is valid JSON with a seq, so every reply must
+        // echo it: anything else answers some other reading, and counting it would
+        // drop this one unstored.
+        if seq != Some(expected) {
+            self.totals.violations += 1;
+            let got = String::from_utf8_lossy(line);
+            warn!("protocol violation: reply {got:?} to the reading with seq {expected}");
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("reply {got:?} does not answer seq {expected}"),
             ));
         }
         let Some(p) = link.queue.pop_front() else {
@@ -736,7 +823,7 @@ impl Client {
     fn summary_line(&self) -> String {
         let t = &self.totals;
         let ms = |q: f64| self.latency.value_at_quantile(q) as f64 / 1000.0;
-        format!(
+        let mut line = format!(
             "sent {} resent {} ok {} duplicate {} rejected {} error {} reconnects {} latency p50 {:.3} ms p99 {:.3} ms",
             t.sent,
             t.resent,
@@ -747,7 +834,14 @@ impl Client {
             t.reconnects,
             ms(0.5),
             ms(0.99)
-        )
+        );
+        if t.stalls > 0 || t.violations > 0 {
+            line.push_str(&format!(
+                " stalled-connections {} protocol-violations {}",
+                t.stalls, t.violations
+            ));
+        }
+        line
     }
 
     fn print_summary(&self) {
@@ -783,18 +877,20 @@ impl Client {
     }
 }
 
-/// Recognises the two common replies without a JSON parse.
-fn fast_status(line: &[u8]) -> Option<Status> {
+/// Recognises the two common replies, and their seq, without a JSON parse.
+fn fast_status(line: &[u8]) -> Option<(Status, Option<u64>)> {
     let rest = line.strip_prefix(b"{\"seq\":")?;
     let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-    if digits == 0 {
+    if digits == 0 || digits > 19 {
         return None;
     }
-    match &rest[digits..] {
-        b",\"status\":\"ok\"}" => Some(Status::Ok),
-        b",\"status\":\"duplicate\"}" => Some(Status::Duplicate),
-        _ => None,
-    }
+    let status = match &rest[digits..] {
+        b",\"status\":\"ok\"}" => Status::Ok,
+        b",\"status\":\"duplicate\"}" => Status::Duplicate,
+        _ => return None,
+    };
+    let seq = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
+    Some((status, Some(seq)))
 }
 
 fn validate_names(config: &ClientConfig) -> Result<(), String> {
@@ -828,12 +924,13 @@ mod tests {
     fn fast_path_recognises_only_exact_ok_and_duplicate() {
         assert!(matches!(
             fast_status(br#"{"seq":17,"status":"ok"}"#),
-            Some(Status::Ok)
+            Some((Status::Ok, Some(17)))
         ));
         assert!(matches!(
-            fast_status(br#"{"seq":1,"status":"duplicate"}"#),
-            Some(Status::Duplicate)
+            fast_status(br#"{"seq":9007199254740991,"status":"duplicate"}"#),
+            Some((Status::Duplicate, Some(9_007_199_254_740_991)))
         ));
+        assert!(fast_status(br#"{"seq":99999999999999999999,"status":"ok"}"#).is_none());
         assert!(fast_status(br#"{"seq":null,"status":"error","error":"x"}"#).is_none());
         assert!(fast_status(br#"{"seq":1,"status":"rejected","error":"x"}"#).is_none());
         assert!(fast_status(br#"{"seq":1,"status":"ok","extra":1}"#).is_none());
