@@ -225,8 +225,8 @@ impl Archive {
     }
 
     /// Ships what is pending (the store has sealed its last segment by now) for up to
-    /// the stop timeout, then says what it left.
-    pub fn finish(self) {
+    /// the stop timeout, then says what it left; returns how many segments that is.
+    pub fn finish(self) -> u64 {
         *self
             .stop
             .deadline
@@ -247,6 +247,7 @@ impl Archive {
                 self.stop_timeout.as_secs()
             );
         }
+        segments
     }
 }
 

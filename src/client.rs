@@ -809,6 +809,10 @@ impl Client {
             Status::Rejected => t.rejected += 1,
             Status::Error => t.error += 1,
         }
+        if t.ok + t.duplicate == 1 && matches!(status, Status::Ok | Status::Duplicate) {
+            // What a deployment's health check waits for (infra/bootstrap.sh).
+            info!("first reading acknowledged by {}", self.config.server);
+        }
         let micros = now.saturating_duration_since(p.sent_at).as_micros() as u64;
         let _ = self.latency.record(micros.max(1));
         if let Some(record) = &mut self.record {

@@ -1,6 +1,6 @@
 //! `sensor-server`'s command line (PROTOCOL.md's contract, plus operator knobs).
 
-use clap::{Parser, ValueEnum};
+use clap::{Args, Parser, ValueEnum};
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 
@@ -58,6 +58,22 @@ pub struct ServerConfig {
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub segment_max_age: u64,
 
+    #[command(flatten)]
+    pub archive: ArchiveArgs,
+
+    /// Write a checkpoint of per-sensor state at least this often (seconds), so restart
+    /// replays only recent data.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub checkpoint_interval: u64,
+
+    /// Log level: error, warn, info, debug, trace or off.
+    #[arg(long, default_value = "info")]
+    pub log_level: log::LevelFilter,
+}
+
+/// Where sealed segments go; shared by the server and `sensor-server ship`.
+#[derive(Debug, Clone, Args)]
+pub struct ArchiveArgs {
     /// Ship sealed segments to S3 at s3://BUCKET/PREFIX (with the AWS CLI; credentials
     /// and region from the standard AWS chain).
     #[arg(long, value_name = "S3_URL")]
@@ -88,11 +104,20 @@ pub struct ServerConfig {
     /// exiting; what is left ships at the next start.
     #[arg(long, default_value_t = 8, requires = "archive")]
     pub archive_stop_timeout: u64,
+}
 
-    /// Write a checkpoint of per-sensor state at least this often (seconds), so restart
-    /// replays only recent data.
-    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
-    pub checkpoint_interval: u64,
+/// `sensor-server ship`: ships every sealed segment of a store that no server runs on
+/// (a data volume adopted from a dead instance), then exits: 0 once everything is in
+/// S3, 1 otherwise. The active segment a crash left is sealed first.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "sensor-server ship", version, about)]
+pub struct ShipConfig {
+    /// Directory holding the store.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+
+    #[command(flatten)]
+    pub archive: ArchiveArgs,
 
     /// Log level: error, warn, info, debug, trace or off.
     #[arg(long, default_value = "info")]

@@ -2,7 +2,7 @@
 //! bind the listeners, run the event loop, then stop everything in order.
 
 use crate::archive::{self, Archive, ArchiveConfig};
-use crate::config::{Fsync, ServerConfig};
+use crate::config::{ArchiveArgs, Fsync, ServerConfig, ShipConfig};
 use crate::db::{Db, Retention, run_committer};
 use crate::event_loop::{EventLoop, Limits, LoopParts, WAKER};
 use crate::store::{Store, StoreOptions};
@@ -32,7 +32,7 @@ pub fn run(config: ServerConfig) -> Result<(), String> {
         .or_else(|| std::thread::available_parallelism().ok())
         .map_or(1, |n| n.get());
 
-    let archive_config = archive_config(&config)?;
+    let archive_config = archive_config(&config.archive)?;
     let (store, sensors) = Store::open(StoreOptions {
         dir: config.data_dir.clone(),
         segment_bytes: config.segment_bytes,
@@ -46,7 +46,7 @@ pub fn run(config: ServerConfig) -> Result<(), String> {
         .map_err(|e| format!("archive: {e}"))?;
     let retention = archive.as_ref().map(|a| Retention {
         shipped_through: a.shipped_through.clone(),
-        keep_bytes: config.keep_shipped_bytes,
+        keep_bytes: config.archive.keep_shipped_bytes,
     });
 
     let poll = mio::Poll::new().map_err(|e| format!("poll: {e}"))?;
@@ -109,25 +109,43 @@ pub fn run(config: ServerConfig) -> Result<(), String> {
     Ok(())
 }
 
+/// `sensor-server ship`: seals what a crash left in `config.data_dir`, ships every
+/// sealed segment, and succeeds only when nothing is left to ship.
+pub fn ship(config: ShipConfig) -> Result<(), String> {
+    let archive_config =
+        archive_config(&config.archive)?.ok_or("ship needs --archive s3://BUCKET/PREFIX")?;
+    let (store, _) = Store::open(StoreOptions {
+        dir: config.data_dir.clone(),
+        segment_bytes: u64::MAX,
+        max_age: Duration::MAX,
+    })
+    .map_err(|e| format!("cannot open store in {}: {e}", config.data_dir.display()))?;
+    let archive = Archive::start(archive_config, &config.data_dir, store.metrics())
+        .map_err(|e| format!("archive: {e}"))?;
+    match archive.finish() {
+        0 => Ok(()),
+        left => Err(format!("{left} sealed segments could not be shipped")),
+    }
+}
+
 /// The archive settings, checked, when `--archive` is given.
-fn archive_config(config: &ServerConfig) -> Result<Option<ArchiveConfig>, String> {
-    let Some(url) = &config.archive else {
+fn archive_config(args: &ArchiveArgs) -> Result<Option<ArchiveConfig>, String> {
+    let Some(url) = &args.archive else {
         return Ok(None);
     };
     let (bucket, prefix) = archive::parse_s3_url(url)?;
-    let host = config.host_id.clone().unwrap_or_else(archive::hostname);
+    let host = args.host_id.clone().unwrap_or_else(archive::hostname);
     archive::check_host_id(&host)?;
     Ok(Some(ArchiveConfig {
         bucket,
         prefix,
-        endpoint: config.archive_endpoint.clone(),
+        endpoint: args.archive_endpoint.clone(),
         host,
-        cli: config.archive_cli.clone(),
-        upload_timeout: Duration::from_secs(config.archive_upload_timeout),
-        stop_timeout: Duration::from_secs(config.archive_stop_timeout),
+        cli: args.archive_cli.clone(),
+        upload_timeout: Duration::from_secs(args.archive_upload_timeout),
+        stop_timeout: Duration::from_secs(args.archive_stop_timeout),
     }))
 }
-
 fn resolve(addr: &str) -> Result<SocketAddr, String> {
     addr.to_socket_addrs()
         .map_err(|e| format!("bad address {addr:?}: {e}"))?

@@ -454,4 +454,60 @@ mod s3 {
         c.send(reading("a", "temperature", 20.5, 31));
         assert_eq!(c.reply(), r#"{"seq":31,"status":"ok"}"#);
     }
+
+    #[test]
+    fn ship_empties_a_crashed_store_into_the_archive_or_says_it_could_not() {
+        let dir = temp_dir("archive-ship-cmd");
+        let server = Server::start(&dir, &[]); // no archive: a crashed instance's volume
+        store_readings(&server, 1..=40);
+        server.crash();
+
+        let ship = |s3: &S3, timeout: &str| {
+            Command::new(CREDENTIALS[0])
+                .args(&CREDENTIALS[1..])
+                .arg(SERVER)
+                .args(["ship", "--data-dir"])
+                .arg(&dir)
+                .args([
+                    "--archive",
+                    "s3://sensorhub-archive/fleet",
+                    "--host-id",
+                    "dead-one",
+                ])
+                .args([
+                    "--archive-endpoint",
+                    &s3.endpoint(),
+                    "--archive-stop-timeout",
+                    timeout,
+                ])
+                .output()
+                .expect("run ship")
+        };
+        let mut s3 = S3::down();
+        let out = ship(&s3, "2");
+        assert!(!out.status.success(), "nothing could be shipped");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("could not be shipped"), "{stderr}");
+
+        s3.start();
+        let out = ship(&s3, "60");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let keys = s3.keys();
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        assert!(
+            keys[0].contains("/host=dead-one/segment-0000000001.jsonl.gz"),
+            "{keys:?}"
+        );
+        assert_eq!(
+            s3.object(&keys[0], &dir)
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count(),
+            40
+        );
+    }
 }
