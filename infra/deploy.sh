@@ -1,53 +1,72 @@
 #!/usr/bin/env bash
-# Builds the static binaries, uploads them with bootstrap.sh to
-# s3://BUCKET/sensorhub/<version>/, and deploys (creates or updates) the stack.
+# Builds (or takes) the static binaries, uploads them with bootstrap.sh to
+# s3://BUCKET/sensorhub/<version>/<content hash>/, and deploys (creates or updates) the
+# stack; an update rolls the servers and sensors over one instance at a time.
 #
-#   infra/deploy.sh --bucket B --stack S [--region R] [--arch x86_64|arm64] [--dry-run]
-#                   [--http-cidr CIDR] [--interval-ms N] [--allow-dirty]
-#                   [--builder auto|nix|cargo]   (auto: nix build, else cargo)
+#   infra/deploy.sh --bucket B --stack S [--region R] [--arch x86_64|arm64]
+#                   [--dist DIR]        binaries built elsewhere (CI artifacts, a release;
+#                                       the way to deploy from macOS): DIR/sensor-server
+#                                       and DIR/sensor-client, or DIR/<x86_64|aarch64>/...
+#                   [--builder auto|nix|cargo]   (without --dist; auto: nix, else cargo)
+#                   [--refresh-ami]     resolve the newest AL2023 AMI (otherwise the
+#                                       stack keeps the AMI it has: no surprise replacement)
+#                   [--replace-failed]  delete a stack whose first create failed
+#                                       (ROLLBACK_COMPLETE) and create it again
+#                   [--server-count N] [--alarm-topic ARN]
+#                   [--interval-ms N] [--allow-dirty] [--dry-run]
 #
-# Idempotent: the same commit uploads the same keys and deploys the same parameters,
-# which CloudFormation answers "no changes". --dry-run builds and hashes, then prints
+# Idempotent: the same binaries upload to the same keys and deploy the same parameters,
+# which CloudFormation answers "no changes". --dry-run checks the binaries, then prints
 # the upload and deploy commands instead of running them. AWS_ENDPOINT_URL (honoured by
 # the aws CLI) points everything at another endpoint, as the tests do.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 die() { echo "deploy: $*" >&2; exit 1; }
+say() { echo "== $*"; }
 
-bucket="" stack="" region=${AWS_REGION:-${AWS_DEFAULT_REGION:-}} arch=x86_64
-dry_run=false allow_dirty=false http_cidr="" interval_ms=1000 builder=auto
+bucket="" stack="" region=${AWS_REGION:-${AWS_DEFAULT_REGION:-}} arch=x86_64 dist=""
+dry_run=false allow_dirty=false refresh_ami=false replace_failed=false
+interval_ms=1000 builder=auto server_count=2 alarm_topic=""
+# Plain bash 3.2 from here on (macOS deploys with --dist).
 while [[ $# -gt 0 ]]; do
+  case $1 in
+    --refresh-ami|--replace-failed|--dry-run|--allow-dirty|-h|--help) ;;
+    *) [[ $# -ge 2 ]] || die "$1 needs a value" ;;
+  esac
   case $1 in
     --bucket) bucket=$2; shift 2 ;;
     --stack) stack=$2; shift 2 ;;
     --region) region=$2; shift 2 ;;
     --arch) arch=$2; shift 2 ;;
-    --http-cidr) http_cidr=$2; shift 2 ;;
+    --dist) dist=$2; shift 2 ;;
     --interval-ms) interval_ms=$2; shift 2 ;;
     --builder) builder=$2; shift 2 ;;
+    --server-count) server_count=$2; shift 2 ;;
+    --alarm-topic) alarm_topic=$2; shift 2 ;;
+    --refresh-ami) refresh_ami=true; shift ;;
+    --replace-failed) replace_failed=true; shift ;;
     --dry-run) dry_run=true; shift ;;
     --allow-dirty) allow_dirty=true; shift ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
 done
 [[ -n $bucket ]] || die "--bucket is required"
 [[ -n $stack ]] || die "--stack is required"
 case $arch in
-  x86_64) target_dir=x86_64 nix_attr=sensorhub-static
-          ami=/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64 ;;
-  arm64) target_dir=aarch64 nix_attr=sensorhub-static-aarch64
-         ami=/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-arm64 ;;
+  x86_64) target_dir=x86_64 elf_machine=3e ;;
+  arm64) target_dir=aarch64 elf_machine=b7 ;;
   *) die "--arch must be x86_64 or arm64" ;;
 esac
 
 command -v aws >/dev/null || die "the aws CLI is not installed (https://aws.amazon.com/cli/)"
-if ! $allow_dirty && [[ -n $(git status --porcelain 2>/dev/null) ]]; then
+if [[ -z $dist ]] && ! $allow_dirty && [[ -n $(git status --porcelain 2>/dev/null) ]]; then
   die "the work tree has uncommitted changes; commit them (the version comes from git) or pass --allow-dirty"
 fi
 region_args=()
 [[ -n $region ]] && region_args=(--region "$region")
+cfn() { aws cloudformation "${region_args[@]}" "$@"; }
 if ! $dry_run; then
   aws sts get-caller-identity "${region_args[@]}" >/dev/null 2>&1 \
     || die "no usable AWS credentials (aws configure, or AWS_PROFILE / AWS_ACCESS_KEY_ID)"
@@ -55,33 +74,109 @@ if ! $dry_run; then
     || die "bucket $bucket does not exist or is not yours (create it: aws s3 mb s3://$bucket)"
 fi
 
-version=$(git describe --tags --always --dirty 2>/dev/null || echo unversioned)
-prefix="sensorhub/$version"
-
-echo "== building $arch static binaries ($version)"
-bin_dir=dist/$target_dir
-nix_build() {
-  command -v nix >/dev/null || return 1
-  nix --extra-experimental-features "nix-command flakes" build ".#$nix_attr" \
-    --out-link "result-$nix_attr" || return 1
-  mkdir -p "$bin_dir"
-  install -m 0755 "result-$nix_attr/bin/sensor-server" "result-$nix_attr/bin/sensor-client" "$bin_dir/"
-}
-case $builder in
-  nix) nix_build || die "nix build .#$nix_attr failed" ;;
-  cargo) scripts/build-static.sh ;;
-  auto) if ! nix_build; then
-          echo "deploy: Nix unavailable or its build failed; building with cargo instead" >&2
-          scripts/build-static.sh
-        fi ;;
-  *) die "--builder must be auto, nix or cargo" ;;
+# --- the stack as it is ------------------------------------------------------------------
+status=NONE
+if ! $dry_run; then
+  status=$(cfn describe-stacks --stack-name "$stack" --query 'Stacks[0].StackStatus' \
+    --output text 2>/dev/null) || status=NONE
+fi
+case $status in
+  ROLLBACK_COMPLETE)
+    if ! $replace_failed; then
+      die "stack $stack is in ROLLBACK_COMPLETE: its first create failed and it cannot be updated.
+  See why:  aws cloudformation describe-stack-events --stack-name $stack ${region:+--region $region}
+  Then run again with --replace-failed to delete it and create it anew."
+    fi
+    say "deleting $stack (ROLLBACK_COMPLETE) to create it again"
+    cfn delete-stack --stack-name "$stack"
+    cfn wait stack-delete-complete --stack-name "$stack"
+    status=NONE ;;
+  *_IN_PROGRESS) die "stack $stack is $status; wait for it to finish, then run again" ;;
 esac
-bash scripts/check-static.sh "$bin_dir/sensor-server" "$bin_dir/sensor-client"
 
-sha() { sha256sum "$1" | cut -d' ' -f1; }
-server_sha=$(sha "$bin_dir/sensor-server")
-client_sha=$(sha "$bin_dir/sensor-client")
-bootstrap_sha=$(sha infra/bootstrap.sh)
+# --- binaries ----------------------------------------------------------------------------
+version=$(git describe --tags --always --dirty 2>/dev/null || echo unversioned)
+if [[ -n $dist ]]; then
+  bin_dir=$dist
+  [[ -d $dist/$target_dir ]] && bin_dir=$dist/$target_dir
+  for tool in sensor-server sensor-client; do
+    [[ -f $bin_dir/$tool ]] || die "$bin_dir/$tool not found (--dist DIR holds sensor-server and sensor-client, or DIR/$target_dir/...)"
+  done
+else
+  [[ $(uname -s) == Linux ]] || die "building needs Linux; on $(uname -s), pass --dist DIR with the release's binaries"
+  bin_dir=dist/$target_dir
+  host_arch=$(uname -m)
+  # The flake's static package for the target, as seen from this host.
+  nix_attr=""
+  case $host_arch/$arch in
+    x86_64/x86_64|aarch64/arm64) nix_attr=sensorhub-static ;;
+    x86_64/arm64) nix_attr=sensorhub-static-aarch64 ;;
+  esac
+  nix_build() {
+    [[ -n $nix_attr ]] && command -v nix >/dev/null || return 1
+    nix --extra-experimental-features "nix-command flakes" build ".#$nix_attr" \
+      --out-link "result-$nix_attr" || return 1
+    mkdir -p "$bin_dir"
+    install -m 0755 "result-$nix_attr/bin/sensor-server" "result-$nix_attr/bin/sensor-client" "$bin_dir/"
+  }
+  say "building $arch static binaries ($version)"
+  case $builder in
+    nix) nix_build || die "nix build .#$nix_attr failed (or cannot build $arch on $host_arch)" ;;
+    cargo) scripts/build-static.sh ;;
+    auto) if ! nix_build; then
+            echo "deploy: Nix unavailable or its build failed; building with cargo instead" >&2
+            scripts/build-static.sh
+          fi ;;
+    *) die "--builder must be auto, nix or cargo" ;;
+  esac
+fi
+
+# The ELF header's e_machine (bytes 18-19, little-endian): 3e = x86-64, b7 = AArch64.
+for tool in sensor-server sensor-client; do
+  header=$(od -An -tx1 -N20 "$bin_dir/$tool" | tr -d ' \n')
+  [[ ${header:0:8} == 7f454c46 ]] || die "$bin_dir/$tool is not an ELF binary"
+  [[ ${header:36:2} == "$elf_machine" ]] \
+    || die "$bin_dir/$tool is built for another machine (e_machine 0x${header:36:2}), not $arch"
+done
+if command -v readelf >/dev/null; then
+  bash scripts/check-static.sh "$bin_dir/sensor-server" "$bin_dir/sensor-client"
+fi
+
+if command -v sha256sum >/dev/null; then
+  sha256() { sha256sum "$@" | cut -d' ' -f1; }
+else
+  sha256() { shasum -a 256 "$@" | cut -d' ' -f1; }  # macOS
+fi
+server_sha=$(sha256 "$bin_dir/sensor-server")
+client_sha=$(sha256 "$bin_dir/sensor-client")
+bootstrap_sha=$(sha256 infra/bootstrap.sh)
+# Content-addressed: other binaries never overwrite the ones running instances fetched.
+content=$(printf '%s %s %s' "$server_sha" "$client_sha" "$bootstrap_sha" | sha256 | cut -c1-12)
+prefix="sensorhub/$version/$content"
+
+# --- the AMI: resolved once, kept until --refresh-ami ------------------------------------
+ami_parameter=/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-$arch
+image_id="" image_arch=""
+if ! $dry_run && [[ $status != NONE ]] && ! $refresh_ami; then
+  previous() {
+    cfn describe-stacks --stack-name "$stack" --output text \
+      --query "Stacks[0].Parameters[?ParameterKey=='$1'].ParameterValue"
+  }
+  image_id=$(previous ImageId)
+  image_arch=$(previous ImageArchitecture)
+  if [[ $image_arch != "$arch" ]]; then
+    echo "deploy: the stack's AMI is for ${image_arch:-an unknown architecture}; resolving one for $arch" >&2
+    image_id=""
+  fi
+fi
+if [[ -z $image_id ]] && ! $dry_run; then
+  image_id=$(aws ssm get-parameter "${region_args[@]}" --name "$ami_parameter" \
+    --query Parameter.Value --output text) || die "cannot resolve $ami_parameter"
+  image_arch=$(aws ec2 describe-images "${region_args[@]}" --image-ids "$image_id" \
+    --query 'Images[0].Architecture' --output text) || die "cannot describe $image_id"
+  [[ $image_arch == "$arch" ]] || die "$ami_parameter gave $image_id, an $image_arch image, not $arch"
+  say "AMI $image_id ($image_arch) from $ami_parameter"
+fi
 
 uploads=(
   "$bin_dir/sensor-server s3://$bucket/$prefix/$target_dir/sensor-server"
@@ -91,25 +186,33 @@ uploads=(
 deploy=(aws cloudformation deploy "${region_args[@]}" --stack-name "$stack"
   --template-file infra/sensorhub.yaml --capabilities CAPABILITY_IAM --no-fail-on-empty-changeset
   --parameter-overrides "ArtifactBucket=$bucket" "ArtifactPrefix=$prefix" "Architecture=$arch"
-  "ImageId=$ami" "ServerSha256=$server_sha" "ClientSha256=$client_sha"
-  "BootstrapSha256=$bootstrap_sha" "ReadingIntervalMs=$interval_ms" "HttpAllowedCidr=$http_cidr")
+  "ImageId=${image_id:-<resolved from $ami_parameter>}" "ImageArchitecture=${image_arch:-$arch}"
+  "ServerSha256=$server_sha" "ClientSha256=$client_sha" "BootstrapSha256=$bootstrap_sha"
+  "ServerCount=$server_count" "ReadingIntervalMs=$interval_ms"
+  "AlarmTopicArn=$alarm_topic")
 
 if $dry_run; then
-  echo "== dry run: would run"
+  say "dry run: would run"
   for u in "${uploads[@]}"; do echo "aws s3 cp ${region_args[*]} $u"; done
   printf '%q ' "${deploy[@]}"; echo
   exit 0
 fi
 
-echo "== uploading to s3://$bucket/$prefix/"
+say "uploading to s3://$bucket/$prefix/"
 for u in "${uploads[@]}"; do
   # shellcheck disable=SC2086 # "source destination" pairs
   aws s3 cp --only-show-errors "${region_args[@]}" $u
 done
 
-echo "== deploying stack $stack (waits until the instances report healthy)"
+say "deploying stack $stack (waits until every new instance reports healthy)"
 "${deploy[@]}"
 
-echo "== outputs"
-aws cloudformation describe-stacks "${region_args[@]}" --stack-name "$stack" \
-  --query 'Stacks[0].Outputs[].[OutputKey,OutputValue]' --output text
+output() {
+  cfn describe-stacks --stack-name "$stack" --output text \
+    --query "Stacks[0].Outputs[?OutputKey=='$1'].OutputValue"
+}
+say "done"
+echo "sensors connect to:  $(output SensorEndpoint)"
+echo "archive:             $(output ReadingsBucket)"
+echo "Athena workgroup:    $(output AthenaWorkGroup) (database $(output AthenaDatabase))"
+echo "every reading once:  $(output DedupQuery)"

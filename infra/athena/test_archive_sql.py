@@ -34,13 +34,21 @@ def test_each_reading_once_keeping_the_earliest_copy(tmp_path):
     con = archive_sql.connect(tmp_path)
 
     names, rows = archive_sql.query(con, "readings_dedup.sql")
-    assert names == ["sensor", "kind", "value", "seq", "ts", "recv", "dt", "host"]
+    assert names == ["sensor", "kind", "value", "seq", "ts", "recv", "dt"]
     by_key = {(r[0], r[3]): r for r in rows}
     assert len(rows) == len(by_key) == 4
-    assert by_key[("s1", 2)][5:] == (101, "2026-11-30", "a"), "the earliest recv wins"
+    assert by_key[("s1", 2)][5:] == (101, "2026-11-30"), "the earliest recv wins"
     assert by_key[("s1", 1)][4] == 7 and by_key[("s1", 3)][4] is None
     assert by_key[("s2", 9)][2] == -3.0
 
     names, rows = archive_sql.query(con, "readings_duplicates.sql")
     assert names == ["sensor", "raw_records", "readings", "raw_duplicates"]
     assert rows == [("s1", 5, 3, 2), ("s2", 1, 1, 0)]
+
+
+def test_the_athena_named_query_is_this_file():
+    template = (archive_sql.HERE.parent / "sensorhub.yaml").read_text()
+    start = template.index("      QueryString: |\n") + len("      QueryString: |\n")
+    end = template.index("\n\n", start)
+    inline = "".join(line[8:] + "\n" for line in template[start:end].split("\n"))
+    assert inline == (archive_sql.HERE / "readings_dedup.sql").read_text()
