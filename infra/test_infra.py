@@ -612,3 +612,11 @@ def test_deploy_refuses_clearly(moto):
     assert no_creds.returncode != 0 and "credentials" in no_creds.stderr
     no_value = deploy(env, "--bucket")
     assert no_value.returncode != 0 and "--bucket needs a value" in no_value.stderr
+
+
+def test_artifacts_in_an_sse_kms_bucket_can_be_downloaded():
+    for role in ("ServerRole", "ClientRole"):
+        statements = template()["Resources"][role]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]
+        kms = next(s for s in statements if s["Sid"] == "ArtifactsKms")
+        assert kms["Action"] == "kms:Decrypt"
+        assert "kms:ViaService" in kms["Condition"]["StringEquals"]
