@@ -16,7 +16,9 @@
 //!   either the old or the new one. It also records `retired_through`: segments up to
 //!   that number were shipped and are deleted by retention; their readings live on in
 //!   the statistics (and in the archive), so start-up neither replays nor misses them.
-//! - `LOCK`: held with an exclusive file lock so two servers never append to one store.
+//! The directory itself is held with an exclusive `flock` so two servers never append to
+//! one store; unlike a lock file, a directory cannot be deleted out from under its
+//! holder while it holds files.
 
 use crate::metrics::{Histogram, LATENCY_BUCKETS};
 use crate::protocol::Reading;
@@ -125,6 +127,7 @@ pub struct Store {
     lengths: BTreeMap<String, u64>,
     retired_through: u64,
     metrics: Arc<StoreMetrics>,
+    /// The data directory, opened and locked for as long as the store is open.
     _lock: File,
 }
 
@@ -133,7 +136,7 @@ impl Store {
     /// statistics from it.
     pub fn open(options: StoreOptions) -> io::Result<(Store, Sensors)> {
         fs::create_dir_all(&options.dir)?;
-        let lock = File::create(options.dir.join("LOCK"))?;
+        let lock = File::open(&options.dir)?;
         lock.try_lock().map_err(|_| {
             io::Error::new(
                 io::ErrorKind::WouldBlock,
@@ -863,5 +866,8 @@ mod tests {
             .err()
             .expect("second open must fail");
         assert!(err.to_string().contains("in use"), "{err}");
+        // An old-style LOCK file, deleted or not, changes nothing: the directory is locked.
+        let _ = fs::remove_file(dir.join("LOCK"));
+        assert!(Store::open(options(&dir)).is_err(), "still locked");
     }
 }

@@ -350,3 +350,45 @@ fn the_client_exits_non_zero_when_readings_are_rejected_or_the_server_is_gone() 
         "retried for the whole period"
     );
 }
+
+#[test]
+fn a_second_server_on_the_same_directory_is_refused_even_with_lock_files_deleted() {
+    let dir = temp_dir("dirlock");
+    let first = Server::start(&dir, &[]);
+    let mut c = first.connect();
+    c.send(reading("lock", "temperature", 1.0, 1));
+    assert_eq!(c.reply(), r#"{"seq":1,"status":"ok"}"#);
+    // Whatever a user deletes besides the data, the directory stays locked.
+    for entry in std::fs::read_dir(&dir).expect("read dir") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_none_or(|e| e != "jsonl") {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    let mut second = Command::new(SERVER)
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn second server");
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = second.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the second server is running");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().expect("stderr"), &mut stderr)
+        .expect("read stderr");
+    assert!(!status.success());
+    assert!(
+        stderr.contains("in use by another sensor-server"),
+        "{stderr}"
+    );
+    // The first one is unaffected.
+    c.send(reading("lock", "temperature", 1.0, 2));
+    assert_eq!(c.reply(), r#"{"seq":2,"status":"ok"}"#);
+}
