@@ -20,8 +20,8 @@ use crate::protocol::Reading;
 use crate::stats::SensorStats;
 use crate::store::{Sensors, Store, StoreMetrics, delete_retired, encode_record, sync_timed};
 use crate::worker::{Completion, Notifier};
-use log::error;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use log::{error, info, warn};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -43,16 +43,31 @@ struct State {
     /// Replies waiting for the next fsync (`--fsync always` only).
     waiting: Vec<Completion>,
     closing: bool,
+    /// When a write last failed; while the store is unavailable, writes are retried
+    /// at most every `RETRY_WRITES`.
+    failed_at: Option<Instant>,
 }
 
 /// Shared by the workers, the committer and the event loop (for `/sensors`).
 pub struct Db {
     state: Mutex<State>,
     commit_needed: Condvar,
+    /// Signalled when writes work again (or the server stops), for workers waiting.
+    writable: Condvar,
+    /// Set at shutdown: workers give up batches the store cannot take.
+    abandon: AtomicBool,
     notifier: Notifier,
     fsync: bool,
     store_metrics: Arc<StoreMetrics>,
 }
+
+/// How often a store that failed a write is tried again.
+const RETRY_WRITES: Duration = Duration::from_secs(1);
+
+/// The store cannot take writes now; the batch was not stored (nothing of it was
+/// acknowledged) and may be offered again.
+#[derive(Debug)]
+pub struct Unwritable;
 
 /// The locked ledger, handed to a worker for the duration of one batch.
 pub struct Ledger<'a> {
@@ -90,8 +105,11 @@ impl Db {
                 records: Vec::new(),
                 waiting: Vec::new(),
                 closing: false,
+                failed_at: None,
             }),
             commit_needed: Condvar::new(),
+            writable: Condvar::new(),
+            abandon: AtomicBool::new(false),
             notifier,
             fsync,
             store_metrics,
@@ -107,9 +125,24 @@ impl Db {
     /// Runs `decide` with the ledger locked, writes the records it stored in one
     /// `write`, and sends its completions on once they are as durable as `--fsync`
     /// promises (with one wake-up for all of them).
-    pub fn decide<F: FnOnce(&mut Ledger) -> Vec<Completion>>(&self, decide: F) {
+    ///
+    /// When the write fails (disk full, I/O error) the batch is undone: the segment is
+    /// cut back and the ledger reloaded from what the files hold, its completions are
+    /// dropped, the store is reported unavailable, and `Err` asks the caller to offer
+    /// the batch again (`wait_writable`). So nothing is acknowledged that is not stored,
+    /// and nothing is stored twice.
+    pub fn decide<F: FnOnce(&mut Ledger) -> Vec<Completion>>(
+        &self,
+        decide: F,
+    ) -> Result<(), Unwritable> {
         let mut guard = self.lock();
         let state = &mut *guard;
+        if state
+            .failed_at
+            .is_some_and(|at| at.elapsed() < RETRY_WRITES)
+        {
+            return Err(Unwritable);
+        }
         let mut ledger = Ledger {
             sensors: &mut state.sensors,
             records: &mut state.records,
@@ -118,10 +151,30 @@ impl Db {
         let mut completions = decide(&mut ledger);
         let stored = ledger.stored;
         if !state.records.is_empty() {
-            if let Err(e) = state.store.append(&state.records, stored) {
-                fail(e);
-            }
+            let written = state.store.append(&state.records, stored);
             state.records.clear();
+            if let Err(e) = written {
+                self.store_metrics.write_failures.fetch_add(1, Relaxed);
+                state.sensors = state.store.reload().unwrap_or_else(|reload| {
+                    fail(std::io::Error::other(format!(
+                        "store write failed ({e}) and the ledger cannot be rebuilt: {reload}"
+                    )))
+                });
+                if state.failed_at.is_none() {
+                    error!(
+                        "store write failed: {e}; acknowledging nothing until writes work again"
+                    );
+                }
+                state.failed_at = Some(Instant::now());
+                self.store_metrics
+                    .set_unavailable(Some(format!("store cannot write: {e}")));
+                return Err(Unwritable);
+            }
+        }
+        if state.failed_at.take().is_some() {
+            info!("store writes work again; resuming");
+            self.store_metrics.set_unavailable(None);
+            self.writable.notify_all();
         }
         if self.fsync {
             state.waiting.append(&mut completions);
@@ -131,6 +184,25 @@ impl Db {
             drop(guard);
             self.notifier.send_all(completions);
         }
+        Ok(())
+    }
+
+    /// Waits until a batch refused by `decide` is worth offering again; false once the
+    /// server is stopping and the batch should be given up (it was never acknowledged,
+    /// so its sensors send it again).
+    pub fn wait_writable(&self) -> bool {
+        let guard = self.lock();
+        let _ = self
+            .writable
+            .wait_timeout(guard, RETRY_WRITES)
+            .unwrap_or_else(PoisonError::into_inner);
+        !self.abandon.load(SeqCst)
+    }
+
+    /// At shutdown: batches the store cannot take are given up instead of retried.
+    pub fn abandon_unwritable(&self) {
+        self.abandon.store(true, SeqCst);
+        self.writable.notify_all();
     }
 
     /// Calls `f` with every sensor's statistics (for `/sensors` and `/metrics`).
@@ -145,12 +217,13 @@ impl Db {
     }
 }
 
-/// A store write or fsync failed. Replies promised durable cannot be given, and the
-/// ledger already counts readings that may not be on disk, so the process stops; a
-/// restart rebuilds the ledger from what really is there and clients resend the rest.
-/// (PostgreSQL takes the same stance on a failed fsync.)
+/// An fsync failed, or a failed write could not be undone. After a failed fsync the
+/// kernel may have dropped the written pages: what the ledger counts can no longer be
+/// trusted, so the process stops; a restart rebuilds the ledger from what really is on
+/// disk and sensors resend the rest. (PostgreSQL takes the same stance on a failed
+/// fsync.) A failed write alone does not come here: `decide` undoes it and waits.
 fn fail(e: std::io::Error) -> ! {
-    error!("store write failed, stopping so that no unstored reading is acknowledged: {e}");
+    error!("store fsync failed, stopping so that no unstored reading is acknowledged: {e}");
     std::process::exit(1);
 }
 
@@ -196,7 +269,8 @@ pub fn run_committer(db: &Db, checkpoint_every: Duration, retention: Option<&Ret
             state.store.seal_if_due()
         };
         if let Err(e) = sealed {
-            fail(e);
+            // Nothing is lost: the segment stays active and sealing is tried again.
+            warn!("store: cannot seal the active segment yet: {e}");
         }
         let completions = std::mem::take(&mut state.waiting);
         let active = state.store.active_file();
@@ -206,14 +280,20 @@ pub fn run_committer(db: &Db, checkpoint_every: Duration, retention: Option<&Ret
             checkpointed_records = db.store_metrics.records.load(Relaxed);
             state.store.checkpoint(state.sensors.clone())
         });
-        let retired = retention.and_then(|r| {
+        let mut retired = Vec::new();
+        if let Some(r) = retention {
             let shipped = r.shipped_through.load(Relaxed);
-            (shipped != retained_through).then(|| {
-                retained_through = shipped;
-                let sensors = state.sensors.clone();
-                state.store.retire(shipped, r.keep_bytes, sensors)
-            })?
-        });
+            if shipped != retained_through {
+                let State { store, sensors, .. } = &mut *state;
+                match store.retire(shipped, r.keep_bytes, sensors) {
+                    Ok(victims) => {
+                        retained_through = shipped;
+                        retired = victims;
+                    }
+                    Err(e) => warn!("store: retention postponed (checkpoint: {e})"),
+                }
+            }
+        }
         drop(state);
 
         if !completions.is_empty() {
@@ -223,15 +303,15 @@ pub fn run_committer(db: &Db, checkpoint_every: Duration, retention: Option<&Ret
             db.notifier.send_all(completions);
         }
         if let Some(checkpoint) = checkpoint {
-            if let Err(e) = checkpoint.write() {
-                fail(e);
+            // A checkpoint only shortens the next start-up: if it cannot be written
+            // (disk full), the old one stays valid and the next one tries again.
+            match checkpoint.write() {
+                Ok(()) => last_checkpoint = Instant::now(),
+                Err(e) => warn!("store: checkpoint not written ({e}); will retry"),
             }
-            last_checkpoint = Instant::now();
         }
-        if let Some((checkpoint, victims)) = retired
-            && let Err(e) = checkpoint.write().and_then(|()| delete_retired(&victims))
-        {
-            fail(e);
+        if let Err(e) = delete_retired(&retired) {
+            warn!("store: retention could not delete every file ({e}); start-up finishes it");
         }
         if closing {
             return;

@@ -473,7 +473,12 @@ impl EventLoop {
 
     fn render(&self, route: Route) -> Vec<u8> {
         match route {
-            Route::Healthz => http::response(200, "text/plain; charset=utf-8", b"ok"),
+            // A load balancer's health check: a server that cannot store acknowledges
+            // nothing, so sensors are better served elsewhere.
+            Route::Healthz => match self.store.unavailable() {
+                None => http::response(200, "text/plain; charset=utf-8", b"ok"),
+                Some(why) => http::response(503, "text/plain; charset=utf-8", why.as_bytes()),
+            },
             Route::Metrics => http::response(
                 200,
                 "text/plain; version=0.0.4; charset=utf-8",
@@ -557,6 +562,20 @@ impl EventLoop {
             "sensorhub_fsync_seconds",
             "Duration of each store fsync.",
             &self.store.fsync_seconds,
+        );
+        e.gauge(
+            "sensorhub_store_available",
+            "1 while the store takes writes; 0 while it cannot (disk full, I/O error).",
+            if self.store.unavailable().is_none() {
+                1.0
+            } else {
+                0.0
+            },
+        );
+        e.counter(
+            "sensorhub_store_write_failures_total",
+            "Store writes that failed; each batch was undone and retried.",
+            self.store.write_failures.load(Relaxed),
         );
         e.counter(
             "sensorhub_store_segments_retired_total",

@@ -61,6 +61,7 @@ pub fn response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
         400 => "Bad Request",
         404 => "Not Found",
         431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
         _ => "Error",
     };
     let mut out = format!(

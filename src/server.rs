@@ -95,8 +95,10 @@ pub fn run(config: ServerConfig) -> Result<(), String> {
         archive: archive.as_ref().map(|a| a.metrics.clone()),
     };
     let event_loop = EventLoop::new(parts, limits).map_err(|e| format!("event loop: {e}"))?;
-    // Returning drops the job sender: the workers finish the queue and exit.
+    // Returning drops the job sender: the workers finish the queue and exit (giving up
+    // batches the store cannot take: they were never acknowledged).
     event_loop.run().map_err(|e| format!("event loop: {e}"))?;
+    db.abandon_unwritable();
     for worker in pool {
         let _ = worker.join();
     }

@@ -16,6 +16,7 @@
 //!   either the old or the new one. It also records `retired_through`: segments up to
 //!   that number were shipped and are deleted by retention; their readings live on in
 //!   the statistics (and in the archive), so start-up neither replays nor misses them.
+//!
 //! The directory itself is held with an exclusive `flock` so two servers never append to
 //! one store; unlike a lock file, a directory cannot be deleted out from under its
 //! holder while it holds files.
@@ -29,8 +30,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 /// Per-sensor statistics keyed by sensor id.
@@ -61,6 +62,27 @@ pub struct StoreMetrics {
     pub sealed_through: AtomicU64,
     /// Segments deleted by retention since start.
     pub retired_segments: AtomicU64,
+    /// Appends that failed (disk full, I/O error); each was undone and is retried.
+    pub write_failures: AtomicU64,
+    /// Why the store cannot take writes now (`/healthz` says it); `None` while it can.
+    pub unavailable: Mutex<Option<String>>,
+}
+
+impl StoreMetrics {
+    /// Why the store cannot take writes now, if it cannot.
+    pub fn unavailable(&self) -> Option<String> {
+        self.unavailable
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn set_unavailable(&self, why: Option<String>) {
+        *self
+            .unavailable
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = why;
+    }
 }
 
 /// One stored reading, exactly as written to a segment.
@@ -135,6 +157,15 @@ impl Store {
     /// Opens (creating if needed) the store in `options.dir` and rebuilds every sensor's
     /// statistics from it.
     pub fn open(options: StoreOptions) -> io::Result<(Store, Sensors)> {
+        if options.dir.exists() && !options.dir.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotADirectory,
+                format!(
+                    "{} is not a directory (the store is a directory of segment files)",
+                    options.dir.display()
+                ),
+            ));
+        }
         fs::create_dir_all(&options.dir)?;
         let lock = File::open(&options.dir)?;
         lock.try_lock().map_err(|_| {
@@ -146,6 +177,7 @@ impl Store {
                 ),
             )
         })?;
+        probe_writable(&options.dir)?;
         let started = Instant::now();
         let recovered = recover(&options.dir)?;
         info!(
@@ -163,6 +195,8 @@ impl Store {
             fsync_seconds: Histogram::new(LATENCY_BUCKETS),
             sealed_through: AtomicU64::new(0),
             retired_segments: AtomicU64::new(0),
+            write_failures: AtomicU64::new(0),
+            unavailable: Mutex::new(None),
         });
         let Recovered {
             mut lengths,
@@ -176,7 +210,7 @@ impl Store {
             .iter()
             .filter_map(|(name, &len)| Some((segment_number(name)?, len)))
             .max();
-        let active_number = match last {
+        let first_choice = match last {
             Some((number, 0)) => number,
             Some((number, _)) => {
                 // Sealed from now on: what it holds must be on disk before it ships.
@@ -186,14 +220,28 @@ impl Store {
             None => 1,
         }
         .max(retired_through + 1);
-        let (active, active_name, active_number) = open_segment(&options.dir, active_number)?;
-        lengths.insert(active_name.clone(), 0);
+        let opened = match (open_segment(&options.dir, first_choice), last) {
+            // A full disk may refuse a new file: go on appending to the last segment
+            // (it was not sealed yet) rather than refuse to start.
+            (Err(e), Some((number, _))) if number > retired_through => {
+                warn!(
+                    "store: cannot start {} ({e}); appending to {} instead",
+                    segment_name(first_choice),
+                    segment_name(number)
+                );
+                open_segment(&options.dir, number)
+            }
+            (result, _) => result,
+        };
+        let (active, active_name, active_number) = opened?;
+        let active_len = active.metadata()?.len();
+        lengths.insert(active_name.clone(), active_len);
         let store = Store {
             options,
             active: Arc::new(active),
             active_name,
             active_number,
-            active_since: None,
+            active_since: (active_len > 0).then(|| (Instant::now(), unix_millis())),
             lengths,
             retired_through,
             metrics,
@@ -210,20 +258,42 @@ impl Store {
     /// Appends complete record lines (one `write`); they reach the disk at the next
     /// `sync` of `active_file()`. Starts a new segment past the size limit, syncing the
     /// old one first so that syncing the active segment covers every earlier append.
+    ///
+    /// A failed write is undone (the segment cut back to its length before it), so the
+    /// file never holds part of a batch; `Err` then means nothing of `records` is
+    /// stored. Past the size limit a new segment is started; if that fails, appending
+    /// goes on in this one and the next append tries again.
     pub fn append(&mut self, records: &[u8], count: u64) -> io::Result<()> {
-        (&*self.active).write_all(records)?;
+        let len = self.lengths.get(&self.active_name).copied().unwrap_or(0);
+        if let Err(e) = (&*self.active).write_all(records) {
+            self.active.set_len(len).map_err(|undo| {
+                io::Error::other(format!(
+                    "{e}, and cutting {} back to {len} bytes failed too: {undo}",
+                    self.active_name
+                ))
+            })?;
+            return Err(e);
+        }
         if self.active_since.is_none() {
             self.active_since = Some((Instant::now(), unix_millis()));
         }
-        let len = self.lengths.entry(self.active_name.clone()).or_insert(0);
-        *len += records.len() as u64;
-        let full = *len >= self.options.segment_bytes;
+        let len = len + records.len() as u64;
+        self.lengths.insert(self.active_name.clone(), len);
         self.metrics.records.fetch_add(count, Relaxed);
         self.metrics.bytes.fetch_add(records.len() as u64, Relaxed);
-        if full {
-            self.rotate()?;
+        if len >= self.options.segment_bytes
+            && let Err(e) = self.rotate()
+        {
+            warn!("store: cannot seal {} yet: {e}", self.active_name);
         }
         Ok(())
+    }
+
+    /// The statistics of exactly what the files hold (the checkpoint and the bytes
+    /// after it): what the ledger must go back to after a write it counted failed.
+    pub fn reload(&self) -> io::Result<Sensors> {
+        let (sensors, _) = load(&self.options.dir, &self.lengths, self.retired_through)?;
+        Ok(sensors)
     }
 
     /// The segment being appended to; syncing it makes every append so far durable.
@@ -277,17 +347,18 @@ impl Store {
         Ok(())
     }
 
-    /// Picks the oldest sealed segments numbered up to `shipped_through` to delete, while
-    /// the shipped segments on disk exceed `keep_bytes`, and forgets them. The returned
-    /// checkpoint records them as retired; the caller writes it, and only then deletes
-    /// the returned files (`delete_retired`), so a crash in between never makes start-up
-    /// replay or miss them.
+    /// Retires the oldest sealed segments numbered up to `shipped_through` while the
+    /// shipped segments on disk exceed `keep_bytes`: writes a checkpoint that records
+    /// them as retired (with `sensors`, the statistics that include them), and only
+    /// then forgets them. Returns the files to delete (`delete_retired`), which a crash
+    /// may leave behind without harm. If the checkpoint cannot be written nothing
+    /// changes and the next call tries again.
     pub fn retire(
         &mut self,
         shipped_through: u64,
         keep_bytes: u64,
-        sensors: Sensors,
-    ) -> Option<(Checkpoint, Vec<PathBuf>)> {
+        sensors: &Sensors,
+    ) -> io::Result<Vec<PathBuf>> {
         let shipped: Vec<(u64, String, u64)> = self
             .lengths
             .iter()
@@ -298,24 +369,37 @@ impl Store {
             })
             .collect();
         let mut on_disk: u64 = shipped.iter().map(|(_, _, len)| len).sum();
+        let mut kept = self.lengths.clone();
+        let mut retired_through = self.retired_through;
         let mut victims = Vec::new();
         for (number, name, len) in shipped {
             if on_disk <= keep_bytes {
                 break;
             }
             on_disk -= len;
-            self.lengths.remove(&name);
-            self.retired_through = self.retired_through.max(number);
+            kept.remove(&name);
+            retired_through = retired_through.max(number);
             victims.push(self.options.dir.join(name));
         }
         if victims.is_empty() {
-            return None;
+            return Ok(victims);
         }
+        Checkpoint {
+            version: 1,
+            files: kept.clone(),
+            sensors: sensors.clone(),
+            retired_through,
+            dir: self.options.dir.clone(),
+            active: Some(self.active.clone()),
+        }
+        .write()?;
+        self.lengths = kept;
+        self.retired_through = retired_through;
         self.metrics
             .retired_segments
             .fetch_add(victims.len() as u64, Relaxed);
         self.publish_sizes();
-        Some((self.checkpoint(sensors), victims))
+        Ok(victims)
     }
 
     fn rotate(&mut self) -> io::Result<()> {
@@ -498,10 +582,7 @@ fn recover(dir: &Path) -> io::Result<Recovered> {
         let len = cut_torn_tail(&dir.join(&name))?;
         lengths.insert(name, len);
     }
-    let (covered, mut sensors, retired_through) = match load_checkpoint(dir, &lengths) {
-        Some(c) => (c.files, c.sensors, c.retired_through),
-        None => (BTreeMap::new(), Sensors::new(), 0),
-    };
+    let retired_through = load_checkpoint(dir, &lengths).map_or(0, |c| c.retired_through);
     // Retired segments are in the statistics already; a crash may have left some of
     // them on disk after the checkpoint that retired them was written.
     let leftovers: Vec<PathBuf> = lengths
@@ -511,18 +592,62 @@ fn recover(dir: &Path) -> io::Result<Recovered> {
         .collect();
     lengths.retain(|name, _| segment_number(name).is_none_or(|n| n > retired_through));
     delete_retired(&leftovers)?;
-    let mut replayed = 0;
-    for (name, &len) in &lengths {
-        let from = covered.get(name).copied().unwrap_or(0);
-        replayed += len - from;
-        replay(&dir.join(name), from, &mut sensors)?;
-    }
+    let (sensors, replayed) = load(dir, &lengths, retired_through)?;
     Ok(Recovered {
         lengths,
         sensors,
         retired_through,
         replayed,
     })
+}
+
+/// Statistics of the files with these `lengths`: the checkpoint (when it still matches
+/// them) plus a replay of what follows it. Returns them and the bytes replayed.
+fn load(
+    dir: &Path,
+    lengths: &BTreeMap<String, u64>,
+    retired_through: u64,
+) -> io::Result<(Sensors, u64)> {
+    let (covered, mut sensors) = match load_checkpoint(dir, lengths) {
+        Some(c) if c.retired_through == retired_through => (c.files, c.sensors),
+        _ => (BTreeMap::new(), Sensors::new()),
+    };
+    let mut replayed = 0;
+    for (name, &len) in lengths {
+        let from = covered.get(name).copied().unwrap_or(0);
+        replayed += len - from;
+        replay(&dir.join(name), from, len, &mut sensors)?;
+    }
+    Ok((sensors, replayed))
+}
+
+/// Refuses a data directory the server could not write, naming the path and the
+/// operation, before any reading is acknowledged: every file start-up or a checkpoint
+/// will replace is opened for writing (nothing is changed), and a temporary file is
+/// created and removed. A full disk passes (it takes no bytes): the server starts and
+/// reports it once a write fails.
+fn probe_writable(dir: &Path) -> io::Result<()> {
+    let refuse = |path: &Path, op: &str, e: io::Error| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "cannot {op} {} ({e}): the store must be writable",
+                path.display()
+            ),
+        )
+    };
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_file() {
+            OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .map_err(|e| refuse(&path, "open for writing", e))?;
+        }
+    }
+    let probe = dir.join(".write-probe.tmp");
+    File::create(&probe).map_err(|e| refuse(&probe, "create", e))?;
+    fs::remove_file(&probe).map_err(|e| refuse(&probe, "remove", e))
 }
 
 fn load_checkpoint(dir: &Path, lengths: &BTreeMap<String, u64>) -> Option<Checkpoint> {
@@ -554,12 +679,12 @@ fn load_checkpoint(dir: &Path, lengths: &BTreeMap<String, u64>) -> Option<Checkp
     Some(checkpoint)
 }
 
-/// Adds every valid record of `path` from byte `from` on; invalid complete lines are
-/// reported and skipped, never removed.
-fn replay(path: &Path, from: u64, sensors: &mut Sensors) -> io::Result<()> {
+/// Adds every valid record of `path` between byte `from` and `to`; invalid complete
+/// lines are reported and skipped, never removed.
+fn replay(path: &Path, from: u64, to: u64, sensors: &mut Sensors) -> io::Result<()> {
     let mut file = File::open(path)?;
     file.seek(SeekFrom::Start(from))?;
-    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut reader = BufReader::with_capacity(1 << 20, file.take(to - from));
     let mut line = Vec::new();
     let mut offset = from;
     loop {
@@ -816,12 +941,11 @@ mod tests {
             store.seal_if_due().unwrap();
         }
         // Segments 1..=4 are sealed; 1 and 2 are shipped; keep nothing shipped.
-        let (checkpoint, victims) = store.retire(2, 0, sensors.clone()).unwrap();
+        let victims = store.retire(2, 0, &sensors).unwrap();
         assert_eq!(
             victims,
             vec![dir.join(segment_name(1)), dir.join(segment_name(2))]
         );
-        checkpoint.write().unwrap();
         // A crash here leaves the victims on disk: start-up must not count them again.
         drop(store);
         let (store, restored) = Store::open(opts.clone()).unwrap();
@@ -833,14 +957,13 @@ mod tests {
         drop(store);
         // Everything shipped and deleted: numbering still goes on.
         let (mut store, restored) = Store::open(opts.clone()).unwrap();
-        let (checkpoint, victims) = store.retire(4, 0, restored).unwrap();
-        checkpoint.write().unwrap();
+        let victims = store.retire(4, 0, &restored).unwrap();
         delete_retired(&victims).unwrap();
         drop(store);
         let (mut store, restored) = Store::open(opts).unwrap();
         assert_eq!(restored["a"].count, 4);
         assert_eq!(store.active_number, 5);
-        assert!(store.retire(4, 0, restored).is_none());
+        assert!(store.retire(4, 0, &restored).unwrap().is_empty());
     }
 
     #[test]
@@ -854,7 +977,7 @@ mod tests {
             store.seal_if_due().unwrap();
         }
         let one = store.lengths[&segment_name(1)];
-        let (_, victims) = store.retire(3, 2 * one, Sensors::new()).unwrap();
+        let victims = store.retire(3, 2 * one, &Sensors::new()).unwrap();
         assert_eq!(victims, vec![dir.join(segment_name(1))]);
     }
 

@@ -42,6 +42,19 @@ pub struct Completion {
     pub arrived: Instant,
 }
 
+impl Completion {
+    /// A completion for the same batch with no replies yet.
+    fn empty_copy(&self) -> Completion {
+        Completion {
+            conn: self.conn,
+            batch: self.batch,
+            replies: Vec::with_capacity(self.replies.capacity()),
+            counts: [0; 4],
+            arrived: self.arrived,
+        }
+    }
+}
+
 /// The sending half of the completion channel, shared by workers and the committer.
 #[derive(Clone)]
 pub struct Notifier {
@@ -170,16 +183,25 @@ pub fn process(jobs: Vec<Job>, db: &Db, notifier: &Notifier) {
         })
         .collect();
     notifier.send_all(direct);
-    if !needs_ledger.is_empty() {
-        db.decide(|ledger| {
+    if needs_ledger.is_empty() {
+        return;
+    }
+    // Offered again while the store cannot write: no reply leaves meanwhile, so this
+    // worker's queue fills and the loop stops reading its connections (backpressure).
+    loop {
+        let decided = db.decide(|ledger| {
             needs_ledger
-                .into_iter()
-                .map(|(job, verdicts, mut completion)| {
-                    write_replies(&verdicts, &mut completion, |r| ledger.apply(r, job.recv_ms));
+                .iter()
+                .map(|(job, verdicts, template)| {
+                    let mut completion = template.empty_copy();
+                    write_replies(verdicts, &mut completion, |r| ledger.apply(r, job.recv_ms));
                     completion
                 })
                 .collect()
         });
+        if decided.is_ok() || !db.wait_writable() {
+            return;
+        }
     }
 }
 
