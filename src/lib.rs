@@ -18,6 +18,7 @@ pub mod framing;
 pub mod http;
 pub mod metrics;
 pub mod protocol;
+pub mod recovery;
 pub mod server;
 pub mod simulate;
 pub mod stats;
