@@ -123,3 +123,14 @@ pub struct ShipConfig {
     #[arg(long, default_value = "info")]
     pub log_level: log::LevelFilter,
 }
+
+/// `sensor-server verify`: reads a store without changing it and reports every corrupt
+/// or torn line (file and byte offset) and any checkpoint that does not match the
+/// files; exits 0 when clean, 1 otherwise.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "sensor-server verify", version, about)]
+pub struct VerifyConfig {
+    /// Directory holding the store.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+}

@@ -3,7 +3,8 @@
 //! store the server could not write. `store.rs` holds the running store.
 
 use crate::stats::SensorStats;
-use crate::store::{CHECKPOINT, Checkpoint, Sensors, delete_retired, segment_number};
+use crate::store::{CHECKPOINT, Checkpoint, Covered, Sensors, delete_retired, segment_number};
+use crc32fast::Hasher;
 use log::warn;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -77,6 +78,8 @@ fn cut_torn_tail(path: &Path) -> io::Result<u64> {
 pub(crate) struct Recovered {
     /// Length of every `*.jsonl` file.
     pub(crate) lengths: BTreeMap<String, u64>,
+    /// CRC-32 of every file's bytes so far, continued by appends.
+    pub(crate) crcs: BTreeMap<String, Hasher>,
     pub(crate) sensors: Sensors,
     pub(crate) retired_through: u64,
     /// Bytes replayed (not covered by the checkpoint).
@@ -84,14 +87,15 @@ pub(crate) struct Recovered {
 }
 
 /// Rebuilds statistics: cuts torn tails, loads the checkpoint when it still matches the
-/// files, finishes any retention it recorded, and replays what follows it.
+/// files, byte for byte, finishes any retention it recorded, and replays what follows
+/// it.
 pub(crate) fn recover(dir: &Path) -> io::Result<Recovered> {
     let mut lengths = BTreeMap::new();
     for name in store_files(dir)? {
         let len = cut_torn_tail(&dir.join(&name))?;
         lengths.insert(name, len);
     }
-    let retired_through = load_checkpoint(dir, &lengths).map_or(0, |c| c.retired_through);
+    let retired_through = read_checkpoint(dir).map_or(0, |c| c.retired_through);
     // Retired segments are in the statistics already; a crash may have left some of
     // them on disk after the checkpoint that retired them was written.
     let leftovers: Vec<PathBuf> = lengths
@@ -101,33 +105,95 @@ pub(crate) fn recover(dir: &Path) -> io::Result<Recovered> {
         .collect();
     lengths.retain(|name, _| segment_number(name).is_none_or(|n| n > retired_through));
     delete_retired(&leftovers)?;
-    let (sensors, replayed) = load(dir, &lengths, retired_through)?;
+    let (sensors, replayed, crcs) = load(dir, &lengths, retired_through, true)?;
     Ok(Recovered {
         lengths,
+        crcs,
         sensors,
         retired_through,
         replayed,
     })
 }
 
-/// Statistics of the files with these `lengths`: the checkpoint (when it still matches
-/// them) plus a replay of what follows it. Returns them and the bytes replayed.
+/// Statistics of the files with these `lengths`: the checkpoint (when it covers them
+/// and, with `verify`, when every covered byte still has the CRC-32 it recorded) plus a
+/// replay of what follows it. Returns them, the bytes replayed and (with `verify`)
+/// every file's CRC-32 so far.
 pub(crate) fn load(
     dir: &Path,
     lengths: &BTreeMap<String, u64>,
     retired_through: u64,
-) -> io::Result<(Sensors, u64)> {
-    let (covered, mut sensors) = match load_checkpoint(dir, lengths) {
-        Some(c) if c.retired_through == retired_through => (c.files, c.sensors),
-        _ => (BTreeMap::new(), Sensors::new()),
+    verify: bool,
+) -> io::Result<(Sensors, u64, BTreeMap<String, Hasher>)> {
+    let mut crcs = BTreeMap::new();
+    let mut checkpoint =
+        usable_checkpoint(dir, lengths).filter(|c| c.retired_through == retired_through);
+    if verify && let Some(c) = &checkpoint {
+        match check_covered(dir, c)? {
+            Ok(prefixes) => crcs = prefixes,
+            Err(problem) => {
+                warn!(
+                    "store: {problem}; ignoring it and replaying every file (corrupt lines are reported with their offsets)"
+                );
+                checkpoint = None;
+            }
+        }
+    }
+    let (covered, mut sensors) = match checkpoint {
+        Some(c) => (c.files, c.sensors),
+        None => (BTreeMap::new(), Sensors::new()),
     };
     let mut replayed = 0;
     for (name, &len) in lengths {
-        let from = covered.get(name).copied().unwrap_or(0);
+        let from = covered.get(name).map_or(0, |c| c.bytes());
         replayed += len - from;
-        replay(&dir.join(name), from, len, &mut sensors)?;
+        let mut crc = crcs.remove(name).unwrap_or_default();
+        let path = dir.join(name);
+        replay(&path, from, len, &mut sensors, &mut crc, &mut |problem| {
+            warn!("store: {problem}, skipped")
+        })?;
+        if verify {
+            crcs.insert(name.clone(), crc);
+        }
     }
-    Ok((sensors, replayed))
+    Ok((sensors, replayed, crcs))
+}
+
+/// Checks that every byte the checkpoint covers is what it was: per file, the CRC-32 of
+/// the covered bytes. Returns their hashers (to be continued), or what does not match.
+fn check_covered(
+    dir: &Path,
+    checkpoint: &Checkpoint,
+) -> io::Result<Result<BTreeMap<String, Hasher>, String>> {
+    let mut crcs = BTreeMap::new();
+    for (name, covered) in &checkpoint.files {
+        let Covered::Checked { len, crc32 } = *covered else {
+            return Ok(Err(format!(
+                "{CHECKPOINT} was written by an older version and has no checksums"
+            )));
+        };
+        let crc = crc_of_prefix(&dir.join(name), len)?;
+        if crc.clone().finalize() != crc32 {
+            return Ok(Err(format!(
+                "{CHECKPOINT} does not match {name}: its first {len} bytes changed since the checkpoint was written"
+            )));
+        }
+        crcs.insert(name.clone(), crc);
+    }
+    Ok(Ok(crcs))
+}
+
+fn crc_of_prefix(path: &Path, len: u64) -> io::Result<Hasher> {
+    let mut crc = Hasher::new();
+    let mut file = File::open(path)?.take(len);
+    let mut block = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut block)?;
+        if n == 0 {
+            return Ok(crc);
+        }
+        crc.update(&block[..n]);
+    }
 }
 
 /// Refuses a data directory the server could not write, naming the path and the
@@ -159,7 +225,8 @@ pub(crate) fn probe_writable(dir: &Path) -> io::Result<()> {
     fs::remove_file(&probe).map_err(|e| refuse(&probe, "remove", e))
 }
 
-fn load_checkpoint(dir: &Path, lengths: &BTreeMap<String, u64>) -> Option<Checkpoint> {
+/// The checkpoint, if there is a readable one.
+fn read_checkpoint(dir: &Path) -> Option<Checkpoint> {
     let text = match fs::read(dir.join(CHECKPOINT)) {
         Ok(t) => t,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
@@ -168,19 +235,23 @@ fn load_checkpoint(dir: &Path, lengths: &BTreeMap<String, u64>) -> Option<Checkp
             return None;
         }
     };
-    let checkpoint: Checkpoint = match serde_json::from_slice(&text) {
-        Ok(c) => c,
+    match serde_json::from_slice(&text) {
+        Ok(c) => Some(c),
         Err(e) => {
             warn!("store: {CHECKPOINT} is unreadable ({e}); replaying every file");
-            return None;
+            None
         }
-    };
-    // A checkpoint that covers bytes no longer there (a file removed or cut) would count
-    // readings that are gone: fall back to a full replay.
+    }
+}
+
+/// The checkpoint, unless it covers bytes no longer there (a file removed or cut): it
+/// would count readings that are gone.
+fn usable_checkpoint(dir: &Path, lengths: &BTreeMap<String, u64>) -> Option<Checkpoint> {
+    let checkpoint = read_checkpoint(dir)?;
     let stale = checkpoint
         .files
         .iter()
-        .find(|(name, len)| lengths.get(*name).is_none_or(|have| have < len));
+        .find(|(name, c)| lengths.get(*name).is_none_or(|&have| have < c.bytes()));
     if let Some((name, _)) = stale {
         warn!("store: {CHECKPOINT} covers more of {name} than exists; replaying every file");
         return None;
@@ -188,9 +259,69 @@ fn load_checkpoint(dir: &Path, lengths: &BTreeMap<String, u64>) -> Option<Checkp
     Some(checkpoint)
 }
 
-/// Adds every valid record of `path` between byte `from` and `to`; invalid complete
-/// lines are reported and skipped, never removed.
-fn replay(path: &Path, from: u64, to: u64, sensors: &mut Sensors) -> io::Result<()> {
+/// Something wrong in a store file, with where it is.
+#[derive(Debug)]
+pub enum Problem<'a> {
+    NotARecord {
+        path: &'a Path,
+        at: u64,
+        why: String,
+    },
+    KindChanged {
+        path: &'a Path,
+        at: u64,
+        sensor: String,
+        kind: String,
+        had: String,
+    },
+    Torn {
+        path: &'a Path,
+        at: u64,
+        len: usize,
+    },
+}
+
+impl std::fmt::Display for Problem<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Problem::NotARecord { path, at, why } => {
+                write!(
+                    f,
+                    "{} byte {at}: not a valid record ({why})",
+                    path.display()
+                )
+            }
+            Problem::KindChanged {
+                path,
+                at,
+                sensor,
+                kind,
+                had,
+            } => write!(
+                f,
+                "{} byte {at}: sensor {sensor} has kind {had} but this record says {kind}",
+                path.display()
+            ),
+            Problem::Torn { path, at, len } => write!(
+                f,
+                "{} byte {at}: torn last line ({len} bytes without a newline)",
+                path.display()
+            ),
+        }
+    }
+}
+
+/// Adds every valid record of `path` between byte `from` and `to` to `sensors`,
+/// continuing `crc` over those bytes; invalid lines go to `report` and are skipped,
+/// never removed.
+fn replay(
+    path: &Path,
+    from: u64,
+    to: u64,
+    sensors: &mut Sensors,
+    crc: &mut Hasher,
+    report: &mut dyn FnMut(Problem),
+) -> io::Result<()> {
     let mut file = File::open(path)?;
     file.seek(SeekFrom::Start(from))?;
     let mut reader = BufReader::with_capacity(1 << 20, file.take(to - from));
@@ -202,35 +333,109 @@ fn replay(path: &Path, from: u64, to: u64, sensors: &mut Sensors) -> io::Result<
         if n == 0 {
             return Ok(());
         }
+        crc.update(&line);
         let at = offset;
         offset += n as u64;
+        if line.last() != Some(&b'\n') {
+            report(Problem::Torn { path, at, len: n });
+            continue;
+        }
         match serde_json::from_slice::<Record>(&line) {
-            Ok(r) if r.value.is_finite() => apply_record(sensors, r, path, at),
-            Ok(_) => warn!(
-                "store: {} byte {at}: non-finite value, skipped",
-                path.display()
-            ),
-            Err(e) => warn!(
-                "store: {} byte {at}: not a valid record ({e}), skipped",
-                path.display()
-            ),
+            Ok(r) if r.value.is_finite() => apply_record(sensors, r, path, at, report),
+            Ok(_) => report(Problem::NotARecord {
+                path,
+                at,
+                why: "non-finite value".into(),
+            }),
+            Err(e) => report(Problem::NotARecord {
+                path,
+                at,
+                why: e.to_string(),
+            }),
         }
     }
 }
 
-fn apply_record(sensors: &mut Sensors, r: Record, path: &Path, at: u64) {
+fn apply_record(
+    sensors: &mut Sensors,
+    r: Record,
+    path: &Path,
+    at: u64,
+    report: &mut dyn FnMut(Problem),
+) {
     match sensors.get_mut(&r.sensor) {
-        Some(s) if s.kind != r.kind => warn!(
-            "store: {} byte {at}: sensor {} has kind {} but this record says {}, skipped",
-            path.display(),
-            r.sensor,
-            s.kind,
-            r.kind
-        ),
+        Some(s) if s.kind != r.kind => report(Problem::KindChanged {
+            path,
+            at,
+            had: s.kind.clone(),
+            sensor: r.sensor,
+            kind: r.kind,
+        }),
         Some(s) => s.add(r.value, r.seq, r.ts),
         None => {
             let stats = SensorStats::first(&r.kind, r.value, r.seq, r.ts);
             sensors.insert(r.sensor, stats);
         }
     }
+}
+
+/// `sensor-server verify`: reads the store in `dir` without changing anything and
+/// prints every corrupt or torn line with its file and byte offset, and every way the
+/// checkpoint does not match the files. Returns the number of problems.
+pub fn verify(dir: &Path, out: &mut dyn std::io::Write) -> io::Result<usize> {
+    if !dir.is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{} is not a directory", dir.display()),
+        ));
+    }
+    let mut problems = 0;
+    let mut lengths = BTreeMap::new();
+    let mut sensors = Sensors::new();
+    let mut records = 0u64;
+    for name in store_files(dir)? {
+        let path = dir.join(&name);
+        let len = fs::metadata(&path)?.len();
+        let mut crc = Hasher::new();
+        let mut write_error = Ok(());
+        replay(&path, 0, len, &mut sensors, &mut crc, &mut |problem| {
+            problems += 1;
+            if write_error.is_ok() {
+                write_error = writeln!(out, "{problem}");
+            }
+        })?;
+        write_error?;
+        lengths.insert(name, len);
+    }
+    records += sensors.values().map(|s| s.count).sum::<u64>();
+    if let Some(checkpoint) = read_checkpoint(dir) {
+        for (name, covered) in &checkpoint.files {
+            let have = lengths.get(name).copied();
+            let problem = match (have, covered) {
+                (None, _) => Some(format!("{CHECKPOINT} covers {name}, which is missing")),
+                (Some(have), c) if have < c.bytes() => Some(format!(
+                    "{CHECKPOINT} covers {} bytes of {name}, which has {have}",
+                    c.bytes()
+                )),
+                (Some(_), Covered::Checked { len, crc32 }) => {
+                    (crc_of_prefix(&dir.join(name), *len)?.finalize() != *crc32).then(|| {
+                        format!("{CHECKPOINT} does not match {name}: its first {len} bytes changed since the checkpoint was written")
+                    })
+                }
+                (Some(_), Covered::Unchecked(_)) => None,
+            };
+            if let Some(problem) = problem {
+                problems += 1;
+                writeln!(out, "{}: {problem}", dir.join(CHECKPOINT).display())?;
+            }
+        }
+    }
+    writeln!(
+        out,
+        "{}: {} files, {records} valid records, {} sensors, {problems} problems",
+        dir.display(),
+        lengths.len(),
+        sensors.len()
+    )?;
+    Ok(problems)
 }

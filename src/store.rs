@@ -11,7 +11,9 @@
 //!   ships (`archive.rs`). Any other `*.jsonl` file directly in the directory is read
 //!   as part of the store too, never written: the files are the user's data.
 //! - `checkpoint.json`: per-sensor statistics together with the length of every `*.jsonl`
-//!   file they cover. Start-up loads it and replays only the bytes after those lengths.
+//!   file they cover, with the CRC-32 of the covered bytes. Start-up checks those, loads
+//!   it and replays only the bytes after; covered bytes that changed (corruption) make
+//!   it replay everything instead, with a warning.
 //!   It is written after the data it covers is synced, by rename, so a crash leaves
 //!   either the old or the new one. It also records `retired_through`: segments up to
 //!   that number were shipped and are deleted by retention; their readings live on in
@@ -86,11 +88,32 @@ impl StoreMetrics {
     }
 }
 
-/// Per-sensor statistics and the length of each `*.jsonl` file they cover.
+/// How much of one file a checkpoint covers, and the CRC-32 of those bytes, so that
+/// start-up notices when covered bytes changed (corruption the lengths alone miss).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Covered {
+    Checked {
+        len: u64,
+        crc32: u32,
+    },
+    /// Written by a version without checksums: start-up replays everything once.
+    Unchecked(u64),
+}
+
+impl Covered {
+    pub fn bytes(&self) -> u64 {
+        match *self {
+            Covered::Checked { len, .. } | Covered::Unchecked(len) => len,
+        }
+    }
+}
+
+/// Per-sensor statistics and the part of each `*.jsonl` file they cover.
 #[derive(Serialize, Deserialize)]
 pub struct Checkpoint {
     version: u32,
-    pub(crate) files: BTreeMap<String, u64>,
+    pub(crate) files: BTreeMap<String, Covered>,
     pub(crate) sensors: Sensors,
     /// Segments numbered up to this were deleted by retention (see the module doc).
     #[serde(default)]
@@ -135,6 +158,8 @@ pub struct Store {
     active_since: Option<(Instant, u64)>,
     /// Length of every `*.jsonl` file as of the last append.
     lengths: BTreeMap<String, u64>,
+    /// CRC-32 of every file's bytes so far (what a checkpoint records of them).
+    crcs: BTreeMap<String, crc32fast::Hasher>,
     retired_through: u64,
     metrics: Arc<StoreMetrics>,
     /// The data directory, opened and locked for as long as the store is open.
@@ -188,6 +213,7 @@ impl Store {
         });
         let Recovered {
             mut lengths,
+            mut crcs,
             sensors,
             retired_through,
             ..
@@ -224,6 +250,7 @@ impl Store {
         let (active, active_name, active_number) = opened?;
         let active_len = active.metadata()?.len();
         lengths.insert(active_name.clone(), active_len);
+        crcs.entry(active_name.clone()).or_default();
         let store = Store {
             options,
             active: Arc::new(active),
@@ -231,6 +258,7 @@ impl Store {
             active_number,
             active_since: (active_len > 0).then(|| (Instant::now(), unix_millis())),
             lengths,
+            crcs,
             retired_through,
             metrics,
             _lock: lock,
@@ -267,6 +295,10 @@ impl Store {
         }
         let len = len + records.len() as u64;
         self.lengths.insert(self.active_name.clone(), len);
+        self.crcs
+            .entry(self.active_name.clone())
+            .or_default()
+            .update(records);
         self.metrics.records.fetch_add(count, Relaxed);
         self.metrics.bytes.fetch_add(records.len() as u64, Relaxed);
         if len >= self.options.segment_bytes
@@ -280,7 +312,13 @@ impl Store {
     /// The statistics of exactly what the files hold (the checkpoint and the bytes
     /// after it): what the ledger must go back to after a write it counted failed.
     pub fn reload(&self) -> io::Result<Sensors> {
-        let (sensors, _) = load(&self.options.dir, &self.lengths, self.retired_through)?;
+        // The files were checked at start-up and only this process writes them.
+        let (sensors, _, _) = load(
+            &self.options.dir,
+            &self.lengths,
+            self.retired_through,
+            false,
+        )?;
         Ok(sensors)
     }
 
@@ -298,8 +336,8 @@ impl Store {
     /// ledger lock, by `Checkpoint::write`.
     pub fn checkpoint(&self, sensors: Sensors) -> Checkpoint {
         Checkpoint {
-            version: 1,
-            files: self.lengths.clone(),
+            version: 2,
+            files: self.covered(&self.lengths),
             sensors,
             retired_through: self.retired_through,
             dir: self.options.dir.clone(),
@@ -373,14 +411,15 @@ impl Store {
             return Ok(victims);
         }
         Checkpoint {
-            version: 1,
-            files: kept.clone(),
+            version: 2,
+            files: self.covered(&kept),
             sensors: sensors.clone(),
             retired_through,
             dir: self.options.dir.clone(),
             active: Some(self.active.clone()),
         }
         .write()?;
+        self.crcs.retain(|name, _| kept.contains_key(name));
         self.lengths = kept;
         self.retired_through = retired_through;
         self.metrics
@@ -397,10 +436,22 @@ impl Store {
         self.active = Arc::new(file);
         self.active_since = None;
         self.lengths.insert(name.clone(), 0);
+        self.crcs.insert(name.clone(), crc32fast::Hasher::new());
         self.active_name = name;
         self.active_number = number;
         self.publish_sizes();
         Ok(())
+    }
+
+    /// What a checkpoint records of files with these lengths: length and CRC-32.
+    fn covered(&self, lengths: &BTreeMap<String, u64>) -> BTreeMap<String, Covered> {
+        lengths
+            .iter()
+            .map(|(name, &len)| {
+                let crc32 = self.crcs.get(name).map_or(0, |c| c.clone().finalize());
+                (name.clone(), Covered::Checked { len, crc32 })
+            })
+            .collect()
     }
 
     fn publish_sizes(&self) {
@@ -757,6 +808,92 @@ mod tests {
         let one = store.lengths[&segment_name(1)];
         let victims = store.retire(3, 2 * one, &Sensors::new()).unwrap();
         assert_eq!(victims, vec![dir.join(segment_name(1))]);
+    }
+
+    #[test]
+    fn covered_bytes_that_changed_make_start_up_replay_everything() {
+        let dir = temp_dir("crc");
+        {
+            let (mut store, mut sensors) = Store::open(options(&dir)).unwrap();
+            append(&mut store, &[reading("a", 1.0, 1), reading("a", 2.0, 2)]);
+            // A checkpoint claiming more than the records give: used only while the
+            // bytes it covers are intact.
+            let mut s = SensorStats::first("temperature", 2.0, 2, None);
+            s.count = 100;
+            sensors.insert("a".into(), s);
+            store.checkpoint(sensors).write().unwrap();
+        }
+        let (_store, sensors) = Store::open(options(&dir)).unwrap();
+        assert_eq!(sensors["a"].count, 100, "intact: the checkpoint is used");
+        drop(_store);
+        // Garbage over the first record, same length: the lengths alone still match.
+        let seg = dir.join(segment_name(1));
+        let mut bytes = fs::read(&seg).unwrap();
+        bytes[..10].copy_from_slice(b"##########");
+        fs::write(&seg, &bytes).unwrap();
+        let (_store, sensors) = Store::open(options(&dir)).unwrap();
+        assert_eq!(
+            sensors["a"].count, 1,
+            "full replay: only the intact record counts"
+        );
+        let mut report = Vec::new();
+        let problems = crate::recovery::verify(&dir, &mut report).unwrap();
+        let report = String::from_utf8(report).unwrap();
+        assert_eq!(problems, 2, "{report}");
+        assert!(
+            report.contains("segment-0000000001.jsonl byte 0: not a valid record"),
+            "{report}"
+        );
+        assert!(
+            report.contains("checkpoint.json does not match segment-0000000001.jsonl"),
+            "{report}"
+        );
+    }
+
+    #[test]
+    fn verify_reports_torn_lines_and_passes_a_clean_store() {
+        let dir = temp_dir("verify");
+        {
+            let (mut store, _) = Store::open(options(&dir)).unwrap();
+            append(&mut store, &[reading("a", 1.0, 1)]);
+        }
+        let mut out = Vec::new();
+        assert_eq!(crate::recovery::verify(&dir, &mut out).unwrap(), 0);
+        let seg = dir.join(segment_name(1));
+        let len = fs::metadata(&seg).unwrap().len();
+        let mut file = OpenOptions::new().append(true).open(&seg).unwrap();
+        file.write_all(b"{\"sensor\":\"a\",\"ki").unwrap();
+        let mut out = Vec::new();
+        assert_eq!(crate::recovery::verify(&dir, &mut out).unwrap(), 1);
+        let out = String::from_utf8(out).unwrap();
+        assert!(
+            out.contains(&format!(
+                "byte {len}: torn last line (17 bytes without a newline)"
+            )),
+            "{out}"
+        );
+        assert_eq!(
+            fs::metadata(&seg).unwrap().len(),
+            len + 17,
+            "verify changes nothing"
+        );
+    }
+
+    #[test]
+    fn a_checkpoint_without_checksums_is_read_and_replaced() {
+        let dir = temp_dir("v1");
+        {
+            let (mut store, _) = Store::open(options(&dir)).unwrap();
+            append(&mut store, &[reading("a", 1.0, 1), reading("a", 2.0, 2)]);
+        }
+        let len = fs::metadata(dir.join(segment_name(1))).unwrap().len();
+        let v1 = format!(
+            "{{\"version\":1,\"files\":{{\"{}\":{len}}},\"sensors\":{{}}}}",
+            segment_name(1)
+        );
+        fs::write(dir.join(CHECKPOINT), v1).unwrap();
+        let (_store, sensors) = Store::open(options(&dir)).unwrap();
+        assert_eq!(sensors["a"].count, 2, "no checksums: everything replayed");
     }
 
     #[test]

@@ -254,3 +254,105 @@ fn a_data_dir_that_is_a_file_is_explained() {
     assert!(stderr.contains("is not a directory"), "{stderr}");
     assert!(started.elapsed() < PATIENCE);
 }
+
+/// A store of 100 readings of sensor "c" after a graceful stop: segment 1 (80
+/// readings, past the size limit) and segment 2 (20) both sealed.
+fn two_segment_store(dir: &Path) {
+    let mut server = Server::start(dir, &["--segment-bytes", "4096"]);
+    let mut c = server.connect();
+    for (first, last) in [(1, 80), (81, 100)] {
+        let lines: String = (first..=last)
+            .map(|seq| reading("c", "temperature", 20.0, seq))
+            .collect();
+        c.send(lines);
+        for seq in first..=last {
+            assert_eq!(c.reply(), format!(r#"{{"seq":{seq},"status":"ok"}}"#));
+        }
+    }
+    server.signal("TERM");
+    assert!(server.wait_exit(PATIENCE).success());
+}
+
+fn overwrite(path: &Path, at: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open");
+    file.write_all_at(bytes, at).expect("overwrite");
+}
+
+fn verify(dir: &Path) -> (bool, String) {
+    let out = Command::new(SERVER)
+        .args(["verify", "--data-dir"])
+        .arg(dir)
+        .output()
+        .expect("run verify");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn corruption_inside_what_the_checkpoint_covers_is_found_and_not_counted() {
+    let dir = temp_dir("corrupt");
+    two_segment_store(&dir);
+    let (clean, report) = verify(&dir);
+    assert!(clean, "{report}");
+    assert!(
+        report.contains("100 valid records, 1 sensors, 0 problems"),
+        "{report}"
+    );
+
+    // 200 garbage bytes inside the sealed segment, 4096 NULs inside the later one: the
+    // lengths the checkpoint recorded still match.
+    let sealed = dir.join("segment-0000000001.jsonl");
+    overwrite(&sealed, 100, &[b'#'; 200]);
+    let later = dir.join("segment-0000000002.jsonl");
+    let later_len = std::fs::metadata(&later).expect("segment 2").len();
+    overwrite(&later, 0, &vec![0u8; 4096.min(later_len as usize - 1)]);
+    let (clean, report) = verify(&dir);
+    assert!(!clean);
+    assert!(
+        report.contains("segment-0000000001.jsonl byte "),
+        "{report}"
+    );
+    assert!(report.contains("not a valid record"), "{report}");
+    assert!(
+        report.contains("checkpoint.json does not match segment-0000000001.jsonl"),
+        "{report}"
+    );
+
+    let valid: u64 = report
+        .lines()
+        .last()
+        .and_then(|l| l.split(" valid records").next())
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("summary line");
+    assert!(valid < 100);
+    let server = Server::start(&dir, &[]);
+    assert_eq!(
+        server.sensors()["c"]["count"],
+        valid,
+        "only intact records count"
+    );
+    let log = std::fs::read_to_string(dir.with_extension("server.log")).expect("log");
+    assert!(
+        log.contains("checkpoint.json does not match segment-0000000001.jsonl"),
+        "{log}"
+    );
+    // A resent reading that only a corrupt line held is stored again, not `duplicate`.
+    let last = server.sensors()["c"]["last_seq"]
+        .as_u64()
+        .expect("last_seq");
+    assert!(last <= 100);
+}
+
+#[test]
+fn verify_refuses_what_is_not_a_store() {
+    let dir = temp_dir("verify-missing").join("nope");
+    let (clean, _) = verify(&dir);
+    assert!(!clean);
+}

@@ -1,17 +1,31 @@
 use clap::Parser;
-use sensorhub::config::{ServerConfig, ShipConfig};
+use sensorhub::config::{ServerConfig, ShipConfig, VerifyConfig};
 
 fn main() {
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let result = if args.get(1).is_some_and(|a| a == "ship") {
-        args.remove(1);
-        let config = ShipConfig::parse_from(args);
-        sensorhub::init_logging(config.log_level);
-        sensorhub::server::ship(config)
-    } else {
-        let config = ServerConfig::parse_from(args);
-        sensorhub::init_logging(config.log_level);
-        sensorhub::server::run(config)
+    let command = args.get(1).and_then(|a| a.to_str()).unwrap_or_default();
+    let result = match command {
+        "ship" => {
+            args.remove(1);
+            let config = ShipConfig::parse_from(args);
+            sensorhub::init_logging(config.log_level);
+            sensorhub::server::ship(config)
+        }
+        "verify" => {
+            args.remove(1);
+            let config = VerifyConfig::parse_from(args);
+            sensorhub::init_logging(log::LevelFilter::Warn);
+            match sensorhub::recovery::verify(&config.data_dir, &mut std::io::stdout()) {
+                Ok(0) => Ok(()),
+                Ok(_) => std::process::exit(1),
+                Err(e) => Err(format!("cannot verify {}: {e}", config.data_dir.display())),
+            }
+        }
+        _ => {
+            let config = ServerConfig::parse_from(args);
+            sensorhub::init_logging(config.log_level);
+            sensorhub::server::run(config)
+        }
     };
     if let Err(e) = result {
         eprintln!("sensor-server: {e}");
