@@ -329,7 +329,7 @@ impl EventLoop {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if is_transient_accept_error(&e) => {}
-                Err(e) if is_out_of_descriptors(&e) => match self.shed_with_reserve() {
+                Err(e) if is_out_of_descriptors(&e) => match self.shed_with_reserve(false) {
                     Shed::Refused => {}
                     // Linux reports EMFILE before looking at the backlog, so this is
                     // the usual way out of the loop while descriptors are short.
@@ -351,14 +351,22 @@ impl EventLoop {
         self.accept_more = true;
     }
 
-    /// Out of descriptors: frees the reserve to accept one waiting connection, tells it
-    /// the server is busy, and takes the reserve back.
-    fn shed_with_reserve(&mut self) -> Shed {
+    /// Out of descriptors: frees the reserve to accept one waiting connection (on the
+    /// HTTP port if `http`), tells it the server is busy, and takes the reserve back.
+    fn shed_with_reserve(&mut self, http: bool) -> Shed {
         if self.reserve_fd.take().is_none() {
             return Shed::NoReserve;
         }
-        let accepted = self.listener.as_ref().map(TcpListener::accept);
-        let shed = match accepted {
+        let listener = if http {
+            &self.http_listener
+        } else {
+            &self.listener
+        };
+        let shed = match listener.as_ref().map(TcpListener::accept) {
+            Some(Ok((stream, _))) if http => {
+                shed(&stream, &http::busy_response());
+                Shed::Refused
+            }
             Some(Ok((stream, _))) => {
                 self.ctx.stats.connections_total += 1;
                 self.refuse(stream);
@@ -374,15 +382,7 @@ impl EventLoop {
         let stats = &mut self.ctx.stats;
         stats.connections_refused += 1;
         stats.count_replies(Status::Error, 1, Instant::now());
-        // A fresh socket's send buffer is empty, so the short reply fits at once.
-        let _ = (&stream).write(BUSY_REPLY);
-        let _ = stream.shutdown(Shutdown::Write);
-        // Discard anything already sent so the close is a FIN, not a reset that could
-        // destroy the reply before the client reads it.
-        let mut sink = [0u8; 4096];
-        if let Ok(n) = (&stream).read(&mut sink) {
-            self.ctx.stats.bytes_received += n as u64;
-        }
+        stats.bytes_received += shed(&stream, BUSY_REPLY) as u64;
     }
 
     fn admit(&mut self, mut stream: TcpStream, now: Instant) {
@@ -413,36 +413,60 @@ impl EventLoop {
                 return;
             };
             match listener.accept() {
-                Ok((mut stream, _)) => {
-                    if self.https.len() >= MAX_HTTP_CONNECTIONS {
-                        continue; // dropped: a monitoring peer retries
-                    }
-                    self.generation = ConnId::next_generation(self.generation);
-                    let entry = self.https.vacant_entry();
-                    let id = ConnId {
-                        index: entry.key(),
-                        generation: self.generation,
-                    };
-                    let interest = Interest::READABLE | Interest::WRITABLE;
-                    if self
-                        .poll
-                        .registry()
-                        .register(&mut stream, id.token(true), interest)
-                        .is_ok()
-                    {
-                        entry.insert((id.generation, HttpConn::new(stream, now)));
-                    }
-                }
+                Ok((stream, _)) => self.admit_http(stream, now),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if is_transient_accept_error(&e) => {}
+                Err(e) if is_out_of_descriptors(&e) => match self.shed_with_reserve(true) {
+                    Shed::Refused => {}
+                    Shed::BacklogEmpty | Shed::NoReserve => return,
+                },
                 Err(e) => {
-                    if e.kind() != io::ErrorKind::WouldBlock {
-                        warn!("http accept: {e}");
-                    }
+                    warn!("http accept: {e}");
                     return;
                 }
             }
         }
+    }
+
+    /// Serves `stream`, making room by closing the peer that has waited longest for its
+    /// request head; answers 503 when every slot is busy writing a response.
+    fn admit_http(&mut self, mut stream: TcpStream, now: Instant) {
+        if self.https.len() >= MAX_HTTP_CONNECTIONS {
+            let slowest = self
+                .https
+                .iter()
+                .filter(|(_, (_, c))| c.waiting_for_request())
+                .min_by_key(|(_, (_, c))| c.accepted)
+                .map(|(key, _)| key);
+            match slowest {
+                Some(key) => self.close_http(key),
+                None => {
+                    shed(&stream, &http::busy_response());
+                    return;
+                }
+            }
+        }
+        self.generation = ConnId::next_generation(self.generation);
+        let entry = self.https.vacant_entry();
+        let id = ConnId {
+            index: entry.key(),
+            generation: self.generation,
+        };
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        if self
+            .poll
+            .registry()
+            .register(&mut stream, id.token(true), interest)
+            .is_ok()
+        {
+            entry.insert((id.generation, HttpConn::new(stream, now)));
+        }
+    }
+
+    fn close_http(&mut self, key: usize) {
+        let (_, mut conn) = self.https.remove(key);
+        let _ = self.poll.registry().deregister(&mut conn.stream);
     }
 
     // --- HTTP ----------------------------------------------------------------------
@@ -466,8 +490,7 @@ impl EventLoop {
             other => other,
         };
         if progress == Progress::Finished {
-            let (_, mut conn) = self.https.remove(id.index);
-            let _ = self.poll.registry().deregister(&mut conn.stream);
+            self.close_http(id.index);
         }
     }
 
@@ -682,8 +705,7 @@ impl EventLoop {
             .map(|(k, _)| k)
             .collect();
         for key in stale {
-            let (_, mut conn) = self.https.remove(key);
-            let _ = self.poll.registry().deregister(&mut conn.stream);
+            self.close_http(key);
         }
         if now - self.summary_at >= SUMMARY_EVERY {
             self.log_summary(now);
@@ -894,6 +916,17 @@ fn archive_metrics(e: &mut Exposition, a: &ArchiveMetrics) {
 
 fn has_complete_line(input: &[u8]) -> bool {
     memchr::memchr(b'\n', input).is_some()
+}
+
+/// Answers a connection that will not be served with `reply` and closes it; returns
+/// how many bytes the peer had sent. A fresh socket's send buffer is empty, so the
+/// short reply fits at once; what the peer sent is read and discarded so that the close
+/// is a FIN, not a reset that could destroy the reply before the peer reads it.
+fn shed(stream: &TcpStream, reply: &[u8]) -> usize {
+    let _ = (&*stream).write(reply);
+    let _ = stream.shutdown(Shutdown::Write);
+    let mut sink = [0u8; 4096];
+    (&*stream).read(&mut sink).unwrap_or(0)
 }
 
 fn is_out_of_descriptors(e: &io::Error) -> bool {

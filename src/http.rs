@@ -3,7 +3,10 @@
 //! Served by the same event loop as the sensors, one request per connection
 //! (`Connection: close`), which is what health checkers and Prometheus need. Requests are
 //! parsed with `httparse` (a hand-rolled parser is where request smuggling bugs live) and
-//! bounded in size and time so a slow or hostile peer cannot hold memory or a slot.
+//! bounded in size and time so a slow or hostile peer cannot hold memory or a slot: a
+//! peer has `HEAD_DEADLINE` to send its request, slow peers make room for new ones, and
+//! a connection that cannot be served gets `503` rather than silence, so a load
+//! balancer's health check keeps its answer under a flood or a slowloris attack.
 
 use crate::db::Db;
 use crate::stats::SensorView;
@@ -14,10 +17,24 @@ use std::time::{Duration, Instant};
 
 /// Largest request head accepted.
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
-/// Time a peer has to send its request and read the response.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// HTTP connections served at once; more wait in the listen backlog.
-pub const MAX_HTTP_CONNECTIONS: usize = 64;
+/// Time a peer has to send its whole request head: a health checker sends it at once;
+/// a slowloris peer (a byte a second) is closed.
+pub const HEAD_DEADLINE: Duration = Duration::from_secs(2);
+/// Time a peer has to read the response.
+pub const RESPONSE_DEADLINE: Duration = Duration::from_secs(5);
+/// HTTP connections served at once. When all are taken, a new one replaces the one
+/// that has waited longest for its request head (slow peers go first); if every one is
+/// busy writing a response, the new one is answered 503 and closed.
+pub const MAX_HTTP_CONNECTIONS: usize = 256;
+
+/// The answer to a connection that cannot be served now.
+pub fn busy_response() -> Vec<u8> {
+    response(
+        503,
+        "text/plain; charset=utf-8",
+        b"busy: too many HTTP connections\n",
+    )
+}
 
 /// What a request asks for.
 #[derive(Debug, PartialEq, Eq)]
@@ -90,6 +107,8 @@ pub struct HttpConn {
     request: Vec<u8>,
     response: Option<Vec<u8>>,
     written: usize,
+    /// When it was accepted: the oldest peer still sending its head is evicted first.
+    pub accepted: Instant,
     pub deadline: Instant,
 }
 
@@ -111,8 +130,14 @@ impl HttpConn {
             request: Vec::new(),
             response: None,
             written: 0,
-            deadline: now + REQUEST_TIMEOUT,
+            accepted: now,
+            deadline: now + HEAD_DEADLINE,
         }
+    }
+
+    /// Still waiting for its request head (so it may be evicted for a newcomer).
+    pub fn waiting_for_request(&self) -> bool {
+        self.response.is_none()
     }
 
     /// Reads what has arrived; reports a complete request once.
@@ -140,6 +165,7 @@ impl HttpConn {
     /// Queues the response and starts writing it.
     pub fn respond(&mut self, response: Vec<u8>) -> Progress {
         self.response = Some(response);
+        self.deadline = Instant::now() + RESPONSE_DEADLINE;
         self.write()
     }
 

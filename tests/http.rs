@@ -100,3 +100,94 @@ fn a_slow_http_peer_does_not_block_sensors() {
     assert_eq!(c.reply(), r#"{"seq":1,"status":"ok"}"#);
     assert_eq!(server.get("/healthz").0, 200);
 }
+
+/// One health probe with a short deadline of its own, as a load balancer sends it:
+/// the status, or `None` when no answer came in time.
+fn probe(addr: std::net::SocketAddr) -> Option<u16> {
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_secs(2);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .ok()?;
+    let mut response = String::new();
+    s.read_to_string(&mut response).ok()?;
+    response.split(' ').nth(1)?.parse().ok()
+}
+
+#[test]
+fn a_flood_of_idle_connections_cannot_starve_healthz() {
+    let server = Server::start(&temp_dir("http-flood"), &["--fsync", "never"]);
+    // Far more than the side port serves at once, none of them sending anything.
+    let flood: Vec<std::net::TcpStream> = (0..2000)
+        .map(|_| std::net::TcpStream::connect(server.http).expect("connect"))
+        .collect();
+    let answers: Vec<Option<u16>> = (0..20).map(|_| probe(server.http)).collect();
+    assert!(answers.iter().all(|a| *a == Some(200)), "{answers:?}");
+    drop(flood);
+    assert_eq!(server.get("/healthz"), (200, "ok".into()));
+}
+
+#[test]
+fn slowloris_peers_cannot_starve_healthz() {
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+    let server = Server::start(&temp_dir("http-slowloris"), &["--fsync", "never"]);
+    let addr = server.http;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let attack = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            // 300 peers, each a byte a second of a request head that never ends, each
+            // reconnecting as soon as it is closed.
+            let open = || {
+                let s = std::net::TcpStream::connect(addr).ok()?;
+                s.set_nonblocking(true).ok()?;
+                Some(s)
+            };
+            let mut peers: Vec<Option<std::net::TcpStream>> = (0..300).map(|_| open()).collect();
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < deadline {
+                for peer in &mut peers {
+                    let alive = peer.as_mut().is_some_and(|s| s.write(b"G").is_ok());
+                    if !alive {
+                        *peer = open();
+                    }
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_secs(3)); // the attack being simulated runs a while
+    let started = Instant::now();
+    let mut answers = Vec::new();
+    while started.elapsed() < Duration::from_secs(6) {
+        answers.push(probe(addr));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    attack.join().expect("attack thread");
+    let ok = answers.iter().filter(|a| **a == Some(200)).count();
+    assert_eq!(
+        ok,
+        answers.len(),
+        "healthz answered {ok} of {} probes: {answers:?}",
+        answers.len()
+    );
+}
+
+#[test]
+fn out_of_descriptors_the_http_port_answers_503_instead_of_hanging() {
+    let dir = temp_dir("http-emfile");
+    let server = Server::start_wrapped(
+        &["prlimit", "--nofile=48:48", "--"],
+        &dir,
+        &["--fsync", "never"],
+    );
+    // Sensor connections take every descriptor the server has.
+    let conns: Vec<Conn> = (0..80).map(|_| server.connect()).collect();
+    // It answers (503, from the reserve descriptor) rather than leaving the peer hanging.
+    wait_until("a 503 from the HTTP port", || probe(server.http) == Some(503));
+    drop(conns);
+    wait_until("descriptors released", || probe(server.http) == Some(200));
+}
