@@ -17,7 +17,8 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
-cargo build --release --quiet --bin sensor-server --bin sensor-client
+echo "building (the first build takes about a minute on 2 cores)"
+cargo build --release --bin sensor-server --bin sensor-client
 bin=target/release
 data=${SENSORHUB_DEMO_DATA:-./demo-data}
 logs=$(mktemp -d)
@@ -32,7 +33,9 @@ stop() {
   kill -TERM "${pids[0]}" 2>/dev/null || true
   wait "${pids[0]}" 2>/dev/null || true
   echo "client summaries:"
-  cat "$logs"/client*.out 2>/dev/null || true
+  for c in client1-temperature client2-humidity; do
+    printf '  %s: %s\n' "$c" "$(grep '^sent' "$logs/${c%%-*}.out" 2>/dev/null || echo 'no summary')"
+  done
   echo "store kept in $data ($(cat "$data"/*.jsonl 2>/dev/null | wc -l) readings)"
   rm -rf "$logs"
   exit 0
@@ -71,6 +74,8 @@ while true; do
   sleep 2
   printf '\n%s  readings ok: %s\n' "$(date +%T)" \
     "$(get /metrics | sed -n 's/^sensorhub_readings_total{status="ok"} //p')"
-  get /sensors | sed 's/^{//; s/}}$/}/; s/},"/}\n"/g'
+  # One sensor a line, numbers rounded for reading (the JSON itself keeps every digit).
+  get /sensors | sed 's/^{//; s/}}$/}/; s/},"/}\n"/g' \
+    | perl -pe 's/(-?\d+\.\d+(?:e-?\d+)?)/sprintf("%.2f", $1)/ge'
   echo
 done

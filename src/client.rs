@@ -90,6 +90,10 @@ pub struct ClientConfig {
     #[arg(long, default_value_t = 10.0, value_parser = positive_seconds)]
     pub reply_timeout: f64,
 
+    /// No progress line on stderr (printed every 2 s when stderr is a terminal).
+    #[arg(long)]
+    pub quiet: bool,
+
     /// Append "SENSOR SEQ STATUS" for every answered reading to this file.
     #[arg(long)]
     pub record: Option<std::path::PathBuf>,
@@ -328,7 +332,8 @@ impl Client {
     pub fn run(mut self) -> Result<Totals, String> {
         let mut events = Events::with_capacity(1024);
         let mut next_progress = self.started + PROGRESS_EVERY;
-        let show_progress = io::stderr().is_terminal();
+        let show_progress = io::stderr().is_terminal() && !self.config.quiet;
+        let mut progress_from = (self.started, 0);
         loop {
             let now = Instant::now();
             self.generate(now);
@@ -364,7 +369,8 @@ impl Client {
             }
             if show_progress && now >= next_progress {
                 next_progress = now + PROGRESS_EVERY;
-                eprintln!("{}", self.summary_line());
+                eprintln!("{}", self.progress_line(progress_from, now));
+                progress_from = (now, self.totals.ok + self.totals.duplicate);
             }
             let timeout = self.poll_timeout(now);
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
@@ -846,6 +852,24 @@ impl Client {
             ));
         }
         line
+    }
+
+    /// What a person watching the terminal wants: who, how many stored, how fast, how
+    /// many waiting for an answer, how often the connection was lost.
+    fn progress_line(&self, (since, acked_then): (Instant, u64), now: Instant) -> String {
+        let t = &self.totals;
+        let acked = t.ok + t.duplicate;
+        let secs = now.saturating_duration_since(since).as_secs_f64().max(1e-3);
+        let who = match &self.config.sensor {
+            Some(id) => id.clone(),
+            None => format!("{} sensors", self.sensors.len()),
+        };
+        format!(
+            "{who}: {acked} stored ({:.1}/s), {} in flight, {} reconnects",
+            (acked - acked_then) as f64 / secs,
+            self.unanswered(),
+            t.reconnects
+        )
     }
 
     fn print_summary(&self) {

@@ -228,3 +228,39 @@ fn a_closed_port_is_not_counted_as_a_reconnect() {
         "no connection existed to lose: {stderr}"
     );
 }
+
+/// Runs the client on a pseudo-terminal (util-linux `script`), as a person would, and
+/// returns everything it printed.
+fn on_a_terminal(server: &Server, extra: &str) -> String {
+    let command = format!(
+        "{CLIENT} --server {} --sensor tty-1 --interval-ms 50 --count 50 {extra}",
+        server.addr
+    );
+    let out = Command::new("timeout")
+        .args(["30", "script", "-qec", &command, "/dev/null"])
+        .output()
+        .expect("run script");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn on_a_terminal_the_client_reports_progress_unless_quiet() {
+    let server = Server::start(&temp_dir("client-tty"), &["--fsync", "never"]);
+    let shown = on_a_terminal(&server, "");
+    assert!(
+        shown.contains("tty-1: ") && shown.contains(" stored ("),
+        "{shown}"
+    );
+    assert!(shown.contains("in flight, 0 reconnects"), "{shown}");
+    let quiet = on_a_terminal(&server, "--quiet");
+    assert!(!quiet.contains(" stored ("), "{quiet}");
+    assert!(
+        quiet.contains("sent 50"),
+        "the summary still ends the run: {quiet}"
+    );
+}

@@ -187,7 +187,9 @@ fn out_of_descriptors_the_http_port_answers_503_instead_of_hanging() {
     // Sensor connections take every descriptor the server has.
     let conns: Vec<Conn> = (0..80).map(|_| server.connect()).collect();
     // It answers (503, from the reserve descriptor) rather than leaving the peer hanging.
-    wait_until("a 503 from the HTTP port", || probe(server.http) == Some(503));
+    wait_until("a 503 from the HTTP port", || {
+        probe(server.http) == Some(503)
+    });
     drop(conns);
     wait_until("descriptors released", || probe(server.http) == Some(200));
 }
