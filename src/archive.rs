@@ -445,6 +445,12 @@ impl Shipper {
     }
 }
 
+/// What `archive.json` in `dir` confirms as shipped (0 when there is no readable one):
+/// start-up deletes a retired segment only when this confirms it too.
+pub fn confirmed_through(dir: &Path) -> u64 {
+    load_state(dir).unwrap_or(0)
+}
+
 fn load_state(dir: &Path) -> io::Result<u64> {
     match fs::read(dir.join(STATE_FILE)) {
         Ok(text) => serde_json::from_slice::<State>(&text)

@@ -95,16 +95,27 @@ pub(crate) fn recover(dir: &Path) -> io::Result<Recovered> {
         let len = cut_torn_tail(&dir.join(&name))?;
         lengths.insert(name, len);
     }
-    let retired_through = read_checkpoint(dir).map_or(0, |c| c.retired_through);
+    let mut retired_through = read_checkpoint(dir).map_or(0, |c| c.retired_through);
     // Retired segments are in the statistics already; a crash may have left some of
-    // them on disk after the checkpoint that retired them was written.
-    let leftovers: Vec<PathBuf> = lengths
+    // them on disk after the checkpoint that retired them was written. They are deleted
+    // only if archive.json confirms them shipped as well: a checkpoint alone (corrupt,
+    // or from another store) never makes start-up delete data.
+    let leftovers: Vec<(u64, PathBuf)> = lengths
         .keys()
-        .filter(|name| segment_number(name).is_some_and(|n| n <= retired_through))
-        .map(|name| dir.join(name))
+        .filter_map(|name| Some((segment_number(name)?, dir.join(name))))
+        .filter(|(n, _)| *n <= retired_through)
         .collect();
-    lengths.retain(|name, _| segment_number(name).is_none_or(|n| n > retired_through));
-    delete_retired(&leftovers)?;
+    let shipped = crate::archive::confirmed_through(dir);
+    if let Some((n, _)) = leftovers.iter().find(|(n, _)| *n > shipped) {
+        warn!(
+            "store: {CHECKPOINT} says segments up to {retired_through} were retired, but segment {n} is here and archive.json confirms shipping only up to {shipped}; not trusting the checkpoint, replaying every file"
+        );
+        retired_through = 0;
+    } else {
+        let paths: Vec<PathBuf> = leftovers.into_iter().map(|(_, p)| p).collect();
+        lengths.retain(|name, _| segment_number(name).is_none_or(|n| n > retired_through));
+        delete_retired(&paths)?;
+    }
     let (sensors, replayed, crcs) = load(dir, &lengths, retired_through, true)?;
     Ok(Recovered {
         lengths,
@@ -379,10 +390,20 @@ fn apply_record(
     }
 }
 
+/// What `verify` found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    /// Corrupt or torn lines, and checkpoint mismatches.
+    pub problems: usize,
+    /// Valid records, and the statistics they give (what a full replay counts).
+    pub records: u64,
+    pub sensors: Sensors,
+}
+
 /// `sensor-server verify`: reads the store in `dir` without changing anything and
 /// prints every corrupt or torn line with its file and byte offset, and every way the
-/// checkpoint does not match the files. Returns the number of problems.
-pub fn verify(dir: &Path, out: &mut dyn std::io::Write) -> io::Result<usize> {
+/// checkpoint does not match the files.
+pub fn verify(dir: &Path, out: &mut dyn std::io::Write) -> io::Result<Report> {
     if !dir.is_dir() {
         return Err(io::Error::new(
             io::ErrorKind::NotFound,
@@ -392,7 +413,6 @@ pub fn verify(dir: &Path, out: &mut dyn std::io::Write) -> io::Result<usize> {
     let mut problems = 0;
     let mut lengths = BTreeMap::new();
     let mut sensors = Sensors::new();
-    let mut records = 0u64;
     for name in store_files(dir)? {
         let path = dir.join(&name);
         let len = fs::metadata(&path)?.len();
@@ -407,7 +427,7 @@ pub fn verify(dir: &Path, out: &mut dyn std::io::Write) -> io::Result<usize> {
         write_error?;
         lengths.insert(name, len);
     }
-    records += sensors.values().map(|s| s.count).sum::<u64>();
+    let records = sensors.values().map(|s| s.count).sum::<u64>();
     if let Some(checkpoint) = read_checkpoint(dir) {
         for (name, covered) in &checkpoint.files {
             let have = lengths.get(name).copied();
@@ -437,5 +457,9 @@ pub fn verify(dir: &Path, out: &mut dyn std::io::Write) -> io::Result<usize> {
         lengths.len(),
         sensors.len()
     )?;
-    Ok(problems)
+    Ok(Report {
+        problems,
+        records,
+        sensors,
+    })
 }

@@ -769,7 +769,13 @@ mod tests {
             sensors.insert("a".into(), s.unwrap());
             store.seal_if_due().unwrap();
         }
-        // Segments 1..=4 are sealed; 1 and 2 are shipped; keep nothing shipped.
+        // Segments 1..=4 are sealed; 1 and 2 are shipped (archive.json says so, as the
+        // shipper writes it); keep nothing shipped.
+        let shipped = |n: u64| {
+            let state = format!("{{\"version\":1,\"shipped_through\":{n}}}");
+            fs::write(dir.join("archive.json"), state).unwrap();
+        };
+        shipped(2);
         let victims = store.retire(2, 0, &sensors).unwrap();
         assert_eq!(
             victims,
@@ -786,6 +792,7 @@ mod tests {
         drop(store);
         // Everything shipped and deleted: numbering still goes on.
         let (mut store, restored) = Store::open(opts.clone()).unwrap();
+        shipped(4);
         let victims = store.retire(4, 0, &restored).unwrap();
         delete_retired(&victims).unwrap();
         drop(store);
@@ -793,6 +800,26 @@ mod tests {
         assert_eq!(restored["a"].count, 4);
         assert_eq!(store.active_number, 5);
         assert!(store.retire(4, 0, &restored).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_retirement_archive_json_does_not_confirm_deletes_nothing() {
+        let dir = temp_dir("retire-unconfirmed");
+        let mut opts = options(&dir);
+        opts.max_age = Duration::ZERO;
+        let (mut store, sensors) = Store::open(opts.clone()).unwrap();
+        append(&mut store, &[reading("a", 1.0, 1)]);
+        store.seal_if_due().unwrap();
+        append(&mut store, &[reading("a", 1.0, 2)]);
+        // A checkpoint that claims segment 1 retired (say, a corrupt one), while no
+        // archive.json confirms it was ever shipped.
+        let mut checkpoint = store.checkpoint(sensors);
+        checkpoint.retired_through = 1;
+        checkpoint.write().unwrap();
+        drop(store);
+        let (_store, sensors) = Store::open(opts).unwrap();
+        assert!(dir.join(segment_name(1)).exists(), "nothing deleted");
+        assert_eq!(sensors["a"].count, 2, "both segments replayed");
     }
 
     #[test]
@@ -837,7 +864,7 @@ mod tests {
             "full replay: only the intact record counts"
         );
         let mut report = Vec::new();
-        let problems = crate::recovery::verify(&dir, &mut report).unwrap();
+        let problems = crate::recovery::verify(&dir, &mut report).unwrap().problems;
         let report = String::from_utf8(report).unwrap();
         assert_eq!(problems, 2, "{report}");
         assert!(
@@ -858,13 +885,13 @@ mod tests {
             append(&mut store, &[reading("a", 1.0, 1)]);
         }
         let mut out = Vec::new();
-        assert_eq!(crate::recovery::verify(&dir, &mut out).unwrap(), 0);
+        assert_eq!(crate::recovery::verify(&dir, &mut out).unwrap().problems, 0);
         let seg = dir.join(segment_name(1));
         let len = fs::metadata(&seg).unwrap().len();
         let mut file = OpenOptions::new().append(true).open(&seg).unwrap();
         file.write_all(b"{\"sensor\":\"a\",\"ki").unwrap();
         let mut out = Vec::new();
-        assert_eq!(crate::recovery::verify(&dir, &mut out).unwrap(), 1);
+        assert_eq!(crate::recovery::verify(&dir, &mut out).unwrap().problems, 1);
         let out = String::from_utf8(out).unwrap();
         assert!(
             out.contains(&format!(

@@ -16,7 +16,7 @@ fn main() {
             let config = VerifyConfig::parse_from(args);
             sensorhub::init_logging(log::LevelFilter::Warn);
             match sensorhub::recovery::verify(&config.data_dir, &mut std::io::stdout()) {
-                Ok(0) => Ok(()),
+                Ok(report) if report.problems == 0 => Ok(()),
                 Ok(_) => std::process::exit(1),
                 Err(e) => Err(format!("cannot verify {}: {e}", config.data_dir.display())),
             }
