@@ -170,7 +170,7 @@ def free_udp_port():
 class Vm:
     """One guest: its qemu process, a shell on /dev/hvc0 and the monitor."""
 
-    def __init__(self, role, work, kernel, initrd, links):
+    def __init__(self, number, role, work, kernel, initrd, links):
         self.role = role
         self.work = work
         self.console = work / f"{role}.console"
@@ -192,12 +192,20 @@ class Vm:
                 "-netdev", f"dgram,id=n{i},local.type=inet,local.host=127.0.0.1,"
                            f"local.port={local},remote.type=inet,remote.host=127.0.0.1,"
                            f"remote.port={remote}",
-                "-device", f"virtio-net-pci,netdev=n{i},mac=52:54:00:00:{len(role):02x}:{i:02x}",
+                # Unique per guest and link: two hosts on one bridge with one MAC make
+                # the bridge send one host's frames to the other (the "stall" of
+                # earlier runs: client1 and client2 once shared 52:54:00:00:07:00).
+                "-device", f"virtio-net-pci,netdev=n{i},mac=52:54:00:00:{number:02x}:{i:02x}",
             ]
+        self.links = len(links)
+        self.number = number
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
                                          stderr=open(work / f"{role}.qemu.log", "w"))
         self.shell = None
         self.buffer = b""
+
+    def macs(self):
+        return [f"52:54:00:00:{self.number:02x}:{i:02x}" for i in range(self.links)]
 
     def wait_ready(self):
         scenario.wait_for(f"{self.role} to boot",
@@ -364,7 +372,10 @@ def main():
             "router": [pairs[h] for h in ("server", "client1", "client2")],
             **{h: [(pairs[h][1], pairs[h][0])] for h in pairs},
         }
-        vms = {role: Vm(role, work, kernel, initrd, links[role]) for role in links}
+        vms = {role: Vm(number, role, work, kernel, initrd, links[role])
+               for number, role in enumerate(links, start=1)}
+        macs = [line for vm in vms.values() for line in vm.macs()]
+        assert len(macs) == len(set(macs)), f"duplicate MAC addresses: {macs}"
         try:
             for vm in vms.values():
                 vm.wait_ready()
