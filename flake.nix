@@ -10,6 +10,8 @@
       forAllSystems = f: lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
 
       version = (lib.importTOML ./Cargo.toml).package.version;
+      # What `--version` names (build.rs): the flake's source has no .git.
+      commit = self.rev or self.dirtyRev or "unknown";
 
       # Only what the build and its tests read: editing docs, Nix or infra files does
       # not rebuild. (.cargo/ is left out on purpose: its rust-lld linker setting is
@@ -19,6 +21,7 @@
         fileset = lib.fileset.unions [
           ./Cargo.toml
           ./Cargo.lock
+          ./build.rs
           ./src
           ./tests
           ./benches
@@ -26,7 +29,7 @@
       };
 
       # `pkgs` decides the platform: native, pkgsStatic, or a cross static set.
-      sensorhubFor = pkgs: args: pkgs.callPackage ./nix/package.nix ({ inherit src version; } // args);
+      sensorhubFor = pkgs: args: pkgs.callPackage ./nix/package.nix ({ inherit src version commit; } // args);
 
       # Fails unless every binary of `pkg` has no ELF interpreter and no NEEDED entry.
       staticCheck = pkgs: pkg:

@@ -12,12 +12,16 @@
 , util-linux
 , src
 , version
+, commit ? "unknown"
 , doCheck ? true
 }:
 
 rustPlatform.buildRustPackage {
   pname = "sensorhub";
   inherit version src doCheck;
+
+  # `--version` names the source commit (build.rs); the source has no .git.
+  env.SENSORHUB_COMMIT = commit;
 
   # Every dependency comes from crates.io with a checksum in Cargo.lock, so no
   # separate vendor hash is needed (pkgs/build-support/rust/import-cargo-lock.nix).

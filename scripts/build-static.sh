@@ -16,6 +16,9 @@ out=dist
 declare -A targets=([x86_64]=x86_64-unknown-linux-musl [aarch64]=aarch64-unknown-linux-musl)
 
 rustup target add "${targets[@]}" >/dev/null
+# Reproducible wherever it is built: no build-machine path in the binaries (the clone's
+# directory, the cargo home); nothing else machine- or time-dependent is embedded.
+export RUSTFLAGS="${RUSTFLAGS:-} --remap-path-prefix=$PWD=/build/sensorhub --remap-path-prefix=${CARGO_HOME:-$HOME/.cargo}=/build/cargo"
 rm -rf "$out"
 for arch in x86_64 aarch64; do
   target=${targets[$arch]}

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 /// Simulates sensors that send readings to a sensor-server.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "sensor-client", version, about)]
+#[command(name = "sensor-client", version = env!("SENSORHUB_VERSION"), about)]
 pub struct ClientConfig {
     /// Server address, HOST:PORT.
     #[arg(long, default_value = "127.0.0.1:5000")]

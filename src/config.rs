@@ -15,7 +15,7 @@ pub enum Fsync {
 
 /// Ingests sensor readings over TCP, stores them durably and acknowledges each one.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "sensor-server", version, about)]
+#[command(name = "sensor-server", version = env!("SENSORHUB_VERSION"), about)]
 pub struct ServerConfig {
     /// Address for sensor connections; port 0 picks a free port (printed on stdout).
     #[arg(long, default_value = "0.0.0.0:5000")]
@@ -110,7 +110,7 @@ pub struct ArchiveArgs {
 /// (a data volume adopted from a dead instance), then exits: 0 once everything is in
 /// S3, 1 otherwise. The active segment a crash left is sealed first.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "sensor-server ship", version, about)]
+#[command(name = "sensor-server ship", version = env!("SENSORHUB_VERSION"), about)]
 pub struct ShipConfig {
     /// Directory holding the store.
     #[arg(long)]
@@ -128,7 +128,7 @@ pub struct ShipConfig {
 /// or torn line (file and byte offset) and any checkpoint that does not match the
 /// files; exits 0 when clean, 1 otherwise.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "sensor-server verify", version, about)]
+#[command(name = "sensor-server verify", version = env!("SENSORHUB_VERSION"), about)]
 pub struct VerifyConfig {
     /// Directory holding the store.
     #[arg(long)]
