@@ -4,8 +4,12 @@
 # stack; an update rolls the servers and sensors over one instance at a time.
 #
 #   infra/deploy.sh --bucket B --stack S [--region R] [--arch x86_64|arm64]
-#                   [--dist DIR]        binaries built elsewhere (CI artifacts, a release;
-#                                       the way to deploy from macOS): DIR/sensor-server
+#                   [--release vX.Y.Z]  a GitHub release: its binaries, SHA256SUMS (checked),
+#                                       attestations (checked when the gh CLI is there),
+#                                       template and bootstrap.sh; nothing is built, so
+#                                       this works from macOS or Windows (WSL) too
+#                   [--repo OWNER/NAME] where the release lives (default: git remote origin)
+#                   [--dist DIR]        binaries built elsewhere (CI artifacts): DIR/sensor-server
 #                                       and DIR/sensor-client, or DIR/<x86_64|aarch64>/...
 #                   [--builder auto|nix|cargo]   (without --dist; auto: nix, else cargo)
 #                   [--refresh-ami]     resolve the newest AL2023 AMI (otherwise the
@@ -26,6 +30,7 @@ die() { echo "deploy: $*" >&2; exit 1; }
 say() { echo "== $*"; }
 
 bucket="" stack="" region=${AWS_REGION:-${AWS_DEFAULT_REGION:-}} arch=x86_64 dist=""
+release="" repo=""
 dry_run=false allow_dirty=false refresh_ami=false replace_failed=false
 interval_ms=1000 builder=auto server_count=2 alarm_topic=""
 # Plain bash 3.2 from here on (macOS deploys with --dist).
@@ -40,6 +45,8 @@ while [[ $# -gt 0 ]]; do
     --region) region=$2; shift 2 ;;
     --arch) arch=$2; shift 2 ;;
     --dist) dist=$2; shift 2 ;;
+    --release) release=$2; shift 2 ;;
+    --repo) repo=$2; shift 2 ;;
     --interval-ms) interval_ms=$2; shift 2 ;;
     --builder) builder=$2; shift 2 ;;
     --server-count) server_count=$2; shift 2 ;;
@@ -48,7 +55,7 @@ while [[ $# -gt 0 ]]; do
     --replace-failed) replace_failed=true; shift ;;
     --dry-run) dry_run=true; shift ;;
     --allow-dirty) allow_dirty=true; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
 done
@@ -60,8 +67,9 @@ case $arch in
   *) die "--arch must be x86_64 or arm64" ;;
 esac
 
+[[ -n $release && -n $dist ]] && die "--release and --dist exclude each other"
 command -v aws >/dev/null || die "the aws CLI is not installed (https://aws.amazon.com/cli/)"
-if [[ -z $dist ]] && ! $allow_dirty && [[ -n $(git status --porcelain 2>/dev/null) ]]; then
+if [[ -z $dist && -z $release ]] && ! $allow_dirty && [[ -n $(git status --porcelain 2>/dev/null) ]]; then
   die "the work tree has uncommitted changes; commit them (the version comes from git) or pass --allow-dirty"
 fi
 region_args=()
@@ -94,8 +102,54 @@ case $status in
   *_IN_PROGRESS) die "stack $stack is $status; wait for it to finish, then run again" ;;
 esac
 
+if command -v sha256sum >/dev/null; then
+  sha256() { sha256sum "$@" | cut -d' ' -f1; }
+else
+  sha256() { shasum -a 256 "$@" | cut -d' ' -f1; }  # macOS
+fi
+
 # --- binaries ----------------------------------------------------------------------------
+template=infra/sensorhub.yaml
+bootstrap=infra/bootstrap.sh
 version=$(git describe --tags --always --dirty 2>/dev/null || echo unversioned)
+if [[ -n $release ]]; then
+  # A release's assets (release.yml): sensor-{server,client}-<arch>, sensorhub.yaml,
+  # bootstrap.sh and SHA256SUMS over all of them.
+  if [[ -z $repo ]]; then
+    repo=$(git remote get-url origin 2>/dev/null | sed -E 's#(\.git)?$##; s#^.*github\.com[:/]##')
+  fi
+  [[ $repo =~ ^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$ ]] || die "--release needs --repo OWNER/NAME (no GitHub origin found)"
+  base=${SENSORHUB_RELEASE_URL:-https://github.com/$repo/releases/download}
+  dist=$(mktemp -d)
+  trap 'rm -rf "$dist"' EXIT
+  say "downloading release $release of $repo"
+  for name in SHA256SUMS "sensor-server-$target_dir" "sensor-client-$target_dir" sensorhub.yaml bootstrap.sh; do
+    curl -fsSL --retry 3 -o "$dist/$name" "$base/$release/$name" \
+      || die "cannot download $name of release $release from $base"
+  done
+  for name in "sensor-server-$target_dir" "sensor-client-$target_dir" sensorhub.yaml bootstrap.sh; do
+    want=$(awk -v n="$name" '$2 == n || $2 == "*" n { print $1 }' "$dist/SHA256SUMS")
+    [[ -n $want ]] || die "SHA256SUMS of $release does not list $name"
+    [[ $(sha256 "$dist/$name") == "$want" ]] \
+      || die "$name does not match SHA256SUMS of $release: refusing to deploy it"
+  done
+  echo "deploy: SHA256SUMS verified"
+  if command -v gh >/dev/null; then
+    for name in "sensor-server-$target_dir" "sensor-client-$target_dir"; do
+      gh attestation verify "$dist/$name" --repo "$repo" >/dev/null \
+        || die "$name has no valid build provenance attestation from $repo"
+    done
+    echo "deploy: build provenance attestations verified (gh attestation verify)"
+  else
+    echo "deploy: gh CLI not installed: attestations not checked (SHA256SUMS was)" >&2
+  fi
+  mv "$dist/sensor-server-$target_dir" "$dist/sensor-server"
+  mv "$dist/sensor-client-$target_dir" "$dist/sensor-client"
+  chmod 0755 "$dist/sensor-server" "$dist/sensor-client"
+  template=$dist/sensorhub.yaml
+  bootstrap=$dist/bootstrap.sh
+  version=$release
+fi
 if [[ -n $dist ]]; then
   bin_dir=$dist
   [[ -d $dist/$target_dir ]] && bin_dir=$dist/$target_dir
@@ -142,14 +196,9 @@ if command -v readelf >/dev/null; then
   bash scripts/check-static.sh "$bin_dir/sensor-server" "$bin_dir/sensor-client"
 fi
 
-if command -v sha256sum >/dev/null; then
-  sha256() { sha256sum "$@" | cut -d' ' -f1; }
-else
-  sha256() { shasum -a 256 "$@" | cut -d' ' -f1; }  # macOS
-fi
 server_sha=$(sha256 "$bin_dir/sensor-server")
 client_sha=$(sha256 "$bin_dir/sensor-client")
-bootstrap_sha=$(sha256 infra/bootstrap.sh)
+bootstrap_sha=$(sha256 "$bootstrap")
 # Content-addressed: other binaries never overwrite the ones running instances fetched.
 content=$(printf '%s %s %s' "$server_sha" "$client_sha" "$bootstrap_sha" | sha256 | cut -c1-12)
 prefix="sensorhub/$version/$content"
@@ -181,10 +230,10 @@ fi
 uploads=(
   "$bin_dir/sensor-server s3://$bucket/$prefix/$target_dir/sensor-server"
   "$bin_dir/sensor-client s3://$bucket/$prefix/$target_dir/sensor-client"
-  "infra/bootstrap.sh s3://$bucket/$prefix/bootstrap.sh"
+  "$bootstrap s3://$bucket/$prefix/bootstrap.sh"
 )
 deploy=(aws cloudformation deploy "${region_args[@]}" --stack-name "$stack"
-  --template-file infra/sensorhub.yaml --capabilities CAPABILITY_IAM --no-fail-on-empty-changeset
+  --template-file "$template" --capabilities CAPABILITY_IAM --no-fail-on-empty-changeset
   --parameter-overrides "ArtifactBucket=$bucket" "ArtifactPrefix=$prefix" "Architecture=$arch"
   "ImageId=${image_id:-<resolved from $ami_parameter>}" "ImageArchitecture=${image_arch:-$arch}"
   "ServerSha256=$server_sha" "ClientSha256=$client_sha" "BootstrapSha256=$bootstrap_sha"

@@ -620,3 +620,67 @@ def test_artifacts_in_an_sse_kms_bucket_can_be_downloaded():
         kms = next(s for s in statements if s["Sid"] == "ArtifactsKms")
         assert kms["Action"] == "kms:Decrypt"
         assert "kms:ViaService" in kms["Condition"]["StringEquals"]
+
+
+# --- deploying a release ---------------------------------------------------------------------
+
+def serve_release(tmp_path, tamper=False):
+    """A local stand-in for GitHub's release downloads: TAG/NAME under a base URL."""
+    release = tmp_path / "releases" / "v9.9.9"
+    release.mkdir(parents=True)
+    shutil.copy(DIST / "sensor-server", release / "sensor-server-x86_64")
+    shutil.copy(DIST / "sensor-client", release / "sensor-client-x86_64")
+    shutil.copy(TEMPLATE, release / "sensorhub.yaml")
+    shutil.copy(BOOTSTRAP, release / "bootstrap.sh")
+    names = ["sensor-server-x86_64", "sensor-client-x86_64", "sensorhub.yaml", "bootstrap.sh"]
+    (release / "SHA256SUMS").write_text(
+        "".join(f"{sha256(release / n)}  {n}\n" for n in names))
+    if tamper:
+        with open(release / "sensor-server-x86_64", "ab") as f:
+            f.write(b"\0")
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(  # noqa: E731
+        *a, directory=str(tmp_path / "releases"), **k)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.RequestHandlerClass.log_message = lambda *a: None
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, release
+
+
+def test_deploy_from_a_release_verifies_its_sums_and_builds_nothing(moto, tmp_path):
+    env = dict(moto)
+    bucket = "sensorhub-release-test"
+    aws(env, "s3", "mb", f"s3://{bucket}")
+    server, release = serve_release(tmp_path)
+    env["SENSORHUB_RELEASE_URL"] = f"http://127.0.0.1:{server.server_port}"
+    env["PATH"] = ":".join(p for p in env["PATH"].split(":") if not (Path(p) / "gh").exists())
+    try:
+        result = deploy(env, "--release", "v9.9.9", "--repo", "owner/sensorhub",
+                        "--bucket", bucket, "--stack", "released", "--region", REGION)
+    finally:
+        server.shutdown()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SHA256SUMS verified" in result.stdout
+    assert "attestations not checked" in result.stderr, "says what it could not check"
+    assert "building" not in result.stdout
+    params = parameters(env, "released")
+    assert params["ArtifactPrefix"].startswith("sensorhub/v9.9.9/")
+    assert params["BootstrapSha256"] == sha256(release / "bootstrap.sh")
+    assert params["ServerSha256"] == sha256(release / "sensor-server-x86_64")
+    keys = aws(env, "s3", "ls", "--recursive", f"s3://{bucket}/")
+    assert f"{params['ArtifactPrefix']}/x86_64/sensor-server" in keys
+
+
+def test_deploy_refuses_a_release_whose_binary_does_not_match_its_sums(moto, tmp_path):
+    env = dict(moto)
+    bucket = "sensorhub-tampered-test"
+    aws(env, "s3", "mb", f"s3://{bucket}")
+    server, _ = serve_release(tmp_path, tamper=True)
+    env["SENSORHUB_RELEASE_URL"] = f"http://127.0.0.1:{server.server_port}"
+    try:
+        result = deploy(env, "--release", "v9.9.9", "--repo", "owner/sensorhub",
+                        "--bucket", bucket, "--stack", "tampered", "--region", REGION)
+    finally:
+        server.shutdown()
+    assert result.returncode != 0
+    assert "sensor-server-x86_64 does not match SHA256SUMS of v9.9.9" in result.stderr
+    assert aws(env, "s3", "ls", "--recursive", f"s3://{bucket}/").strip() == "", "nothing uploaded"
