@@ -12,15 +12,10 @@ let
   topology = builtins.fromJSON (builtins.readFile ./topology.json);
   layout = topology.fleet;
   hosts = layout.hosts;
-  sensorPort = toString topology.sensor_port;
-  httpPort = toString topology.http_port;
+  common = import ./common.nix { inherit module layout; target = hosts.balancer.address; };
+  inherit (common) sensorPort httpPort toClientSubnet clientNode;
   s3Port = toString topology.s3_port;
   s3Endpoint = "http://${hosts.s3.address}:${s3Port}";
-  route = subnet: via:
-    let parts = builtins.split "/" subnet;
-    in { address = builtins.elemAt parts 0; prefixLength = lib.toInt (builtins.elemAt parts 2); inherit via; };
-  toServerSubnet = [ (route topology.server_subnet layout.router.client_side) ];
-  toClientSubnet = [ (route topology.client_subnet layout.router.server_side) ];
 
   # Test-only credentials, shared by MinIO and the servers' AWS CLI.
   credentials = {
@@ -74,28 +69,12 @@ let
     environment.systemPackages = [ pkgs.curl ];
   };
 
-  clientNode = name: { lib, ... }: {
-    imports = [ module ];
-    virtualisation.vlans = [ 2 ];
-    networking.interfaces.eth1.ipv4.routes = toServerSubnet;
-    services.sensorhub.clients.${name} = {
-      server = "${hosts.balancer.address}:${sensorPort}";
-      inherit (topology.sensors.${name}) sensor kind;
-      intervalMs = topology.interval_ms;
-      extraArgs = [ "--record" "/var/lib/sensorhub-client-${name}/answers.txt" ];
-    };
-    systemd.services."sensorhub-client-${name}".wantedBy = lib.mkForce [ ];
-  };
 in
 pkgs.testers.runNixOSTest {
   name = "sensorhub-fleet";
 
   nodes = {
-    router = {
-      virtualisation.vlans = [ 1 2 ];
-      boot.kernel.sysctl."net.ipv4.ip_forward" = 1;
-      networking.firewall.enable = false;
-    };
+    inherit (common) router;
 
     balancer = { lib, ... }: {
       virtualisation.vlans = [ 1 ];

@@ -14,41 +14,19 @@ let
   topology = builtins.fromJSON (builtins.readFile ./topology.json);
   layout = topology.topology;
   serverAddress = layout.hosts.server.address;
-  sensorPort = toString topology.sensor_port;
-  httpPort = toString topology.http_port;
-  # "192.168.1.0/24" -> { address = "192.168.1.0"; prefixLength = 24; }
-  route = subnet: via:
-    let parts = builtins.split "/" subnet;
-    in { address = builtins.elemAt parts 0; prefixLength = pkgs.lib.toInt (builtins.elemAt parts 2); inherit via; };
-
-  clientNode = name: { lib, ... }: {
-    imports = [ module ];
-    virtualisation.vlans = [ 2 ];
-    networking.interfaces.eth1.ipv4.routes = [ (route topology.server_subnet layout.router.client_side) ];
-    services.sensorhub.clients.${name} = {
-      server = "${serverAddress}:${sensorPort}";
-      inherit (topology.sensors.${name}) sensor kind;
-      intervalMs = topology.interval_ms;
-      extraArgs = [ "--record" "/var/lib/sensorhub-client-${name}/answers.txt" ];
-    };
-    # The scenario starts the clients after the server.
-    systemd.services."sensorhub-client-${name}".wantedBy = lib.mkForce [ ];
-  };
+  common = import ./common.nix { inherit module layout; target = serverAddress; };
+  inherit (common) sensorPort httpPort clientNode;
 in
 pkgs.testers.runNixOSTest {
   name = "sensorhub-topology";
 
   nodes = {
-    router = {
-      virtualisation.vlans = [ 1 2 ];
-      boot.kernel.sysctl."net.ipv4.ip_forward" = 1;
-      networking.firewall.enable = false;
-    };
+    inherit (common) router;
 
     server = { pkgs, ... }: {
       imports = [ module ];
       virtualisation.vlans = [ 1 ];
-      networking.interfaces.eth1.ipv4.routes = [ (route topology.client_subnet layout.router.server_side) ];
+      networking.interfaces.eth1.ipv4.routes = common.toClientSubnet;
       services.sensorhub.server = {
         enable = true;
         httpListen = "127.0.0.1:${httpPort}";

@@ -877,41 +877,51 @@ fn close_input(conn: &mut Connection) {
 }
 
 fn archive_metrics(e: &mut Exposition, a: &ArchiveMetrics) {
-    e.counter(
-        "sensorhub_archive_segments_shipped_total",
-        "Sealed segments S3 confirmed since start.",
-        a.shipped_segments.load(Relaxed),
-    );
-    e.counter(
-        "sensorhub_archive_bytes_shipped_total",
-        "Segment bytes shipped since start (before gzip).",
-        a.shipped_bytes.load(Relaxed),
-    );
-    e.counter(
-        "sensorhub_archive_bytes_uploaded_total",
-        "Bytes uploaded since start (gzip).",
-        a.uploaded_bytes.load(Relaxed),
-    );
-    e.counter(
-        "sensorhub_archive_failures_total",
-        "Uploads that failed (each is retried).",
-        a.failures.load(Relaxed),
-    );
-    e.gauge(
-        "sensorhub_archive_pending_segments",
-        "Sealed segments not yet shipped.",
-        a.pending_segments.load(Relaxed) as f64,
-    );
-    e.gauge(
-        "sensorhub_archive_pending_bytes",
-        "Bytes in sealed segments not yet shipped.",
-        a.pending_bytes.load(Relaxed) as f64,
-    );
-    e.gauge(
-        "sensorhub_archive_lag_seconds",
-        "Age of the oldest sealed segment not yet shipped (0 when none).",
-        a.lag_seconds(),
-    );
+    let counters = [
+        (
+            "sensorhub_archive_segments_shipped_total",
+            "Sealed segments S3 confirmed since start.",
+            &a.shipped_segments,
+        ),
+        (
+            "sensorhub_archive_bytes_shipped_total",
+            "Segment bytes shipped since start (before gzip).",
+            &a.shipped_bytes,
+        ),
+        (
+            "sensorhub_archive_bytes_uploaded_total",
+            "Bytes uploaded since start (gzip).",
+            &a.uploaded_bytes,
+        ),
+        (
+            "sensorhub_archive_failures_total",
+            "Uploads that failed (each is retried).",
+            &a.failures,
+        ),
+    ];
+    for (name, help, value) in counters {
+        e.counter(name, help, value.load(Relaxed));
+    }
+    let gauges = [
+        (
+            "sensorhub_archive_pending_segments",
+            "Sealed segments not yet shipped.",
+            a.pending_segments.load(Relaxed) as f64,
+        ),
+        (
+            "sensorhub_archive_pending_bytes",
+            "Bytes in sealed segments not yet shipped.",
+            a.pending_bytes.load(Relaxed) as f64,
+        ),
+        (
+            "sensorhub_archive_lag_seconds",
+            "Age of the oldest sealed segment not yet shipped (0 when none).",
+            a.lag_seconds(),
+        ),
+    ];
+    for (name, help, value) in gauges {
+        e.gauge(name, help, value);
+    }
 }
 
 fn has_complete_line(input: &[u8]) -> bool {
