@@ -275,11 +275,10 @@ pub fn run_committer(db: &Db, checkpoint_every: Duration, retention: Option<&Ret
         let completions = std::mem::take(&mut state.waiting);
         let active = state.store.active_file();
         let closing = state.closing;
-        // Taken under the lock, so the statistics match the file lengths exactly.
-        let checkpoint = checkpoint_due(&state).then(|| {
-            checkpointed_records = db.store_metrics.records.load(Relaxed);
-            state.store.checkpoint(state.sensors.clone())
-        });
+        let due = checkpoint_due(&state);
+        // Retention first: when it retires segments it writes a checkpoint of the
+        // store as it is now, which then is the checkpoint of this round (an older one
+        // written after it would list the deleted files again).
         let mut retired = Vec::new();
         if let Some(r) = retention {
             let shipped = r.shipped_through.load(Relaxed);
@@ -288,12 +287,21 @@ pub fn run_committer(db: &Db, checkpoint_every: Duration, retention: Option<&Ret
                 match store.retire(shipped, r.keep_bytes, sensors) {
                     Ok(victims) => {
                         retained_through = shipped;
+                        if !victims.is_empty() {
+                            checkpointed_records = db.store_metrics.records.load(Relaxed);
+                            last_checkpoint = Instant::now();
+                        }
                         retired = victims;
                     }
                     Err(e) => warn!("store: retention postponed (checkpoint: {e})"),
                 }
             }
         }
+        // Taken under the lock, so the statistics match the file lengths exactly.
+        let checkpoint = (retired.is_empty() && due).then(|| {
+            checkpointed_records = db.store_metrics.records.load(Relaxed);
+            state.store.checkpoint(state.sensors.clone())
+        });
         drop(state);
 
         if !completions.is_empty() {
