@@ -27,6 +27,7 @@ use flate2::write::GzEncoder;
 use log::{info, warn};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -207,6 +208,7 @@ impl Archive {
         let shipper = Shipper {
             config,
             dir: dir.to_owned(),
+            pending: Mutex::new(BTreeMap::new()),
             store,
             shipped_through: shipped_through.clone(),
             metrics: metrics.clone(),
@@ -254,6 +256,8 @@ impl Archive {
 struct Shipper {
     config: ArchiveConfig,
     dir: PathBuf,
+    /// Sealed segments not yet shipped: number -> (bytes, when sealed in Unix ms).
+    pending: Mutex<BTreeMap<u64, (u64, u64)>>,
     store: Arc<StoreMetrics>,
     shipped_through: Arc<AtomicU64>,
     metrics: Arc<ArchiveMetrics>,
@@ -426,20 +430,28 @@ impl Shipper {
         Ok(())
     }
 
-    /// Recounts the sealed segments still to ship, for `/metrics`.
+    /// Recounts the sealed segments still to ship, for `/metrics`. Each segment is
+    /// looked at once (sealed segments never change), so a long backlog costs nothing
+    /// per round.
     fn refresh_pending(&self, shipped: u64, sealed: u64) {
-        let (mut segments, mut bytes, mut oldest) = (0, 0, 0);
-        for number in shipped + 1..=sealed {
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        pending.retain(|&number, _| number > shipped);
+        let first_new = pending
+            .keys()
+            .next_back()
+            .map_or(shipped, |&n| n.max(shipped))
+            + 1;
+        for number in first_new..=sealed {
             let path = self.dir.join(segment_name(number));
             if let Ok(meta) = fs::metadata(&path) {
-                segments += 1;
-                bytes += meta.len();
-                if oldest == 0 {
-                    oldest = modified_ms(&path).max(1);
-                }
+                pending.insert(number, (meta.len(), modified_ms(&path).max(1)));
             }
         }
-        self.metrics.pending_segments.store(segments, Relaxed);
+        let bytes = pending.values().map(|(len, _)| len).sum();
+        let oldest = pending.values().next().map_or(0, |&(_, at)| at);
+        self.metrics
+            .pending_segments
+            .store(pending.len() as u64, Relaxed);
         self.metrics.pending_bytes.store(bytes, Relaxed);
         self.metrics.oldest_pending_ms.store(oldest, Relaxed);
     }
