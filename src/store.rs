@@ -294,11 +294,13 @@ impl Store {
             self.active_since = Some((Instant::now(), unix_millis()));
         }
         let len = len + records.len() as u64;
-        self.lengths.insert(self.active_name.clone(), len);
-        self.crcs
-            .entry(self.active_name.clone())
-            .or_default()
-            .update(records);
+        // The active segment's entries exist from its opening on: no key to allocate.
+        if let Some(known) = self.lengths.get_mut(&self.active_name) {
+            *known = len;
+        }
+        if let Some(crc) = self.crcs.get_mut(&self.active_name) {
+            crc.update(records);
+        }
         self.metrics.records.fetch_add(count, Relaxed);
         self.metrics.bytes.fetch_add(records.len() as u64, Relaxed);
         if len >= self.options.segment_bytes
