@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The project's benchmark: sensor-server against the thread-per-connection baseline
-# (benches/baseline_server.rs), same driver (sensor-client --bench), same run, loopback.
-# Prints figures and ratios; asserts nothing about timing.
+# The project's benchmark: sensor-server (the glibc build, and the static musl build of
+# dist/x86_64 that production runs, when present) against two references, same driver
+# (sensor-client --bench), same run, loopback: an idiomatic tokio server
+# (benches/tokio_reference.rs, no store) and the thread-per-connection baseline
+# (benches/baseline_server.rs). Prints figures, server CPU seconds per million readings
+# and ratios; asserts nothing about timing.
 #
 #   benches/run.sh           full run (about 3 minutes)
 #   benches/run.sh --smoke   short run for CI (about 30 seconds, smaller scenario c)
@@ -12,7 +15,10 @@ smoke=false
 [[ "${1:-}" == "--smoke" ]] && smoke=true
 if $smoke; then secs=1; c_conns=1000; c_secs=4; else secs=5; c_conns=15000; c_secs=20; fi
 
-cargo build --release --quiet --bin sensor-server --bin sensor-client --example baseline-server
+cargo build --release --quiet --bin sensor-server --bin sensor-client --example baseline-server \
+  --example tokio-reference
+musl=dist/x86_64/sensor-server
+tick=$(getconf CLK_TCK)
 bin=target/release
 work=$(mktemp -d)
 pids=()
@@ -28,9 +34,13 @@ start_server() {
   dir="$work/$name-$fsync-$RANDOM"
   out="$dir.out"
   mkdir -p "$dir"
-  if [[ $name == sensorhub ]]; then
-    "$bin/sensor-server" --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --data-dir "$dir" \
+  if [[ $name == sensorhub || $name == musl ]]; then
+    local server=$bin/sensor-server
+    [[ $name == musl ]] && server=$musl
+    "$server" --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --data-dir "$dir" \
       --fsync "$fsync" --max-connections 20000 --log-level warn >"$out" 2>"$dir.err" &
+  elif [[ $name == tokio ]]; then
+    "$bin/examples/tokio-reference" --listen 127.0.0.1:0 >"$out" 2>"$dir.err" &
   else
     "$bin/examples/baseline-server" --listen 127.0.0.1:0 --data-dir "$dir" --fsync "$fsync" \
       >"$out" 2>"$dir.err" &
@@ -63,32 +73,50 @@ server_p99() {
 # field NAME LINE: the number after NAME in a client summary line
 field() { sed -n "s/.*$1 \([0-9.]*\).*/\1/p" <<<"$2"; }
 
-# bench NAME FSYNC CONNS WINDOW -> prints a row, sets RATE P99
+# cpu_seconds PID: user + system CPU time the process has used so far
+cpu_seconds() { awk -v t="$tick" '{ print ($14 + $15) / t }' "/proc/$1/stat"; }
+
+# bench NAME FSYNC CONNS WINDOW -> prints a row, sets RATE P99 CPU (server CPU seconds
+# per million readings)
 bench() {
-  local name=$1 fsync=$2 conns=$3 window=$4 line
+  local name=$1 fsync=$2 conns=$3 window=$4 line cpu
   start_server "$name" "$fsync"
   line=$("$bin/sensor-client" --server "127.0.0.1:$PORT" --sensors "$conns" --connections "$conns" \
     --window "$window" --bench --duration "$secs" --log-level error | grep '^bench:' || true)
+  cpu=$(cpu_seconds "$PID")
   stop_server
   RATE=$(sed -n 's/.*= \([0-9]*\) readings\/s.*/\1/p' <<<"$line")
   P99=$(field p99 "$line")
-  printf '%-10s fsync %-6s %5d conns x window %-3d %10s readings/s  p50 %7s ms  p99 %7s ms\n' \
-    "$name" "$fsync" "$conns" "$window" "${RATE:-FAILED}" "$(field p50 "$line")" "${P99:-?}"
+  CPU=$(awk -v c="$cpu" -v r="${RATE:-0}" -v s="$secs" 'BEGIN { if (r > 0) printf "%.2f", c / (r * s / 1e6); else print "?" }')
+  printf '%-10s fsync %-6s %5d conns x window %-3d %10s readings/s  p50 %7s ms  p99 %7s ms  p99.9 %7s ms  cpu %5s s/M\n' \
+    "$name" "$fsync" "$conns" "$window" "${RATE:-FAILED}" "$(field p50 "$line")" "${P99:-?}" \
+    "$(field p99.9 "$line")" "$CPU"
 }
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "n/a" }'; }
 
 echo "== machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r); server and driver share the cores"
-echo "== (a) 64 connections x window 32, ${secs}s each"
-bench sensorhub never 64 32; ours_never=$RATE
+echo "== (a) 64 connections x window 32, ${secs}s each (cpu: server CPU seconds per million readings)"
+bench sensorhub never 64 32; ours_never=$RATE ours_cpu=$CPU
 bench sensorhub always 64 32; ours_always=$RATE
+if [[ -x $musl ]]; then
+  bench musl never 64 32; musl_never=$RATE
+  bench musl always 64 32
+else
+  musl_never=0
+  echo "musl       skipped: $musl missing (scripts/build-static.sh)"
+fi
+bench tokio none 64 32; tokio_rate=$RATE tokio_cpu=$CPU
 bench baseline never 64 32; base_never=$RATE
 bench baseline always 64 32; base_always=$RATE
+echo "   sensorhub fsync never vs tokio reference (which stores nothing): $(ratio "$ours_never" "$tokio_rate"); static musl build: $(ratio "$musl_never" "$tokio_rate")"
+echo "   server CPU per reading, tokio reference / sensorhub: $(ratio "$tokio_cpu" "$ours_cpu") (above 1: sensorhub uses less)"
 echo "   sensorhub vs baseline: fsync never $(ratio "$ours_never" "$base_never"), fsync always $(ratio "$ours_always" "$base_always")"
 echo "   sensorhub fsync always / fsync never: $(ratio "$ours_always" "$ours_never")"
 
 echo "== (b) 1000 connections x window 1, fsync always, ${secs}s each"
 bench sensorhub always 1000 1
+bench tokio none 1000 1
 bench baseline always 1000 1
 
 echo "== (c) $c_conns connections, one reading per second each, fsync always, ${c_secs}s"
