@@ -18,7 +18,7 @@
 
 use crate::protocol::Reading;
 use crate::stats::SensorStats;
-use crate::store::{Sensors, Store, StoreMetrics, delete_retired, encode_record, sync_timed};
+use crate::store::{Sensors, Store, StoreMetrics, delete_retired, encode_record};
 use crate::worker::{Completion, Notifier};
 use log::{error, info, warn};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
@@ -181,8 +181,13 @@ impl Db {
             drop(guard);
             self.commit_needed.notify_one();
         } else {
+            let sealed = state.store.sync_pending();
             drop(guard);
             self.notifier.send_all(completions);
+            if sealed {
+                // A segment was sealed: the committer syncs it, so the archive may ship it.
+                self.commit_needed.notify_one();
+            }
         }
         Ok(())
     }
@@ -273,7 +278,8 @@ pub fn run_committer(db: &Db, checkpoint_every: Duration, retention: Option<&Ret
             warn!("store: cannot seal the active segment yet: {e}");
         }
         let completions = std::mem::take(&mut state.waiting);
-        let active = state.store.active_file();
+        let sync = (!completions.is_empty() || state.store.sync_pending())
+            .then(|| state.store.take_sync(!completions.is_empty()));
         let closing = state.closing;
         let due = checkpoint_due(&state);
         // Retention first: when it retires segments it writes a checkpoint of the
@@ -304,8 +310,8 @@ pub fn run_committer(db: &Db, checkpoint_every: Duration, retention: Option<&Ret
         });
         drop(state);
 
-        if !completions.is_empty() {
-            if let Err(e) = sync_timed(&active, &db.store_metrics) {
+        if let Some(sync) = sync {
+            if let Err(e) = sync.run() {
                 fail(e);
             }
             db.notifier.send_all(completions);

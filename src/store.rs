@@ -120,8 +120,10 @@ pub struct Checkpoint {
     pub(crate) retired_through: u64,
     #[serde(skip)]
     dir: PathBuf,
+    /// Files whose appends the checkpoint counts and that must be synced before it is
+    /// written: sealed segments still waiting for their sync, and the active one.
     #[serde(skip)]
-    active: Option<Arc<File>>,
+    unsynced: Vec<Arc<File>>,
 }
 
 /// Appends `r` as one store line. Sensor ids and kinds are restricted to characters that
@@ -151,6 +153,12 @@ pub struct Store {
     options: StoreOptions,
     /// Shared so the committer can fsync it without holding the ledger lock.
     active: Arc<File>,
+    /// Sealed segments whose last appends are not synced yet, and whether the directory
+    /// holds a segment name not synced yet. Sealing happens inside `append`, under the
+    /// ledger lock, so the fsync of a full segment (tens of milliseconds) is left to the
+    /// committer (`take_sync`) instead of stalling every worker.
+    unsynced: Vec<Arc<File>>,
+    dir_unsynced: bool,
     active_name: String,
     active_number: u64,
     /// When the active segment got its first record (monotonic, and Unix ms for the
@@ -254,6 +262,8 @@ impl Store {
         let store = Store {
             options,
             active: Arc::new(active),
+            unsynced: Vec::new(),
+            dir_unsynced: false,
             active_name,
             active_number,
             active_since: (active_len > 0).then(|| (Instant::now(), unix_millis())),
@@ -264,6 +274,10 @@ impl Store {
             _lock: lock,
         };
         store.publish_sizes();
+        store
+            .metrics
+            .sealed_through
+            .store(store.active_number - 1, Relaxed);
         Ok((store, sensors))
     }
 
@@ -272,8 +286,8 @@ impl Store {
     }
 
     /// Appends complete record lines (one `write`); they reach the disk at the next
-    /// `sync` of `active_file()`. Starts a new segment past the size limit, syncing the
-    /// old one first so that syncing the active segment covers every earlier append.
+    /// `SyncSet::run` of `take_sync`. Starts a new segment past the size limit; the old
+    /// one joins the set to sync.
     ///
     /// A failed write is undone (the segment cut back to its length before it), so the
     /// file never holds part of a batch; `Err` then means nothing of `records` is
@@ -324,14 +338,30 @@ impl Store {
         Ok(sensors)
     }
 
-    /// The segment being appended to; syncing it makes every append so far durable.
-    pub fn active_file(&self) -> Arc<File> {
-        self.active.clone()
+    /// What must be synced to make every append so far durable (`with_active`) or, at
+    /// least, every sealed segment (which the archive may then ship). Taken under the
+    /// ledger lock, run outside it.
+    pub fn take_sync(&mut self, with_active: bool) -> SyncSet {
+        let mut files = std::mem::take(&mut self.unsynced);
+        if with_active {
+            files.push(self.active.clone());
+        }
+        SyncSet {
+            files,
+            dir: std::mem::take(&mut self.dir_unsynced).then(|| self.options.dir.clone()),
+            sealed_through: self.active_number - 1,
+            metrics: self.metrics.clone(),
+        }
     }
 
-    /// fsyncs every append so far (see `active_file`).
-    pub fn sync(&self) -> io::Result<()> {
-        sync_timed(&self.active, &self.metrics)
+    /// True when a sealed segment or the directory waits for its sync.
+    pub fn sync_pending(&self) -> bool {
+        !self.unsynced.is_empty() || self.dir_unsynced
+    }
+
+    /// Syncs every append so far, at once (tests and tools).
+    pub fn sync(&mut self) -> io::Result<()> {
+        self.take_sync(true).run()
     }
 
     /// What a checkpoint of the store as it is now needs; written later, outside the
@@ -343,8 +373,14 @@ impl Store {
             sensors,
             retired_through: self.retired_through,
             dir: self.options.dir.clone(),
-            active: Some(self.active.clone()),
+            unsynced: self.files_to_sync(),
         }
+    }
+
+    fn files_to_sync(&self) -> Vec<Arc<File>> {
+        let mut files = self.unsynced.clone();
+        files.push(self.active.clone());
+        files
     }
 
     /// Seals the active segment if its first record is older than `max_age` or from an
@@ -418,7 +454,7 @@ impl Store {
             sensors: sensors.clone(),
             retired_through,
             dir: self.options.dir.clone(),
-            active: Some(self.active.clone()),
+            unsynced: self.files_to_sync(),
         }
         .write()?;
         self.crcs.retain(|name, _| kept.contains_key(name));
@@ -432,10 +468,16 @@ impl Store {
     }
 
     fn rotate(&mut self) -> io::Result<()> {
-        self.sync()?;
-        let (file, name, number) = open_segment(&self.options.dir, self.active_number + 1)?;
+        let name = segment_name(self.active_number + 1);
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.options.dir.join(&name))?;
+        let number = self.active_number + 1;
         info!("store: sealed {}, starting {name}", self.active_name);
-        self.active = Arc::new(file);
+        let sealed = std::mem::replace(&mut self.active, Arc::new(file));
+        self.unsynced.push(sealed);
+        self.dir_unsynced = true;
         self.active_since = None;
         self.lengths.insert(name.clone(), 0);
         self.crcs.insert(name.clone(), crc32fast::Hasher::new());
@@ -463,9 +505,6 @@ impl Store {
         self.metrics
             .segments
             .store(self.lengths.len() as u64, Relaxed);
-        self.metrics
-            .sealed_through
-            .store(self.active_number - 1, Relaxed);
     }
 }
 
@@ -497,7 +536,7 @@ fn utc_day(unix_ms: u64) -> u64 {
 }
 
 /// fsyncs `file`'s data, recording how long it took.
-pub fn sync_timed(file: &File, metrics: &StoreMetrics) -> io::Result<()> {
+fn sync_timed(file: &File, metrics: &StoreMetrics) -> io::Result<()> {
     let started = Instant::now();
     file.sync_data()?;
     metrics
@@ -506,11 +545,39 @@ pub fn sync_timed(file: &File, metrics: &StoreMetrics) -> io::Result<()> {
     Ok(())
 }
 
+/// Syncs taken from the store under the ledger lock (`Store::take_sync`) and run
+/// outside it.
+#[must_use = "nothing is durable until the set is run"]
+pub struct SyncSet {
+    files: Vec<Arc<File>>,
+    dir: Option<PathBuf>,
+    sealed_through: u64,
+    metrics: Arc<StoreMetrics>,
+}
+
+impl SyncSet {
+    /// Syncs the files, then the directory (new segment names); only then are the sealed
+    /// segments published to the archive (`sealed_through`).
+    pub fn run(self) -> io::Result<()> {
+        for file in &self.files {
+            sync_timed(file, &self.metrics)?;
+        }
+        if let Some(dir) = &self.dir {
+            sync_dir(dir)?;
+        }
+        self.metrics
+            .sealed_through
+            .fetch_max(self.sealed_through, Relaxed);
+        Ok(())
+    }
+}
+
 impl Checkpoint {
-    /// Syncs the data the checkpoint covers, then replaces `checkpoint.json` atomically.
+    /// Syncs the data the checkpoint covers, then replaces `checkpoint.json` atomically
+    /// (which also syncs the directory).
     pub fn write(&self) -> io::Result<()> {
-        if let Some(active) = &self.active {
-            active.sync_data()?;
+        for file in &self.unsynced {
+            file.sync_data()?;
         }
         write_atomically(&self.dir, CHECKPOINT, &serde_json::to_vec(self)?)
     }
@@ -751,6 +818,14 @@ mod tests {
         assert_eq!(store.active_number, 2);
         append(&mut store, &[reading("a", 1.0, 2)]);
         store.seal().unwrap();
+        assert_eq!(
+            store.metrics().sealed_through.load(Relaxed),
+            1,
+            "the archive sees a sealed segment only once it is synced"
+        );
+        assert!(store.sync_pending());
+        store.take_sync(false).run().unwrap();
+        assert!(!store.sync_pending());
         assert_eq!(store.metrics().sealed_through.load(Relaxed), 2);
         assert_eq!(store_files(&dir).unwrap().len(), 3);
     }
