@@ -1,29 +1,17 @@
 //! sensorhub: sensor-telemetry ingest.
 //!
-//! `sensor-server` is one mio event loop (`event_loop`) over every sensor connection
-//! (`connection`, `framing`), a pool of workers (`worker`) that validate lines
-//! (`protocol`) and decide them against a shared ledger (`db`) made durable by group
-//! commit to an append-only store (`store`) whose sealed segments ship to S3 (`archive`),
-//! plus an HTTP side port (`http`, `metrics`).
-//! `sensor-client` (`client`, `simulate`) simulates sensors and never loses a reading.
-//! The wire contract is `docs/protocol.md`.
+//! - `wire`: the format both binaries and the store share: framing, what a reading line
+//!   must hold, replies and records. The contract is `docs/protocol.md`.
+//! - `server`: `sensor-server`, one mio event loop (`event_loop`) over every sensor
+//!   connection (`connection`), a pool of workers (`worker`) that validate lines and
+//!   decide them against a shared ledger (`db`) made durable by group commit to an
+//!   append-only store (`store`, `recovery`) whose sealed segments ship to S3
+//!   (`archive`), plus an HTTP side port (`http`, `metrics`).
+//! - `client`: `sensor-client`, which simulates sensors and never loses a reading.
 
-pub mod archive;
 pub mod client;
-pub mod config;
-pub mod connection;
-pub mod db;
-pub mod event_loop;
-pub mod framing;
-pub mod http;
-pub mod metrics;
-pub mod protocol;
-pub mod recovery;
 pub mod server;
-pub mod simulate;
-pub mod stats;
-pub mod store;
-pub mod worker;
+pub mod wire;
 
 /// Logs go to stderr, so that stdout carries only what scripts read (the bound
 /// addresses, the client's summary).

@@ -9,8 +9,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sensorhub::recovery::verify;
-use sensorhub::store::{Store, StoreOptions};
+use sensorhub::server::recovery::verify;
+use sensorhub::server::store::{Store, StoreOptions};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;

@@ -1,5 +1,5 @@
 use clap::Parser;
-use sensorhub::config::{ServerConfig, ShipConfig, VerifyConfig};
+use sensorhub::server::config::{ServerConfig, ShipConfig, VerifyConfig};
 
 fn main() {
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
@@ -15,7 +15,7 @@ fn main() {
             args.remove(1);
             let config = VerifyConfig::parse_from(args);
             sensorhub::init_logging(log::LevelFilter::Warn);
-            match sensorhub::recovery::verify(&config.data_dir, &mut std::io::stdout()) {
+            match sensorhub::server::recovery::verify(&config.data_dir, &mut std::io::stdout()) {
                 Ok(report) if report.problems == 0 => Ok(()),
                 Ok(_) => std::process::exit(1),
                 Err(e) => Err(format!("cannot verify {}: {e}", config.data_dir.display())),

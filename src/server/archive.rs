@@ -19,7 +19,7 @@
 //! async runtime or TLS stack in this binary (the official Rust SDK would add both, and
 //! a C toolchain for the static aarch64 build).
 
-use crate::store::{StoreMetrics, segment_name, unix_millis, write_atomically};
+use crate::server::store::{StoreMetrics, segment_name, unix_millis, write_atomically};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use flate2::Compression;

@@ -2,8 +2,10 @@
 //! files, the rest replayed into per-sensor statistics; and the probe that refuses a
 //! store the server could not write. `store.rs` holds the running store.
 
-use crate::stats::SensorStats;
-use crate::store::{CHECKPOINT, Checkpoint, Covered, Sensors, delete_retired, segment_number};
+use crate::server::stats::SensorStats;
+use crate::server::store::{
+    CHECKPOINT, Checkpoint, Covered, Sensors, delete_retired, segment_number,
+};
 use crc32fast::Hasher;
 use log::warn;
 use serde::Deserialize;
@@ -105,7 +107,7 @@ pub(crate) fn recover(dir: &Path) -> io::Result<Recovered> {
         .filter_map(|name| Some((segment_number(name)?, dir.join(name))))
         .filter(|(n, _)| *n <= retired_through)
         .collect();
-    let shipped = crate::archive::confirmed_through(dir);
+    let shipped = crate::server::archive::confirmed_through(dir);
     if let Some((n, _)) = leftovers.iter().find(|(n, _)| *n > shipped) {
         warn!(
             "store: {CHECKPOINT} says segments up to {retired_through} were retired, but segment {n} is here and archive.json confirms shipping only up to {shipped}; not trusting the checkpoint, replaying every file"

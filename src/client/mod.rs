@@ -12,8 +12,10 @@
 //! One mio loop drives every link, so 15,000 connections cost 15,000 sockets and no
 //! threads.
 
-use crate::protocol::{Reply, Status, valid_kind, valid_sensor};
-use crate::simulate::{RandomWalk, SeqClock, encode_reading, unix_micros};
+pub mod simulate;
+
+use crate::client::simulate::{RandomWalk, SeqClock, encode_reading, unix_micros};
+use crate::wire::reading::{Reply, Status, valid_kind, valid_sensor};
 use clap::Parser;
 use hdrhistogram::Histogram;
 use log::{debug, info, warn};

@@ -8,8 +8,8 @@
 //! a connection that cannot be served gets `503` rather than silence, so a load
 //! balancer's health check keeps its answer under a flood or a slowloris attack.
 
-use crate::db::Db;
-use crate::stats::SensorView;
+use crate::server::db::Db;
+use crate::server::stats::SensorView;
 use mio::net::TcpStream;
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};

@@ -103,7 +103,7 @@ pub fn encode_reading(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{Verdict, parse_line};
+    use crate::wire::reading::{Verdict, parse_line};
 
     #[test]
     fn seqs_follow_the_clock_and_never_repeat() {

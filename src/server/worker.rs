@@ -9,10 +9,10 @@
 //! loop only when it is not already due to drain the channel, so a busy loop is not
 //! interrupted once per batch.
 
-use crate::connection::ConnId;
-use crate::db::{Applied, Db};
-use crate::framing;
-use crate::protocol::{Reading, Status, Verdict, is_blank, parse_line, write_reply};
+use crate::server::connection::ConnId;
+use crate::server::db::{Applied, Db};
+use crate::wire::framing;
+use crate::wire::reading::{Reading, Status, Verdict, is_blank, parse_line, write_reply};
 use crossbeam_channel::{Receiver, Sender};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};

@@ -13,15 +13,15 @@
 //! out, `OUTPUT_HIGH_WATER` unsent reply bytes, or lines the full worker queue could not
 //! take: that is the backpressure that keeps memory bounded whatever clients do.
 
-use crate::archive::ArchiveMetrics;
-use crate::connection::{ConnId, Connection, Fill, MAX_IN_FLIGHT, OUTPUT_HIGH_WATER};
-use crate::db::Db;
-use crate::framing;
-use crate::http::{self, HttpConn, MAX_HTTP_CONNECTIONS, Progress, Route};
-use crate::metrics::{Exposition, Histogram, LATENCY_BUCKETS};
-use crate::protocol::{BUSY_REPLY, OVERLONG_REPLY, Status};
-use crate::store::{StoreMetrics, unix_millis};
-use crate::worker::{Completion, Completions, Job};
+use crate::server::archive::ArchiveMetrics;
+use crate::server::connection::{ConnId, Connection, Fill, MAX_IN_FLIGHT, OUTPUT_HIGH_WATER};
+use crate::server::db::Db;
+use crate::server::http::{self, HttpConn, MAX_HTTP_CONNECTIONS, Progress, Route};
+use crate::server::metrics::{Exposition, Histogram, LATENCY_BUCKETS};
+use crate::server::store::{StoreMetrics, unix_millis};
+use crate::server::worker::{Completion, Completions, Job};
+use crate::wire::framing;
+use crate::wire::reading::{BUSY_REPLY, OVERLONG_REPLY, Status};
 use crossbeam_channel::{Sender, TrySendError};
 use log::{debug, info, warn};
 use mio::net::{TcpListener, TcpStream};

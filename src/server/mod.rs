@@ -1,12 +1,24 @@
 //! Wiring of `sensor-server`: recover the store, start the committer and the workers,
 //! bind the listeners, run the event loop, then stop everything in order.
 
-use crate::archive::{self, Archive, ArchiveConfig};
-use crate::config::{ArchiveArgs, Fsync, ServerConfig, ShipConfig};
-use crate::db::{Db, Retention, run_committer};
-use crate::event_loop::{EventLoop, Limits, LoopParts, WAKER};
-use crate::store::{Store, StoreOptions};
-use crate::worker::{completion_channel, spawn_pool};
+pub mod archive;
+pub mod config;
+pub mod connection;
+pub mod db;
+pub mod event_loop;
+pub mod http;
+pub mod metrics;
+pub mod recovery;
+pub mod stats;
+pub mod store;
+pub mod worker;
+
+use crate::server::config::{ArchiveArgs, Fsync, ServerConfig, ShipConfig};
+use crate::server::db::{Db, Retention, run_committer};
+use crate::server::event_loop::{EventLoop, Limits, LoopParts, WAKER};
+use crate::server::store::{Store, StoreOptions};
+use crate::server::worker::{completion_channel, spawn_pool};
+use archive::{Archive, ArchiveConfig};
 use log::info;
 use mio::net::TcpListener;
 use socket2::{Domain, Protocol, Socket, Type};

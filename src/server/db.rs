@@ -16,10 +16,10 @@
 //! later, so it refers to durable data. That is what makes `duplicate` safe: the reading
 //! it refers to was written earlier, hence is on disk when the `duplicate` leaves.
 
-use crate::protocol::Reading;
-use crate::stats::SensorStats;
-use crate::store::{Sensors, Store, StoreMetrics, delete_retired, encode_record};
-use crate::worker::{Completion, Notifier};
+use crate::server::stats::SensorStats;
+use crate::server::store::{Sensors, Store, StoreMetrics, delete_retired, encode_record};
+use crate::server::worker::{Completion, Notifier};
+use crate::wire::reading::Reading;
 use log::{error, info, warn};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};

@@ -23,10 +23,10 @@
 //! one store; unlike a lock file, a directory cannot be deleted out from under its
 //! holder while it holds files.
 
-use crate::metrics::{Histogram, LATENCY_BUCKETS};
-use crate::protocol::Reading;
-use crate::recovery::{Recovered, load, probe_writable, recover};
-use crate::stats::SensorStats;
+use crate::server::metrics::{Histogram, LATENCY_BUCKETS};
+use crate::server::recovery::{Recovered, load, probe_writable, recover};
+use crate::server::stats::SensorStats;
+use crate::wire::reading::Reading;
 use log::{info, warn};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -626,7 +626,7 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::recovery::store_files;
+    use crate::server::recovery::store_files;
     use std::borrow::Cow;
 
     pub(crate) fn temp_dir(name: &str) -> PathBuf {
@@ -941,7 +941,9 @@ mod tests {
             "full replay: only the intact record counts"
         );
         let mut report = Vec::new();
-        let problems = crate::recovery::verify(&dir, &mut report).unwrap().problems;
+        let problems = crate::server::recovery::verify(&dir, &mut report)
+            .unwrap()
+            .problems;
         let report = String::from_utf8(report).unwrap();
         assert_eq!(problems, 2, "{report}");
         assert!(
@@ -962,13 +964,23 @@ mod tests {
             append(&mut store, &[reading("a", 1.0, 1)]);
         }
         let mut out = Vec::new();
-        assert_eq!(crate::recovery::verify(&dir, &mut out).unwrap().problems, 0);
+        assert_eq!(
+            crate::server::recovery::verify(&dir, &mut out)
+                .unwrap()
+                .problems,
+            0
+        );
         let seg = dir.join(segment_name(1));
         let len = fs::metadata(&seg).unwrap().len();
         let mut file = OpenOptions::new().append(true).open(&seg).unwrap();
         file.write_all(b"{\"sensor\":\"a\",\"ki").unwrap();
         let mut out = Vec::new();
-        assert_eq!(crate::recovery::verify(&dir, &mut out).unwrap().problems, 1);
+        assert_eq!(
+            crate::server::recovery::verify(&dir, &mut out)
+                .unwrap()
+                .problems,
+            1
+        );
         let out = String::from_utf8(out).unwrap();
         assert!(
             out.contains(&format!(

@@ -135,7 +135,7 @@ pub struct Connection {
     pub lingering_until: Option<Instant>,
     /// Batches handed out; their replies come back through `reorder`.
     pub batches_sent: u64,
-    pub reorder: Reorder<crate::worker::Completion>,
+    pub reorder: Reorder<crate::server::worker::Completion>,
     /// Last time the peer sent bytes (for `--idle-timeout`).
     pub last_input: Instant,
 }

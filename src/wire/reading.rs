@@ -3,7 +3,7 @@
 //! Everything here is pure (no I/O, no shared state) so that the validation table of
 //! `PROTOCOL.md` can be tested line by line. The order of checks is part of the contract:
 //! UTF-8, JSON, object, member types (`error`), rules (`rejected`); duplicates are decided
-//! later against the store's state (see `db.rs`), because they depend on what is durable.
+//! later against the store's state (see `server/db.rs`), because they depend on what is durable.
 
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
