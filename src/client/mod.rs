@@ -14,8 +14,10 @@
 
 pub mod simulate;
 
-use crate::client::simulate::{RandomWalk, SeqClock, encode_reading, unix_micros};
-use crate::wire::reading::{Reply, Status, valid_kind, valid_sensor};
+use crate::client::simulate::{RandomWalk, SeqClock, unix_micros};
+use crate::wire::reading::{valid_kind, valid_sensor};
+use crate::wire::record::encode_reading;
+use crate::wire::reply::{Answer, Status, read_reply};
 use clap::Parser;
 use hdrhistogram::Histogram;
 use log::{debug, info, warn};
@@ -756,31 +758,18 @@ impl Client {
     }
 
     fn handle_reply(&mut self, i: usize, line: &[u8], now: Instant) -> io::Result<()> {
-        let (status, seq) = match fast_status(line) {
-            Some(fast) => fast,
-            None => {
-                let reply: Reply = serde_json::from_slice(line).map_err(|e| {
-                    io::Error::new(io::ErrorKind::InvalidData, format!("bad reply: {e}"))
-                })?;
-                if reply.seq.is_none() && reply.error.as_deref() == Some("server busy") {
-                    return Err(io::Error::other("server busy"));
-                }
-                if reply.status != "ok" && reply.status != "duplicate" {
-                    warn!(
-                        "reading answered {}: {}",
-                        reply.status,
-                        reply.error.as_deref().unwrap_or("")
-                    );
-                }
-                let status = match reply.status.as_str() {
-                    "ok" => Status::Ok,
-                    "duplicate" => Status::Duplicate,
-                    "rejected" => Status::Rejected,
-                    _ => Status::Error,
-                };
-                (status, reply.seq.and_then(|n| n.as_u64()))
-            }
-        };
+        let Answer { seq, status, error } =
+            read_reply(line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        if seq.is_none() && error.as_deref() == Some("server busy") {
+            return Err(io::Error::other("server busy"));
+        }
+        if !matches!(status, Status::Ok | Status::Duplicate) {
+            warn!(
+                "reading answered {}: {}",
+                status.as_str(),
+                error.as_deref().unwrap_or("")
+            );
+        }
         let link = &mut self.links[i];
         if link.sent == 0 {
             return Err(io::Error::new(
@@ -907,22 +896,6 @@ impl Client {
     }
 }
 
-/// Recognises the two common replies, and their seq, without a JSON parse.
-fn fast_status(line: &[u8]) -> Option<(Status, Option<u64>)> {
-    let rest = line.strip_prefix(b"{\"seq\":")?;
-    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-    if digits == 0 || digits > 19 {
-        return None;
-    }
-    let status = match &rest[digits..] {
-        b",\"status\":\"ok\"}" => Status::Ok,
-        b",\"status\":\"duplicate\"}" => Status::Duplicate,
-        _ => return None,
-    };
-    let seq = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
-    Some((status, Some(seq)))
-}
-
 fn validate_names(config: &ClientConfig) -> Result<(), String> {
     if let Some(id) = &config.sensor
         && !valid_sensor(id)
@@ -949,22 +922,6 @@ fn validate_names(config: &ClientConfig) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fast_path_recognises_only_exact_ok_and_duplicate() {
-        assert!(matches!(
-            fast_status(br#"{"seq":17,"status":"ok"}"#),
-            Some((Status::Ok, Some(17)))
-        ));
-        assert!(matches!(
-            fast_status(br#"{"seq":9007199254740991,"status":"duplicate"}"#),
-            Some((Status::Duplicate, Some(9_007_199_254_740_991)))
-        ));
-        assert!(fast_status(br#"{"seq":99999999999999999999,"status":"ok"}"#).is_none());
-        assert!(fast_status(br#"{"seq":null,"status":"error","error":"x"}"#).is_none());
-        assert!(fast_status(br#"{"seq":1,"status":"rejected","error":"x"}"#).is_none());
-        assert!(fast_status(br#"{"seq":1,"status":"ok","extra":1}"#).is_none());
-    }
 
     #[test]
     fn bad_names_are_refused_before_connecting() {

@@ -76,34 +76,11 @@ impl RandomWalk {
     }
 }
 
-/// Appends one reading line in the wire format.
-pub fn encode_reading(
-    out: &mut Vec<u8>,
-    sensor: &str,
-    kind: &str,
-    value: f64,
-    seq: u64,
-    ts_ms: u64,
-) {
-    let mut int = itoa::Buffer::new();
-    let mut float = ryu::Buffer::new();
-    out.extend_from_slice(b"{\"sensor\":\"");
-    out.extend_from_slice(sensor.as_bytes());
-    out.extend_from_slice(b"\",\"kind\":\"");
-    out.extend_from_slice(kind.as_bytes());
-    out.extend_from_slice(b"\",\"value\":");
-    out.extend_from_slice(float.format_finite(value).as_bytes());
-    out.extend_from_slice(b",\"seq\":");
-    out.extend_from_slice(int.format(seq).as_bytes());
-    out.extend_from_slice(b",\"ts\":");
-    out.extend_from_slice(int.format(ts_ms).as_bytes());
-    out.extend_from_slice(b"}\n");
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::wire::reading::{Verdict, parse_line};
+    use crate::wire::record::encode_reading;
 
     #[test]
     fn seqs_follow_the_clock_and_never_repeat() {

@@ -1,6 +1,15 @@
-//! One sensor connection as the event loop sees it: its socket, its unprocessed input,
-//! its unsent replies, the readiness it has not consumed yet, and the reorder buffer that
-//! keeps replies in line order.
+//! One sensor connection: its socket, its unprocessed input, its unsent replies, the
+//! readiness it has not consumed yet, and the reorder buffer that keeps replies in line
+//! order. The event loop only tells it what happened (`on_readiness`, `deliver`,
+//! `stop_input`) and asks it to move on (`service`); the rest is private.
+//!
+//! ## Servicing
+//! A connection is *serviced* whenever something changes for it (readiness, a completed
+//! batch, a free worker queue): write what is owed, hand complete lines to the workers
+//! while its limits allow, read while they still allow, and close when everything it is
+//! owed has been written. Reading stops while a connection has `MAX_IN_FLIGHT` batches
+//! out, `OUTPUT_HIGH_WATER` unsent reply bytes, or lines the full worker queue could not
+//! take: that is the backpressure that keeps memory bounded whatever clients do.
 //!
 //! ## Why pinning *and* a reorder buffer
 //! A pipelining sensor sends seq 1, 2, 3 … on one connection, and the ledger must see
@@ -14,25 +23,31 @@
 //! completions until every earlier one has arrived. The window is small
 //! (`MAX_IN_FLIGHT` batches), so a `Vec` scan is the right structure.
 
+pub use crate::server::completion::ConnId;
+use crate::server::completion::{BufferPool, Completion, Job};
+use crate::server::metrics::LoopStats;
+use crate::server::store::unix_millis;
+use crate::wire::framing;
+use crate::wire::reply::{OVERLONG_REPLY, Status};
+use crossbeam_channel::{Sender, TrySendError};
 use mio::Token;
+use mio::event::Event;
 use mio::net::TcpStream;
 use std::io::{self, Read, Write};
-use std::time::Instant;
+use std::net::Shutdown;
+use std::time::{Duration, Instant};
 
 /// At most this many batches of one connection are with the workers at once.
-pub const MAX_IN_FLIGHT: u64 = 4;
-
+const MAX_IN_FLIGHT: u64 = 4;
 /// Stop reading a connection while this many reply bytes are unsent (backpressure).
-pub const OUTPUT_HIGH_WATER: usize = 64 * 1024;
-
-/// Identifies a connection across slot reuse: the slab index plus a generation that
-/// changes every time the slot is filled, so a late completion for a closed connection
-/// never reaches its successor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConnId {
-    pub index: usize,
-    pub generation: u32,
-}
+const OUTPUT_HIGH_WATER: usize = 64 * 1024;
+/// Bytes read from one connection per pass before the others get their turn.
+const READ_BUDGET: usize = 256 * 1024;
+/// Lines per batch: bounds the replies one batch can produce (a 2-byte line can earn a
+/// 60-byte error), hence memory per in-flight batch.
+const MAX_BATCH_LINES: usize = 512;
+/// How long a closed-for-writing connection is drained before it is dropped.
+const LINGER: Duration = Duration::from_secs(2);
 
 /// Token layout: bits 0-31 index, bits 32-62 generation, bit 63 set for HTTP
 /// connections. Generation 0 is never used by a connection, which leaves tokens with
@@ -102,8 +117,32 @@ impl<T> Reorder<T> {
     }
 }
 
+/// Everything servicing a connection needs besides the connection itself; owned by the
+/// event loop and lent to one connection at a time.
+pub struct Context {
+    /// One queue per worker; a connection always uses `jobs[index % len]`.
+    pub jobs: Vec<Sender<Job>>,
+    pub stats: LoopStats,
+    pub max_line_bytes: usize,
+    /// Where reads land before they are appended to a connection's input: one buffer
+    /// for all, so an idle connection holds no read buffer.
+    pub scratch: Vec<u8>,
+    pub buffers: BufferPool,
+}
+
+/// What the loop should do with a connection after servicing it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    Wait,
+    /// Its read budget ran out with data left: service it again soon.
+    Again,
+    /// It cannot hand lines to the full worker queue: service it when workers progress.
+    QueueFull,
+    Close,
+}
+
 /// What one read produced.
-pub enum Fill {
+enum Fill {
     Data(usize),
     Eof,
     WouldBlock,
@@ -111,33 +150,33 @@ pub enum Fill {
 
 /// A sensor connection.
 pub struct Connection {
-    pub stream: TcpStream,
-    pub id: ConnId,
+    stream: TcpStream,
+    id: ConnId,
     /// Bytes read but not yet handed to a worker: complete lines, then a partial one.
-    pub input: Vec<u8>,
+    input: Vec<u8>,
     /// Replies not yet written; `written` bytes of it are already sent.
-    pub output: Vec<u8>,
-    pub written: usize,
+    output: Vec<u8>,
+    written: usize,
     /// Edge-triggered readiness not yet consumed (we may stop early, e.g. on a budget).
-    pub readable: bool,
-    pub writable: bool,
+    readable: bool,
+    writable: bool,
     /// The poller reported the peer's FIN: a short read no longer means "drained",
     /// since no new edge will announce the EOF behind the data.
-    pub read_hup: bool,
+    read_hup: bool,
     /// No more input will be processed: the peer half-closed, or the server is stopping.
-    pub input_closed: bool,
+    input_closed: bool,
     /// The peer sent EOF (read returned 0).
-    pub peer_closed: bool,
+    peer_closed: bool,
     /// When an over-long line arrived; its error reply follows all earlier replies.
-    pub overlong_at: Option<Instant>,
+    overlong_at: Option<Instant>,
     /// The write side is shut; reads are drained and discarded until EOF or deadline,
     /// so that unread input does not turn our close into a reset that loses replies.
-    pub lingering_until: Option<Instant>,
+    lingering_until: Option<Instant>,
     /// Batches handed out; their replies come back through `reorder`.
-    pub batches_sent: u64,
-    pub reorder: Reorder<crate::server::worker::Completion>,
+    batches_sent: u64,
+    reorder: Reorder<Completion>,
     /// Last time the peer sent bytes (for `--idle-timeout`).
-    pub last_input: Instant,
+    last_input: Instant,
 }
 
 impl Connection {
@@ -162,13 +201,209 @@ impl Connection {
         }
     }
 
+    pub fn id(&self) -> ConnId {
+        self.id
+    }
+
+    /// The socket, for (de)registering it with the poller.
+    pub fn stream_mut(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
+
+    /// Records the readiness a poller event reports (kept until consumed).
+    pub fn on_readiness(&mut self, event: &Event) {
+        let error = event.is_error();
+        if event.is_readable() || event.is_read_closed() || error {
+            self.readable = true;
+        }
+        if event.is_read_closed() || error {
+            self.read_hup = true;
+        }
+        if event.is_writable() || event.is_write_closed() || error {
+            self.writable = true;
+        }
+    }
+
+    /// Queues the replies of a finished batch, in batch order; returns its buffer.
+    pub fn deliver(&mut self, completion: Completion, ctx: &mut Context) {
+        let Connection {
+            output, reorder, ..
+        } = self;
+        reorder.push(completion.batch, completion, |c| {
+            for status in Status::ALL {
+                ctx.stats
+                    .count_replies(status, c.counts[status as usize], c.arrived);
+            }
+            if output.is_empty() {
+                // Nothing unsent: take the reply buffer as it is, no copy.
+                ctx.buffers.give(std::mem::replace(output, c.replies));
+            } else {
+                output.extend_from_slice(&c.replies);
+                ctx.buffers.give(c.replies);
+            }
+        });
+    }
+
+    /// Stops taking input: complete lines already read are still answered, the partial
+    /// line after them is dropped without a reply.
+    pub fn stop_input(&mut self) {
+        self.input_closed = true;
+        let keep = memchr::memrchr(b'\n', &self.input).map_or(0, |i| i + 1);
+        self.input.truncate(keep);
+    }
+
+    /// Whether the connection should be closed now for lingering past its deadline or
+    /// for sending nothing for `idle_timeout`. A connection with work in progress is not
+    /// idle: its clock restarts.
+    pub fn expired(&mut self, now: Instant, idle_timeout: Option<Duration>) -> bool {
+        if let Some(until) = self.lingering_until {
+            return now >= until;
+        }
+        if self.in_flight() > 0 || self.unsent() > 0 || has_complete_line(&self.input) {
+            self.last_input = now;
+            return false;
+        }
+        idle_timeout.is_some_and(|t| now.saturating_duration_since(self.last_input) >= t)
+    }
+
+    /// Moves the connection forward as far as it can go now (see the module doc).
+    pub fn service(&mut self, ctx: &mut Context, now: Instant) -> Next {
+        if self.lingering_until.is_some() {
+            return self.drain_lingering(ctx);
+        }
+        if self.flush(&mut ctx.buffers).is_err() {
+            return Next::Close;
+        }
+        let mut budget = READ_BUDGET;
+        loop {
+            if !self.dispatch(ctx, now) {
+                return Next::QueueFull;
+            }
+            if !self.readable || !self.may_read() {
+                break;
+            }
+            if budget == 0 {
+                return Next::Again;
+            }
+            match self.fill(&mut ctx.scratch) {
+                Ok(Fill::Data(n)) => {
+                    ctx.stats.bytes_received += n as u64;
+                    budget = budget.saturating_sub(n);
+                    self.last_input = now;
+                    if self.input.capacity() == 0 {
+                        self.input = ctx.buffers.take();
+                    }
+                    self.input.extend_from_slice(&ctx.scratch[..n]);
+                }
+                Ok(Fill::Eof) => {
+                    self.peer_closed = true;
+                    self.stop_input();
+                }
+                Ok(Fill::WouldBlock) => break,
+                Err(_) => return Next::Close,
+            }
+        }
+        self.finish_pass(ctx, now)
+    }
+
+    /// After reading: the over-long reply once it is due, a flush, and the end of the
+    /// connection once nothing more is owed.
+    fn finish_pass(&mut self, ctx: &mut Context, now: Instant) -> Next {
+        if let Some(at) = self.overlong_at
+            && self.in_flight() == 0
+        {
+            self.overlong_at = None;
+            self.output.extend_from_slice(OVERLONG_REPLY);
+            ctx.stats.count_replies(Status::Error, 1, at);
+        }
+        if self.flush(&mut ctx.buffers).is_err() {
+            return Next::Close;
+        }
+        let owed_nothing = self.input_closed
+            && self.overlong_at.is_none()
+            && self.in_flight() == 0
+            && self.unsent() == 0
+            && !has_complete_line(&self.input);
+        if !owed_nothing {
+            return Next::Wait;
+        }
+        // Everything owed is written: end our side. A peer that already sent EOF is
+        // done; otherwise drain its input until it closes too.
+        let _ = self.stream.shutdown(Shutdown::Write);
+        if self.peer_closed {
+            return Next::Close;
+        }
+        self.lingering_until = Some(now + LINGER);
+        self.drain_lingering(ctx)
+    }
+
     /// Batches with the workers whose replies have not been queued yet.
-    pub fn in_flight(&self) -> u64 {
+    fn in_flight(&self) -> u64 {
         self.batches_sent - self.reorder.next()
     }
 
-    pub fn unsent(&self) -> usize {
+    fn unsent(&self) -> usize {
         self.output.len() - self.written
+    }
+
+    fn may_read(&self) -> bool {
+        !self.input_closed
+            && self.in_flight() < MAX_IN_FLIGHT
+            && self.unsent() < OUTPUT_HIGH_WATER
+            && !has_complete_line(&self.input)
+    }
+
+    /// Hands complete lines to the workers while the connection's limits allow; false
+    /// when the worker queue is full.
+    fn dispatch(&mut self, ctx: &mut Context, now: Instant) -> bool {
+        while self.in_flight() < MAX_IN_FLIGHT && self.unsent() < OUTPUT_HIGH_WATER {
+            let scan = framing::scan(&self.input, ctx.max_line_bytes, MAX_BATCH_LINES);
+            if scan.lines == 0 {
+                if scan.overlong {
+                    // Nothing after an over-long line is processed; its error reply
+                    // follows the replies owed to the lines before it.
+                    self.overlong_at.get_or_insert(now);
+                    self.input = Vec::new();
+                    self.input_closed = true;
+                }
+                return true;
+            }
+            let lines = if scan.end == self.input.len() {
+                // Only complete lines: hand over the buffer itself.
+                std::mem::take(&mut self.input)
+            } else {
+                let mut lines = ctx.buffers.take();
+                lines.extend_from_slice(&self.input[..scan.end]);
+                lines
+            };
+            let job = Job {
+                conn: self.id,
+                batch: self.batches_sent,
+                lines,
+                arrived: now,
+                recv_ms: unix_millis(),
+            };
+            let queue = &ctx.jobs[self.id.index % ctx.jobs.len()];
+            match queue.try_send(job) {
+                Ok(()) => {
+                    self.batches_sent += 1;
+                    if !self.input.is_empty() {
+                        self.input.drain(..scan.end);
+                    }
+                }
+                Err(TrySendError::Full(job)) => {
+                    if self.input.is_empty() {
+                        self.input = job.lines;
+                    } else {
+                        ctx.buffers.give(job.lines);
+                    }
+                    return false;
+                }
+                // The workers are gone only after the loop has returned.
+                Err(TrySendError::Disconnected(_)) => return true,
+            }
+        }
+        true
     }
 
     /// Reads once into `buf`, retrying on `Interrupted`.
@@ -178,7 +413,7 @@ impl Connection {
     /// arriving later raises a new edge (tokio makes the same inference). That saves a
     /// system call per wake-up when sensors send a line at a time. Once the poller has
     /// reported the peer's FIN, reads go on until they return 0.
-    pub fn fill(&mut self, buf: &mut [u8]) -> io::Result<Fill> {
+    fn fill(&mut self, buf: &mut [u8]) -> io::Result<Fill> {
         loop {
             match self.stream.read(buf) {
                 Ok(0) => {
@@ -202,8 +437,9 @@ impl Connection {
     }
 
     /// Writes unsent replies until done or the socket is full. A short write is normal:
-    /// the rest waits for the next writable edge.
-    pub fn flush(&mut self) -> io::Result<()> {
+    /// the rest waits for the next writable edge. Once all is written the buffer goes
+    /// back to `buffers`: an idle connection holds none (memory per held connection).
+    fn flush(&mut self, buffers: &mut BufferPool) -> io::Result<()> {
         while self.writable && self.written < self.output.len() {
             match self.stream.write(&self.output[self.written..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -214,15 +450,25 @@ impl Connection {
             }
         }
         if self.written == self.output.len() {
-            self.output.clear();
             self.written = 0;
-            // An idle connection keeps no large buffer (RSS per idle connection).
-            if self.output.capacity() > OUTPUT_HIGH_WATER {
-                self.output = Vec::new();
-            }
+            buffers.give(std::mem::take(&mut self.output));
         }
         Ok(())
     }
+
+    fn drain_lingering(&mut self, ctx: &mut Context) -> Next {
+        loop {
+            match self.fill(&mut ctx.scratch) {
+                Ok(Fill::Data(n)) => ctx.stats.bytes_received += n as u64,
+                Ok(Fill::WouldBlock) => return Next::Wait,
+                Ok(Fill::Eof) | Err(_) => return Next::Close,
+            }
+        }
+    }
+}
+
+fn has_complete_line(input: &[u8]) -> bool {
+    memchr::memchr(b'\n', input).is_some()
 }
 
 #[cfg(test)]

@@ -16,10 +16,11 @@
 //! later, so it refers to durable data. That is what makes `duplicate` safe: the reading
 //! it refers to was written earlier, hence is on disk when the `duplicate` leaves.
 
-use crate::server::stats::SensorStats;
-use crate::server::store::{Sensors, Store, StoreMetrics, delete_retired, encode_record};
-use crate::server::worker::{Completion, Notifier};
+use crate::server::completion::{Completion, Notifier};
+use crate::server::stats::{self, Counted};
+use crate::server::store::{Sensors, Store, StoreMetrics, delete_retired};
 use crate::wire::reading::Reading;
+use crate::wire::record::encode_record;
 use log::{error, info, warn};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -79,14 +80,16 @@ pub struct Ledger<'a> {
 impl Ledger<'_> {
     /// Decides a valid reading against what is stored, and stores it if it is new.
     pub fn apply(&mut self, r: &Reading, recv_ms: u64) -> Applied {
-        match self.sensors.get_mut(r.sensor.as_ref()) {
-            Some(s) if s.kind != r.kind => return Applied::KindMismatch(s.kind.clone()),
-            Some(s) if r.seq <= s.last_seq => return Applied::Duplicate,
-            Some(s) => s.add(r.value, r.seq, r.ts),
-            None => {
-                let stats = SensorStats::first(&r.kind, r.value, r.seq, r.ts);
-                self.sensors.insert(r.sensor.to_string(), stats);
-            }
+        match stats::count(
+            self.sensors,
+            &r.sensor,
+            &r.kind,
+            (r.value, r.seq, r.ts),
+            true,
+        ) {
+            Counted::Yes => {}
+            Counted::NotNewer => return Applied::Duplicate,
+            Counted::OtherKind(kind) => return Applied::KindMismatch(kind),
         }
         encode_record(self.records, r, recv_ms);
         self.stored += 1;
@@ -183,7 +186,7 @@ impl Db {
         } else {
             let sealed = state.store.sync_pending();
             drop(guard);
-            self.notifier.send_all(completions);
+            self.notifier.send_all(&mut completions);
             if sealed {
                 // A segment was sealed: the committer syncs it, so the archive may ship it.
                 self.commit_needed.notify_one();
@@ -277,7 +280,7 @@ pub fn run_committer(db: &Db, checkpoint_every: Duration, retention: Option<&Ret
             // Nothing is lost: the segment stays active and sealing is tried again.
             warn!("store: cannot seal the active segment yet: {e}");
         }
-        let completions = std::mem::take(&mut state.waiting);
+        let mut completions = std::mem::take(&mut state.waiting);
         let sync = (!completions.is_empty() || state.store.sync_pending())
             .then(|| state.store.take_sync(!completions.is_empty()));
         let closing = state.closing;
@@ -314,7 +317,7 @@ pub fn run_committer(db: &Db, checkpoint_every: Duration, retention: Option<&Ret
             if let Err(e) = sync.run() {
                 fail(e);
             }
-            db.notifier.send_all(completions);
+            db.notifier.send_all(&mut completions);
         }
         if let Some(checkpoint) = checkpoint {
             // A checkpoint only shortens the next start-up: if it cannot be written
@@ -351,7 +354,7 @@ mod tests {
 
     #[test]
     fn the_ledger_stores_new_seqs_and_answers_duplicates_and_kind_changes() {
-        let (mut sensors, mut records) = (Sensors::new(), Vec::new());
+        let (mut sensors, mut records) = (Sensors::default(), Vec::new());
         let mut ledger = Ledger {
             sensors: &mut sensors,
             records: &mut records,

@@ -8,10 +8,12 @@
 //! a connection that cannot be served gets `503` rather than silence, so a load
 //! balancer's health check keeps its answer under a flood or a slowloris attack.
 
-use crate::server::db::Db;
-use crate::server::stats::SensorView;
-use mio::net::TcpStream;
-use std::collections::BTreeMap;
+use crate::server::accept::{self, Reserve, Shed};
+use crate::server::completion::ConnId;
+use log::warn;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Interest, Registry};
+use slab::Slab;
 use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
 
@@ -90,31 +92,146 @@ pub fn response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The `/sensors` document: every sensor with at least one stored reading, by id.
-pub fn sensors_body(db: &Db) -> Vec<u8> {
-    db.with_sensors(|sensors| {
-        let view: BTreeMap<&str, SensorView> = sensors
+/// The HTTP side port: its listener and its connections, driven by the event loop.
+pub struct HttpPort {
+    listener: Option<TcpListener>,
+    /// Each connection with the generation its token carries.
+    conns: Slab<(u32, HttpConn)>,
+    generation: u32,
+}
+
+impl HttpPort {
+    pub fn new(listener: TcpListener) -> HttpPort {
+        HttpPort {
+            listener: Some(listener),
+            conns: Slab::new(),
+            generation: 0,
+        }
+    }
+
+    /// The listener, for registering it with the poller.
+    pub fn listener_mut(&mut self) -> Option<&mut TcpListener> {
+        self.listener.as_mut()
+    }
+
+    /// Closes the listener: new connections are refused by the kernel at once.
+    pub fn stop_listening(&mut self) {
+        self.listener = None;
+    }
+
+    /// Accepts every waiting connection.
+    pub fn accept(&mut self, registry: &Registry, reserve: &mut Reserve, now: Instant) {
+        loop {
+            let Some(listener) = &self.listener else {
+                return;
+            };
+            match listener.accept() {
+                Ok((stream, _)) => self.admit(registry, stream, now),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if accept::is_transient(&e) => {}
+                Err(e) if accept::is_out_of_descriptors(&e) => {
+                    match reserve.shed(listener, &busy_response()) {
+                        Shed::Refused(_) => {}
+                        Shed::BacklogEmpty | Shed::NoReserve => return,
+                    }
+                }
+                Err(e) => {
+                    warn!("http accept: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Serves `stream`, making room by closing the peer that has waited longest for its
+    /// request head; answers 503 when every slot is busy writing a response.
+    fn admit(&mut self, registry: &Registry, mut stream: TcpStream, now: Instant) {
+        if self.conns.len() >= MAX_HTTP_CONNECTIONS {
+            let slowest = self
+                .conns
+                .iter()
+                .filter(|(_, (_, c))| c.waiting_for_request())
+                .min_by_key(|(_, (_, c))| c.accepted)
+                .map(|(key, _)| key);
+            match slowest {
+                Some(key) => self.close(registry, key),
+                None => {
+                    accept::refuse(&stream, &busy_response());
+                    return;
+                }
+            }
+        }
+        self.generation = ConnId::next_generation(self.generation);
+        let entry = self.conns.vacant_entry();
+        let id = ConnId {
+            index: entry.key(),
+            generation: self.generation,
+        };
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        if registry
+            .register(&mut stream, id.token(true), interest)
+            .is_ok()
+        {
+            entry.insert((id.generation, HttpConn::new(stream, now)));
+        }
+    }
+
+    /// Reads or writes connection `id` as far as it goes; `render` answers a request.
+    pub fn service(
+        &mut self,
+        registry: &Registry,
+        id: ConnId,
+        render: impl FnOnce(Route) -> Vec<u8>,
+    ) {
+        let Some((_, conn)) = self
+            .conns
+            .get_mut(id.index)
+            .filter(|(generation, _)| *generation == id.generation)
+        else {
+            return;
+        };
+        let progress = match conn.read() {
+            Progress::Routed(route) => conn.respond(render(route)),
+            other => other,
+        };
+        if progress == Progress::Finished {
+            self.close(registry, id.index);
+        }
+    }
+
+    /// Closes connections past their deadline (a slow head, a response not read).
+    pub fn close_stale(&mut self, registry: &Registry, now: Instant) {
+        let stale: Vec<usize> = self
+            .conns
             .iter()
-            .map(|(id, stats)| (id.as_str(), SensorView::from(stats)))
+            .filter(|(_, (_, c))| now >= c.deadline)
+            .map(|(k, _)| k)
             .collect();
-        serde_json::to_vec(&view).unwrap_or_default()
-    })
+        for key in stale {
+            self.close(registry, key);
+        }
+    }
+
+    fn close(&mut self, registry: &Registry, key: usize) {
+        let (_, mut conn) = self.conns.remove(key);
+        let _ = registry.deregister(&mut conn.stream);
+    }
 }
 
 /// One HTTP connection: read a request head, write one response, close.
-pub struct HttpConn {
-    pub stream: TcpStream,
+struct HttpConn {
+    stream: TcpStream,
     request: Vec<u8>,
     response: Option<Vec<u8>>,
     written: usize,
     /// When it was accepted: the oldest peer still sending its head is evicted first.
-    pub accepted: Instant,
-    pub deadline: Instant,
+    accepted: Instant,
+    deadline: Instant,
 }
 
 /// Where an HTTP connection stands after some I/O.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Progress {
+enum Progress {
     /// Waiting for more of the request, or for the socket to take more of the response.
     Pending,
     /// The request is complete; the caller supplies the response with `respond`.
@@ -124,7 +241,7 @@ pub enum Progress {
 }
 
 impl HttpConn {
-    pub fn new(stream: TcpStream, now: Instant) -> HttpConn {
+    fn new(stream: TcpStream, now: Instant) -> HttpConn {
         HttpConn {
             stream,
             request: Vec::new(),
@@ -136,12 +253,12 @@ impl HttpConn {
     }
 
     /// Still waiting for its request head (so it may be evicted for a newcomer).
-    pub fn waiting_for_request(&self) -> bool {
+    fn waiting_for_request(&self) -> bool {
         self.response.is_none()
     }
 
     /// Reads what has arrived; reports a complete request once.
-    pub fn read(&mut self) -> Progress {
+    fn read(&mut self) -> Progress {
         if self.response.is_some() {
             return self.write();
         }
@@ -163,14 +280,14 @@ impl HttpConn {
     }
 
     /// Queues the response and starts writing it.
-    pub fn respond(&mut self, response: Vec<u8>) -> Progress {
+    fn respond(&mut self, response: Vec<u8>) -> Progress {
         self.response = Some(response);
         self.deadline = Instant::now() + RESPONSE_DEADLINE;
         self.write()
     }
 
     /// Writes as much of the response as the socket takes.
-    pub fn write(&mut self) -> Progress {
+    fn write(&mut self) -> Progress {
         let Some(response) = &self.response else {
             return Progress::Pending;
         };

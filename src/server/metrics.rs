@@ -4,8 +4,10 @@
 //! A fixed-bucket histogram is a dozen lines; pulling a metrics crate for it would bring
 //! a registry and global state the single event loop does not need.
 
+use crate::wire::reply::Status;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Instant;
 
 /// Bucket bounds, in seconds, for latencies from tens of microseconds (a reply with
 /// `--fsync never`) to seconds (a stalled disk).
@@ -13,6 +15,40 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
     2.5, 5.0,
 ];
+
+/// Counters the event loop owns (it also serves `/metrics`, so no sharing is needed).
+pub struct LoopStats {
+    pub connections_total: u64,
+    pub connections_refused: u64,
+    pub bytes_received: u64,
+    /// Replies sent, indexed by `Status as usize`.
+    pub readings: [u64; 4],
+    pub reply_seconds: Histogram,
+}
+
+impl Default for LoopStats {
+    fn default() -> Self {
+        LoopStats {
+            connections_total: 0,
+            connections_refused: 0,
+            bytes_received: 0,
+            readings: [0; 4],
+            reply_seconds: Histogram::new(LATENCY_BUCKETS),
+        }
+    }
+}
+
+impl LoopStats {
+    /// Counts `n` replies of `status` to lines that arrived at `since`.
+    pub fn count_replies(&mut self, status: Status, n: u64, since: Instant) {
+        if n == 0 {
+            return;
+        }
+        self.readings[status as usize] += n;
+        self.reply_seconds
+            .observe_n(since.elapsed().as_secs_f64(), n);
+    }
+}
 
 /// A cumulative-on-render Prometheus histogram that threads can update without a lock.
 #[derive(Debug)]

@@ -1,23 +1,27 @@
 //! Wiring of `sensor-server`: recover the store, start the committer and the workers,
 //! bind the listeners, run the event loop, then stop everything in order.
 
+pub mod accept;
 pub mod archive;
+pub mod completion;
 pub mod config;
 pub mod connection;
 pub mod db;
 pub mod event_loop;
 pub mod http;
 pub mod metrics;
+pub mod pages;
 pub mod recovery;
 pub mod stats;
 pub mod store;
 pub mod worker;
 
+use crate::server::completion::completion_channel;
 use crate::server::config::{ArchiveArgs, Fsync, ServerConfig, ShipConfig};
 use crate::server::db::{Db, Retention, run_committer};
 use crate::server::event_loop::{EventLoop, Limits, LoopParts, WAKER};
 use crate::server::store::{Store, StoreOptions};
-use crate::server::worker::{completion_channel, spawn_pool};
+use crate::server::worker::spawn_pool;
 use archive::{Archive, ArchiveConfig};
 use log::info;
 use mio::net::TcpListener;

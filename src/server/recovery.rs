@@ -2,7 +2,7 @@
 //! files, the rest replayed into per-sensor statistics; and the probe that refuses a
 //! store the server could not write. `store.rs` holds the running store.
 
-use crate::server::stats::SensorStats;
+use crate::server::stats::{self, Counted};
 use crate::server::store::{
     CHECKPOINT, Checkpoint, Covered, Sensors, delete_retired, segment_number,
 };
@@ -154,7 +154,7 @@ pub(crate) fn load(
     }
     let (covered, mut sensors) = match checkpoint {
         Some(c) => (c.files, c.sensors),
-        None => (BTreeMap::new(), Sensors::new()),
+        None => (BTreeMap::new(), Sensors::default()),
     };
     let mut replayed = 0;
     for (name, &len) in lengths {
@@ -376,19 +376,15 @@ fn apply_record(
     at: u64,
     report: &mut dyn FnMut(Problem),
 ) {
-    match sensors.get_mut(&r.sensor) {
-        Some(s) if s.kind != r.kind => report(Problem::KindChanged {
+    let reading = (r.value, r.seq, r.ts);
+    if let Counted::OtherKind(had) = stats::count(sensors, &r.sensor, &r.kind, reading, false) {
+        report(Problem::KindChanged {
             path,
             at,
-            had: s.kind.clone(),
+            had,
             sensor: r.sensor,
             kind: r.kind,
-        }),
-        Some(s) => s.add(r.value, r.seq, r.ts),
-        None => {
-            let stats = SensorStats::first(&r.kind, r.value, r.seq, r.ts);
-            sensors.insert(r.sensor, stats);
-        }
+        });
     }
 }
 
@@ -414,7 +410,7 @@ pub fn verify(dir: &Path, out: &mut dyn std::io::Write) -> io::Result<Report> {
     }
     let mut problems = 0;
     let mut lengths = BTreeMap::new();
-    let mut sensors = Sensors::new();
+    let mut sensors = Sensors::default();
     for name in store_files(dir)? {
         let path = dir.join(&name);
         let len = fs::metadata(&path)?.len();

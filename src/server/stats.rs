@@ -5,6 +5,47 @@
 //! records alone, in any order.
 
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+/// Every sensor's statistics, keyed by sensor id. Hit once per reading, so the hasher is
+/// foldhash (several times faster than SipHash on short ids); its per-map random seed
+/// keeps colliding ids hard to choose from the network, and ids are at most 64 bytes.
+pub type Sensors = HashMap<String, SensorStats, foldhash::fast::RandomState>;
+
+/// What counting one reading did to a sensor's statistics.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Counted {
+    /// Counted (the sensor's first reading, or a later one).
+    Yes,
+    /// Not counted: its seq is not above the sensor's last one (the live ledger's
+    /// duplicate check; replay counts every stored record).
+    NotNewer,
+    /// Not counted: the sensor's kind is fixed to this other one.
+    OtherKind(String),
+}
+
+/// Counts one reading in `sensors`, the one rule the live ledger (`db.rs`) and replay
+/// (`recovery.rs`) share. `only_newer` refuses seqs at or below the sensor's last.
+pub fn count(
+    sensors: &mut Sensors,
+    sensor: &str,
+    kind: &str,
+    (value, seq, ts): (f64, u64, Option<u64>),
+    only_newer: bool,
+) -> Counted {
+    match sensors.get_mut(sensor) {
+        Some(s) if s.kind != kind => Counted::OtherKind(s.kind.clone()),
+        Some(s) if only_newer && seq <= s.last_seq => Counted::NotNewer,
+        Some(s) => {
+            s.add(value, seq, ts);
+            Counted::Yes
+        }
+        None => {
+            sensors.insert(sensor.to_owned(), SensorStats::first(kind, value, seq, ts));
+            Counted::Yes
+        }
+    }
+}
 
 /// Running statistics of one sensor's stored readings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -25,11 +25,9 @@
 
 use crate::server::metrics::{Histogram, LATENCY_BUCKETS};
 use crate::server::recovery::{Recovered, load, probe_writable, recover};
-use crate::server::stats::SensorStats;
-use crate::wire::reading::Reading;
 use log::{info, warn};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -37,8 +35,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-/// Per-sensor statistics keyed by sensor id.
-pub type Sensors = HashMap<String, SensorStats>;
+pub use crate::server::stats::Sensors;
 
 pub(crate) const CHECKPOINT: &str = "checkpoint.json";
 const SEGMENT_PREFIX: &str = "segment-";
@@ -124,28 +121,6 @@ pub struct Checkpoint {
     /// written: sealed segments still waiting for their sync, and the active one.
     #[serde(skip)]
     unsynced: Vec<Arc<File>>,
-}
-
-/// Appends `r` as one store line. Sensor ids and kinds are restricted to characters that
-/// need no JSON escaping (the protocol's rules), so the line is written directly; the
-/// value keeps the sensor's own JSON number text, so nothing is lost to re-formatting.
-pub fn encode_record(out: &mut Vec<u8>, r: &Reading, recv_ms: u64) {
-    let mut int = itoa::Buffer::new();
-    out.extend_from_slice(b"{\"sensor\":\"");
-    out.extend_from_slice(r.sensor.as_bytes());
-    out.extend_from_slice(b"\",\"kind\":\"");
-    out.extend_from_slice(r.kind.as_bytes());
-    out.extend_from_slice(b"\",\"value\":");
-    out.extend_from_slice(r.value_text.as_bytes());
-    out.extend_from_slice(b",\"seq\":");
-    out.extend_from_slice(int.format(r.seq).as_bytes());
-    if let Some(ts) = r.ts {
-        out.extend_from_slice(b",\"ts\":");
-        out.extend_from_slice(int.format(ts).as_bytes());
-    }
-    out.extend_from_slice(b",\"recv\":");
-    out.extend_from_slice(int.format(recv_ms).as_bytes());
-    out.extend_from_slice(b"}\n");
 }
 
 /// The open store: the active segment and the lengths of every store file.
@@ -627,6 +602,9 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
 mod tests {
     use super::*;
     use crate::server::recovery::store_files;
+    use crate::server::stats::SensorStats;
+    use crate::wire::reading::Reading;
+    use crate::wire::record::encode_record;
     use std::borrow::Cow;
 
     pub(crate) fn temp_dir(name: &str) -> PathBuf {
@@ -752,7 +730,7 @@ mod tests {
         {
             let (mut store, _) = Store::open(options(&dir)).unwrap();
             append(&mut store, &[reading("a", 1.0, 1), reading("a", 2.0, 2)]);
-            let mut sensors = Sensors::new();
+            let mut sensors = Sensors::default();
             let mut s = SensorStats::first("temperature", 2.0, 2, None);
             s.count = 100;
             sensors.insert("a".into(), s);
@@ -910,7 +888,7 @@ mod tests {
             store.seal_if_due().unwrap();
         }
         let one = store.lengths[&segment_name(1)];
-        let victims = store.retire(3, 2 * one, &Sensors::new()).unwrap();
+        let victims = store.retire(3, 2 * one, &Sensors::default()).unwrap();
         assert_eq!(victims, vec![dir.join(segment_name(1))]);
     }
 

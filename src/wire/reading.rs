@@ -1,25 +1,18 @@
-//! The sensorhub wire protocol: turning one line into a verdict, and verdicts into replies.
+//! What a reading line must hold: one line in, one verdict out.
 //!
 //! Everything here is pure (no I/O, no shared state) so that the validation table of
-//! `PROTOCOL.md` can be tested line by line. The order of checks is part of the contract:
-//! UTF-8, JSON, object, member types (`error`), rules (`rejected`); duplicates are decided
-//! later against the store's state (see `server/db.rs`), because they depend on what is durable.
+//! `docs/protocol.md` can be tested line by line. The order of checks is part of the
+//! contract: UTF-8, JSON, object, member types (`error`), rules (`rejected`); duplicates
+//! are decided later against the store's state (see `server/db.rs`), because they depend
+//! on what is durable. Two parsers reach the member types (`fast.rs`, `json.rs`); the
+//! rules here are one function both go through.
 
-use serde::de::{self, Deserializer, MapAccess, Visitor};
-use serde_json::value::RawValue;
+use super::{fast, json};
 use std::borrow::Cow;
-use std::fmt;
 
 /// Largest `seq` a sensor may use: 2^53 - 1, the largest integer every JSON consumer can
 /// represent exactly.
 pub const MAX_SEQ: u64 = (1 << 53) - 1;
-
-/// The reply the server sends when it refuses a connection past `--max-connections`.
-pub const BUSY_REPLY: &[u8] = b"{\"seq\":null,\"status\":\"error\",\"error\":\"server busy\"}\n";
-
-/// The reply to a line longer than `--max-line-bytes`; the connection closes after it.
-pub const OVERLONG_REPLY: &[u8] =
-    b"{\"seq\":null,\"status\":\"error\",\"error\":\"line too long\"}\n";
 
 /// A reading that passed every type and rule check; only the store's state can still turn
 /// it into a `duplicate` or a kind-mismatch `rejected`.
@@ -52,35 +45,6 @@ pub enum Verdict<'a> {
     },
 }
 
-/// Status of one reply, in the order the metrics label them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
-    Ok = 0,
-    Duplicate = 1,
-    Rejected = 2,
-    Error = 3,
-}
-
-impl Status {
-    /// Every status, for iterating over per-status counters.
-    pub const ALL: [Status; 4] = [
-        Status::Ok,
-        Status::Duplicate,
-        Status::Rejected,
-        Status::Error,
-    ];
-
-    /// The label used on the wire and in metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Ok => "ok",
-            Status::Duplicate => "duplicate",
-            Status::Rejected => "rejected",
-            Status::Error => "error",
-        }
-    }
-}
-
 /// True for lines that get no reply: empty, or only JSON whitespace (space, tab, CR).
 /// `\n` never occurs inside a line; JSON also calls it whitespace, so it is accepted.
 pub fn is_blank(line: &[u8]) -> bool {
@@ -88,200 +52,27 @@ pub fn is_blank(line: &[u8]) -> bool {
         .all(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
 }
 
-/// Checks one line (without its terminator) against the contract.
+/// Checks one line (without its terminator) against the contract: the fast path for
+/// the usual shape of a reading (`fast.rs`), the serde_json path for everything else.
 pub fn parse_line(line: &[u8]) -> Verdict<'_> {
-    let text = match std::str::from_utf8(line) {
-        Ok(t) => t,
-        Err(_) => return error(None, "line is not valid UTF-8"),
-    };
-    let members = match parse_members(text) {
-        Ok(m) => m,
-        Err(message) => return error(None, message),
-    };
-    // From here the line is exactly one JSON object: `seq` may be echoed.
-    let seq_echo = match (members.seq, members.duplicated_seq) {
-        (Some(raw), false) if is_number(raw) => Some(raw.get()),
-        _ => None,
-    };
-    if let Some(key) = members.duplicate_key {
-        return error(seq_echo, format!("duplicate key \"{key}\""));
+    match fast::typed(line) {
+        Some(typed) => check_rules(typed),
+        None => json::parse_line(line),
     }
-    match check_types(&members) {
-        Ok(typed) => check_rules(typed),
-        Err(message) => error(seq_echo, message),
-    }
-}
-
-fn error<'a>(seq: Option<&'a str>, message: impl Into<Cow<'static, str>>) -> Verdict<'a> {
-    Verdict::Error {
-        seq,
-        message: message.into(),
-    }
-}
-
-/// The members of the object that matter, as raw JSON text, in one pass that also notices
-/// duplicated keys (serde_json's own maps silently keep the last one).
-#[derive(Default)]
-struct Members<'a> {
-    sensor: Option<&'a RawValue>,
-    kind: Option<&'a RawValue>,
-    value: Option<&'a RawValue>,
-    seq: Option<&'a RawValue>,
-    ts: Option<&'a RawValue>,
-    duplicated_seq: bool,
-    duplicate_key: Option<String>,
-}
-
-fn parse_members(text: &str) -> Result<Members<'_>, Cow<'static, str>> {
-    let starts_object = text
-        .trim_start_matches([' ', '\t', '\r', '\n'])
-        .starts_with('{');
-    if !starts_object {
-        return Err(match serde_json::from_str::<de::IgnoredAny>(text) {
-            Ok(_) => "a reading must be a JSON object".into(),
-            Err(e) => format!("invalid JSON: {e}").into(),
-        });
-    }
-    serde_json::from_str::<Members>(text).map_err(|e| format!("invalid JSON: {e}").into())
-}
-
-impl<'de> de::Deserialize<'de> for Members<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_map(MembersVisitor)
-    }
-}
-
-struct MembersVisitor;
-
-impl<'de> Visitor<'de> for MembersVisitor {
-    type Value = Members<'de>;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a JSON object")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Members<'de>, A::Error> {
-        let mut members = Members::default();
-        let mut seen = SeenKeys::default();
-        while let Some(JsonStr(key)) = map.next_key()? {
-            let raw: &'de RawValue = map.next_value()?;
-            if !seen.insert(key.clone()) {
-                if key == "seq" {
-                    members.duplicated_seq = true;
-                }
-                members.duplicate_key.get_or_insert_with(|| key.to_string());
-                continue;
-            }
-            let slot = match key.as_ref() {
-                "sensor" => &mut members.sensor,
-                "kind" => &mut members.kind,
-                "value" => &mut members.value,
-                "seq" => &mut members.seq,
-                "ts" => &mut members.ts,
-                _ => continue,
-            };
-            *slot = Some(raw);
-        }
-        Ok(members)
-    }
-}
-
-/// The keys of one object so far. Readings have about six keys, so a short list beats
-/// hashing; a hostile line with thousands of keys moves to a hash set, which keeps the
-/// check linear.
-#[derive(Default)]
-struct SeenKeys<'a> {
-    few: Vec<Cow<'a, str>>,
-    many: Option<std::collections::HashSet<Cow<'a, str>>>,
-}
-
-impl<'a> SeenKeys<'a> {
-    /// False when `key` was seen before.
-    fn insert(&mut self, key: Cow<'a, str>) -> bool {
-        if let Some(many) = &mut self.many {
-            return many.insert(key);
-        }
-        if self.few.contains(&key) {
-            return false;
-        }
-        self.few.push(key);
-        if self.few.len() > 16 {
-            self.many = Some(self.few.drain(..).collect());
-        }
-        true
-    }
-}
-
-/// A JSON string that borrows from the line when it has no escapes (serde's own
-/// `Cow<str>` always allocates).
-struct JsonStr<'a>(Cow<'a, str>);
-
-impl<'de> de::Deserialize<'de> for JsonStr<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = JsonStr<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<JsonStr<'de>, E> {
-                Ok(JsonStr(Cow::Borrowed(v)))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<JsonStr<'de>, E> {
-                Ok(JsonStr(Cow::Owned(v.to_owned())))
-            }
-        }
-        deserializer.deserialize_str(V)
-    }
-}
-
-fn is_number(raw: &RawValue) -> bool {
-    matches!(raw.get().as_bytes().first(), Some(b'-' | b'0'..=b'9'))
-}
-
-fn is_string(raw: &RawValue) -> bool {
-    raw.get().starts_with('"')
 }
 
 /// Members that have the right JSON types; numbers are still raw text.
-struct Typed<'a> {
-    sensor: Cow<'a, str>,
-    kind: Cow<'a, str>,
-    value: &'a str,
-    seq: &'a str,
-    ts: Option<&'a str>,
+#[derive(Debug, PartialEq)]
+pub(super) struct Typed<'a> {
+    pub sensor: Cow<'a, str>,
+    pub kind: Cow<'a, str>,
+    pub value: &'a str,
+    pub seq: &'a str,
+    pub ts: Option<&'a str>,
 }
 
-fn check_types<'a>(m: &Members<'a>) -> Result<Typed<'a>, String> {
-    fn string<'a>(raw: Option<&'a RawValue>, name: &str) -> Result<Cow<'a, str>, String> {
-        let raw = raw.ok_or_else(|| format!("missing field \"{name}\""))?;
-        if !is_string(raw) {
-            return Err(format!("field \"{name}\" must be a string"));
-        }
-        serde_json::from_str::<JsonStr>(raw.get())
-            .map(|s| s.0)
-            .map_err(|e| format!("field \"{name}\": {e}"))
-    }
-    fn number<'a>(raw: Option<&'a RawValue>, name: &str) -> Result<&'a str, String> {
-        let raw = raw.ok_or_else(|| format!("missing field \"{name}\""))?;
-        if !is_number(raw) {
-            return Err(format!("field \"{name}\" must be a number"));
-        }
-        Ok(raw.get())
-    }
-    Ok(Typed {
-        sensor: string(m.sensor, "sensor")?,
-        kind: string(m.kind, "kind")?,
-        value: number(m.value, "value")?,
-        seq: number(m.seq, "seq")?,
-        ts: match m.ts {
-            None => None,
-            Some(_) => Some(number(m.ts, "ts")?),
-        },
-    })
-}
-
-fn check_rules(t: Typed<'_>) -> Verdict<'_> {
+/// The rules (`rejected`) for members of the right types.
+pub(super) fn check_rules(t: Typed<'_>) -> Verdict<'_> {
     let seq_text = t.seq;
     let reject = |message: String| Verdict::Rejected {
         seq: seq_text,
@@ -332,18 +123,27 @@ fn check_rules(t: Typed<'_>) -> Verdict<'_> {
 
 /// A sensor id: 1 to 64 bytes of `[A-Za-z0-9._:-]` (so it never needs JSON escaping).
 pub fn valid_sensor(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+    (1..=64).contains(&id.len()) && id.bytes().all(|b| SENSOR_BYTES[b as usize])
 }
 
 /// A kind: 1 to 32 bytes of `[a-z0-9_]`.
 pub fn valid_kind(kind: &str) -> bool {
-    (1..=32).contains(&kind.len())
-        && kind
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    (1..=32).contains(&kind.len()) && kind.bytes().all(|b| KIND_BYTES[b as usize])
+}
+
+/// Lookup tables: one load per byte on the hot path instead of a chain of ranges.
+const SENSOR_BYTES: [bool; 256] =
+    byte_table(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-");
+const KIND_BYTES: [bool; 256] = byte_table(b"abcdefghijklmnopqrstuvwxyz0123456789_");
+
+const fn byte_table(allowed: &[u8]) -> [bool; 256] {
+    let mut table = [false; 256];
+    let mut i = 0;
+    while i < allowed.len() {
+        table[allowed[i] as usize] = true;
+        i += 1;
+    }
+    table
 }
 
 /// The physical range of the kinds the protocol knows; other kinds take any finite value.
@@ -356,42 +156,24 @@ pub fn kind_range(kind: &str) -> Option<(f64, f64, &'static str)> {
 }
 
 /// A JSON number written as a plain integer (no fraction, no exponent) that fits `u64`
-/// and is not negative; `-0` is zero.
+/// and is not negative; `-0` is zero. One pass: digits are checked as they are added.
 fn parse_integer(raw: &str) -> Option<u64> {
     let (negative, digits) = match raw.strip_prefix('-') {
         Some(d) => (true, d),
         None => (false, raw),
     };
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+    if digits.is_empty() {
         return None;
     }
-    let n: u64 = digits.parse().ok()?;
-    if negative && n != 0 { None } else { Some(n) }
-}
-
-/// Appends the reply line for `status` to `out`. `seq` is raw JSON number text or `None`
-/// for `null`; `message` is required for `rejected` and `error`.
-pub fn write_reply(out: &mut Vec<u8>, seq: Option<&str>, status: Status, message: Option<&str>) {
-    out.extend_from_slice(b"{\"seq\":");
-    out.extend_from_slice(seq.unwrap_or("null").as_bytes());
-    out.extend_from_slice(b",\"status\":\"");
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.push(b'"');
-    if let Some(message) = message {
-        out.extend_from_slice(b",\"error\":");
-        // Serializing a &str into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut *out, message);
+    let mut n: u64 = 0;
+    for b in digits.bytes() {
+        let digit = b.wrapping_sub(b'0');
+        if digit > 9 {
+            return None;
+        }
+        n = n.checked_mul(10)?.checked_add(u64::from(digit))?;
     }
-    out.extend_from_slice(b"}\n");
-}
-
-/// A reply as the client sees it; used by `sensor-client` and the tests.
-#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
-pub struct Reply {
-    pub seq: Option<serde_json::Number>,
-    pub status: String,
-    #[serde(default)]
-    pub error: Option<String>,
+    if negative && n != 0 { None } else { Some(n) }
 }
 
 #[cfg(test)]
@@ -618,22 +400,34 @@ mod tests {
     }
 
     #[test]
+    fn the_fast_path_and_the_serde_path_agree() {
+        // The fuzz target `parsers` checks this on arbitrary bytes; these are the shapes
+        // the fast path takes and the ones it must leave to serde_json.
+        for line in [
+            r#"{"sensor":"c1-t","kind":"temperature","value":23.4,"seq":17,"ts":1764230400123}"#,
+            r#" {"ts":1,"seq":0,"value":-0.0,"kind":"k","sensor":"s","x":"y"} "#,
+            r#"{"sensor":"c1","kind":"temperature","value":-273.16,"seq":1}"#,
+            r#"{"sensor":"c1","kind":"humidity","value":1e2,"seq":9007199254740992}"#,
+            r#"{"sensor":"bad name","kind":"k","value":1,"seq":1.5,"ts":-1}"#,
+            r#"{"sensor":"é","kind":"k","value":1,"seq":1}"#,
+            r#"{"sensor":"a","kind":"k","value":1,"seq":1,"seq":1}"#,
+            r#"{"sensor":"a","kind":"k","value":01,"seq":1}"#,
+            r#"{"sensor":"a","kind":"k","value":1,"seq":1,"ts":null}"#,
+            r#"{"sensor":"ab","kind":"k","value":1,"seq":1}"#,
+        ] {
+            assert_eq!(
+                parse_line(line.as_bytes()),
+                json::parse_line(line.as_bytes()),
+                "{line}"
+            );
+        }
+        assert!(fast::typed(br#"{"sensor":"s","kind":"k","value":1,"seq":1}"#).is_some());
+    }
+
+    #[test]
     fn blank_lines_are_recognised() {
         assert!(is_blank(b""));
         assert!(is_blank(b" \t\r"));
         assert!(!is_blank(b" x "));
-    }
-
-    #[test]
-    fn replies_are_json_lines() {
-        let mut out = Vec::new();
-        write_reply(&mut out, Some("17"), Status::Ok, None);
-        write_reply(&mut out, None, Status::Error, Some("bad \"quote\""));
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            "{\"seq\":17,\"status\":\"ok\"}\n{\"seq\":null,\"status\":\"error\",\"error\":\"bad \\\"quote\\\"\"}\n"
-        );
-        let busy: Reply = serde_json::from_slice(BUSY_REPLY).unwrap();
-        assert_eq!(busy.error.as_deref(), Some("server busy"));
     }
 }

@@ -1,0 +1,201 @@
+//! What the HTTP side port answers: the health check, the Prometheus page and the
+//! sensors document. Kept apart from `http.rs` (connections and requests) and from the
+//! event loop, which only gathers the figures.
+
+use crate::server::archive::ArchiveMetrics;
+use crate::server::db::Db;
+use crate::server::http::{Route, response};
+use crate::server::metrics::{Exposition, LoopStats};
+use crate::server::stats::SensorView;
+use crate::server::store::StoreMetrics;
+use crate::wire::reply::Status;
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering::Relaxed;
+
+/// Everything the pages show, gathered by the event loop.
+pub struct Figures<'a> {
+    pub loop_stats: &'a LoopStats,
+    pub open_connections: usize,
+    /// Batches waiting for a worker.
+    pub queue_depth: usize,
+    pub db: &'a Db,
+    pub store: &'a StoreMetrics,
+    /// The shipper's figures, when `--archive` is on.
+    pub archive: Option<&'a ArchiveMetrics>,
+}
+
+/// The complete response to `route`.
+pub fn render(route: Route, f: &Figures) -> Vec<u8> {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    match route {
+        // A load balancer's health check: a server that cannot store acknowledges
+        // nothing, so sensors are better served elsewhere.
+        Route::Healthz => match f.store.unavailable() {
+            None => response(200, TEXT, b"ok"),
+            Some(why) => response(503, TEXT, why.as_bytes()),
+        },
+        Route::Metrics => response(
+            200,
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics_text(f).as_bytes(),
+        ),
+        Route::Sensors => response(200, "application/json", &sensors_body(f.db)),
+        Route::NotFound => response(404, TEXT, b"not found\n"),
+        Route::BadRequest => response(400, TEXT, b"bad request\n"),
+        Route::TooLarge => response(431, TEXT, b"request too large\n"),
+    }
+}
+
+/// The `/sensors` document: every sensor with at least one stored reading, by id.
+pub fn sensors_body(db: &Db) -> Vec<u8> {
+    db.with_sensors(|sensors| {
+        let view: BTreeMap<&str, SensorView> = sensors
+            .iter()
+            .map(|(id, stats)| (id.as_str(), SensorView::from(stats)))
+            .collect();
+        serde_json::to_vec(&view).unwrap_or_default()
+    })
+}
+
+fn metrics_text(f: &Figures) -> String {
+    let sensors = f.db.with_sensors(|m| m.len());
+
+    let s = f.loop_stats;
+    let mut e = Exposition::default();
+    e.gauge(
+        "sensorhub_connections_open",
+        "Sensor connections currently open.",
+        f.open_connections as f64,
+    );
+    e.counter(
+        "sensorhub_connections_total",
+        "Sensor connections accepted, refused ones included.",
+        s.connections_total,
+    );
+    e.counter(
+        "sensorhub_connections_refused_total",
+        "Sensor connections refused with \"server busy\".",
+        s.connections_refused,
+    );
+    let samples: Vec<(&str, u64)> = Status::ALL
+        .iter()
+        .map(|st| (st.as_str(), s.readings[*st as usize]))
+        .collect();
+    e.labelled_counter(
+        "sensorhub_readings_total",
+        "Replies sent, by status.",
+        "status",
+        &samples,
+    );
+    e.counter(
+        "sensorhub_bytes_received_total",
+        "Bytes read from sensor connections.",
+        s.bytes_received,
+    );
+    e.histogram(
+        "sensorhub_reply_seconds",
+        "Time from a line's arrival to its reply being queued for sending.",
+        &s.reply_seconds,
+    );
+    e.gauge(
+        "sensorhub_worker_queue_depth",
+        "Batches waiting for a worker.",
+        f.queue_depth as f64,
+    );
+    e.gauge(
+        "sensorhub_sensors",
+        "Sensors with at least one stored reading.",
+        sensors as f64,
+    );
+    e.counter(
+        "sensorhub_store_records_total",
+        "Records appended to the store since start.",
+        f.store.records.load(Relaxed),
+    );
+    e.gauge(
+        "sensorhub_store_bytes",
+        "Bytes in the store's *.jsonl files.",
+        f.store.bytes.load(Relaxed) as f64,
+    );
+    e.gauge(
+        "sensorhub_store_segments",
+        "Number of *.jsonl files in the store.",
+        f.store.segments.load(Relaxed) as f64,
+    );
+    e.histogram(
+        "sensorhub_fsync_seconds",
+        "Duration of each store fsync.",
+        &f.store.fsync_seconds,
+    );
+    e.gauge(
+        "sensorhub_store_available",
+        "1 while the store takes writes; 0 while it cannot (disk full, I/O error).",
+        if f.store.unavailable().is_none() {
+            1.0
+        } else {
+            0.0
+        },
+    );
+    e.counter(
+        "sensorhub_store_write_failures_total",
+        "Store writes that failed; each batch was undone and retried.",
+        f.store.write_failures.load(Relaxed),
+    );
+    e.counter(
+        "sensorhub_store_segments_retired_total",
+        "Shipped segments deleted by retention since start.",
+        f.store.retired_segments.load(Relaxed),
+    );
+    if let Some(archive) = f.archive {
+        archive_metrics(&mut e, archive);
+    }
+    e.finish()
+}
+
+fn archive_metrics(e: &mut Exposition, a: &ArchiveMetrics) {
+    let counters = [
+        (
+            "sensorhub_archive_segments_shipped_total",
+            "Sealed segments S3 confirmed since start.",
+            &a.shipped_segments,
+        ),
+        (
+            "sensorhub_archive_bytes_shipped_total",
+            "Segment bytes shipped since start (before gzip).",
+            &a.shipped_bytes,
+        ),
+        (
+            "sensorhub_archive_bytes_uploaded_total",
+            "Bytes uploaded since start (gzip).",
+            &a.uploaded_bytes,
+        ),
+        (
+            "sensorhub_archive_failures_total",
+            "Uploads that failed (each is retried).",
+            &a.failures,
+        ),
+    ];
+    for (name, help, value) in counters {
+        e.counter(name, help, value.load(Relaxed));
+    }
+    let gauges = [
+        (
+            "sensorhub_archive_pending_segments",
+            "Sealed segments not yet shipped.",
+            a.pending_segments.load(Relaxed) as f64,
+        ),
+        (
+            "sensorhub_archive_pending_bytes",
+            "Bytes in sealed segments not yet shipped.",
+            a.pending_bytes.load(Relaxed) as f64,
+        ),
+        (
+            "sensorhub_archive_lag_seconds",
+            "Age of the oldest sealed segment not yet shipped (0 when none).",
+            a.lag_seconds(),
+        ),
+    ];
+    for (name, help, value) in gauges {
+        e.gauge(name, help, value);
+    }
+}

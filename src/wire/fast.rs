@@ -1,0 +1,246 @@
+//! The fast path: a reading in its usual shape, typed straight from the line's bytes.
+//!
+//! A sensor's line is almost always one flat JSON object of plain ASCII strings and
+//! numbers. This parser reads exactly that, in any key order, without allocating, and
+//! gives up (`None`) on everything else: escapes, non-ASCII bytes, nested values,
+//! `true`/`false`/`null`, a missing or duplicated member, a member of the wrong type,
+//! malformed JSON. The serde_json path (`json.rs`) then decides the line, error message
+//! and all, so it stays the one definition of the contract; the fuzz target
+//! `fuzz/fuzz_targets/parsers.rs` checks that both reach the same verdict on any bytes.
+
+use super::reading::Typed;
+use std::borrow::Cow;
+
+/// Unknown members the fast path keeps track of (to notice a duplicated one) before it
+/// hands the line to the serde path.
+const MAX_OTHER_KEYS: usize = 8;
+
+/// The typed members of `line` if it has the usual shape, else `None`.
+pub(super) fn typed(line: &[u8]) -> Option<Typed<'_>> {
+    // One UTF-8 check for the whole line (word at a time for ASCII); the members are
+    // then slices of `text`, each cut at an ASCII delimiter.
+    let text = std::str::from_utf8(line).ok()?;
+    let mut p = Cursor {
+        text,
+        bytes: line,
+        at: 0,
+    };
+    let mut known: [Option<&str>; 5] = [None; 5];
+    let mut others: [&str; MAX_OTHER_KEYS] = [""; MAX_OTHER_KEYS];
+    let mut other_count = 0;
+    p.skip_whitespace();
+    p.expect(b'{')?;
+    p.skip_whitespace();
+    loop {
+        let key = p.string()?;
+        p.skip_whitespace();
+        p.expect(b':')?;
+        p.skip_whitespace();
+        let slot = match key {
+            "sensor" => 0,
+            "kind" => 1,
+            "value" => 2,
+            "seq" => 3,
+            "ts" => 4,
+            _ => {
+                if other_count == MAX_OTHER_KEYS || others[..other_count].contains(&key) {
+                    return None;
+                }
+                others[other_count] = key;
+                other_count += 1;
+                p.scalar()?;
+                5
+            }
+        };
+        if slot < 5 {
+            if known[slot].is_some() {
+                return None;
+            }
+            known[slot] = Some(if slot < 2 { p.string()? } else { p.number()? });
+        }
+        p.skip_whitespace();
+        match p.next()? {
+            b',' => p.skip_whitespace(),
+            b'}' => break,
+            _ => return None,
+        }
+    }
+    p.skip_whitespace();
+    if p.at != line.len() {
+        return None;
+    }
+    let [sensor, kind, value, seq, ts] = known;
+    Some(Typed {
+        sensor: Cow::Borrowed(sensor?),
+        kind: Cow::Borrowed(kind?),
+        value: value?,
+        seq: seq?,
+        ts,
+    })
+}
+
+struct Cursor<'a> {
+    text: &'a str,
+    /// `text` as bytes.
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn peek(&self) -> Option<u8> {
+        self.bytes.get(self.at).copied()
+    }
+
+    fn next(&mut self) -> Option<u8> {
+        let b = self.peek()?;
+        self.at += 1;
+        Some(b)
+    }
+
+    fn expect(&mut self, byte: u8) -> Option<()> {
+        (self.next()? == byte).then_some(())
+    }
+
+    /// JSON's whitespace: space, tab, line feed, carriage return.
+    fn skip_whitespace(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            self.at += 1;
+        }
+    }
+
+    /// `text[start..end]`; both ends sit next to ASCII bytes, so this never fails.
+    fn slice(&self, start: usize, end: usize) -> Option<&'a str> {
+        self.text.get(start..end)
+    }
+
+    /// A string without escapes (which JSON forbids control characters in); its content.
+    fn string(&mut self) -> Option<&'a str> {
+        self.expect(b'"')?;
+        let start = self.at;
+        loop {
+            match self.next()? {
+                b'"' => break,
+                b'\\' | 0..=0x1f => return None,
+                _ => {}
+            }
+        }
+        self.slice(start, self.at - 1)
+    }
+
+    /// A number as JSON writes it: `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`;
+    /// its text.
+    fn number(&mut self) -> Option<&'a str> {
+        let start = self.at;
+        if self.peek() == Some(b'-') {
+            self.at += 1;
+        }
+        match self.next()? {
+            b'0' => {}
+            b'1'..=b'9' => self.digits(),
+            _ => return None,
+        }
+        if self.peek() == Some(b'.') {
+            self.at += 1;
+            self.one_or_more_digits()?;
+        }
+        if matches!(self.peek(), Some(b'e' | b'E')) {
+            self.at += 1;
+            if matches!(self.peek(), Some(b'+' | b'-')) {
+                self.at += 1;
+            }
+            self.one_or_more_digits()?;
+        }
+        self.slice(start, self.at)
+    }
+
+    fn digits(&mut self) {
+        while matches!(self.peek(), Some(b'0'..=b'9')) {
+            self.at += 1;
+        }
+    }
+
+    fn one_or_more_digits(&mut self) -> Option<()> {
+        let start = self.at;
+        self.digits();
+        (self.at > start).then_some(())
+    }
+
+    /// The value of a member the protocol does not know: a plain string or a number.
+    fn scalar(&mut self) -> Option<()> {
+        match self.peek()? {
+            b'"' => self.string().map(drop),
+            _ => self.number().map(drop),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fast(line: &str) -> Option<(String, String, String, String, Option<String>)> {
+        typed(line.as_bytes()).map(|t| {
+            (
+                t.sensor.into_owned(),
+                t.kind.into_owned(),
+                t.value.to_owned(),
+                t.seq.to_owned(),
+                t.ts.map(str::to_owned),
+            )
+        })
+    }
+
+    #[test]
+    fn the_usual_shape_is_read_in_any_order_with_any_whitespace() {
+        let expected = Some((
+            "s-1".into(),
+            "temperature".into(),
+            "21.5".into(),
+            "7".into(),
+            Some("1700000000000".into()),
+        ));
+        assert_eq!(
+            fast(
+                r#"{"sensor":"s-1","kind":"temperature","value":21.5,"seq":7,"ts":1700000000000}"#
+            ),
+            expected
+        );
+        assert_eq!(
+            fast(
+                " \t{ \"ts\" : 1700000000000 ,\"seq\":7,\"value\" :21.5,\"kind\":\"temperature\",\"sensor\":\"s-1\"}\r "
+            ),
+            expected
+        );
+        assert_eq!(
+            fast(r#"{"sensor":"a","kind":"k","value":-1.5e-3,"seq":0,"unit":"C","n":2}"#),
+            Some(("a".into(), "k".into(), "-1.5e-3".into(), "0".into(), None))
+        );
+    }
+
+    #[test]
+    fn anything_unusual_is_left_to_the_serde_path() {
+        for line in [
+            r#"{"sensor":"s\u0031","kind":"k","value":1,"seq":1}"#,
+            r#"{"sensor":"a","kind":"k","value":1,"seq":1,"é":{}}"#,
+            r#"{"sensor":"a","kind":"k","value":1,"seq":1,"ts":null}"#,
+            r#"{"sensor":"a","kind":"k","value":1,"seq":1,"x":{}}"#,
+            r#"{"sensor":"a","kind":"k","value":1,"seq":1,"x":true}"#,
+            r#"{"sensor":"a","kind":"k","value":1,"seq":1,"seq":2}"#,
+            r#"{"sensor":"a","kind":"k","value":1,"seq":1,"x":1,"x":2}"#,
+            r#"{"sensor":"a","kind":"k","value":"1","seq":1}"#,
+            r#"{"sensor":"a","kind":"k","value":01,"seq":1}"#,
+            r#"{"sensor":"a","kind":"k","value":1.,"seq":1}"#,
+            r#"{"sensor":"a","kind":"k","value":1e,"seq":1}"#,
+            r#"{"sensor":"a","kind":"k","value":+1,"seq":1}"#,
+            r#"{"sensor":"a","kind":"k","value":1,"seq":1}x"#,
+            r#"{"sensor":"a","kind":"k","value":1,"seq":1,}"#,
+            r#"{"sensor":"a","kind":"k","value":1}"#,
+            r#"{"sensor":"a","kind":"k","value":1 2,"seq":1}"#,
+            r#"{}"#,
+            r#"[1]"#,
+            "",
+        ] {
+            assert_eq!(fast(line), None, "{line}");
+        }
+    }
+}
