@@ -30,14 +30,13 @@ pub fn spawn_pool(
             std::thread::Builder::new()
                 .name(format!("worker-{i}"))
                 .spawn(move || {
-                    let mut group = Vec::with_capacity(MAX_GROUP);
-                    let mut spare = BufferPool::default();
+                    let mut worker = Worker::default();
                     while let Ok(first) = jobs.recv() {
                         // Whatever queued up meanwhile is decided together: one lock,
                         // one write and one wake-up for many small batches.
-                        group.push(first);
-                        group.extend(jobs.try_iter().take(MAX_GROUP - 1));
-                        process(&mut group, &db, &notifier, &mut spare);
+                        worker.group.push(first);
+                        worker.group.extend(jobs.try_iter().take(MAX_GROUP - 1));
+                        worker.process(&db, &notifier);
                     }
                 })
         })
@@ -47,66 +46,87 @@ pub fn spawn_pool(
 /// Batches one worker takes from its queue at once.
 const MAX_GROUP: usize = 64;
 
-/// Validates a group of batches (emptying `jobs`), lets the ledger decide their valid
-/// readings, and routes the replies: through the ledger (and the committer) when they
-/// depend on stored data, straight to the loop otherwise. Reply buffers come from
-/// `spare`, and the jobs' line buffers go back to it.
-pub fn process(jobs: &mut Vec<Job>, db: &Db, notifier: &Notifier, spare: &mut BufferPool) {
-    let mut completions: Vec<Completion> = jobs
-        .iter()
-        .map(|job| Completion::for_job(job, spare.take()))
-        .collect();
-    let mut verdicts = Vec::new();
-    let mut ends = Vec::with_capacity(jobs.len());
-    for job in jobs.iter() {
-        let lines = framing::lines(&job.lines).filter(|line| !is_blank(line));
-        verdicts.extend(lines.map(parse_line));
-        ends.push(verdicts.len());
-    }
-    let batches = || {
-        (0..jobs.len()).map(|i| {
-            (
-                i,
-                &verdicts[i.checked_sub(1).map_or(0, |p| ends[p])..ends[i]],
-            )
-        })
-    };
-    let has_valid = |v: &[Verdict]| v.iter().any(|v| matches!(v, Verdict::Valid { .. }));
-    for (i, batch) in batches() {
-        if !has_valid(batch) {
-            // No valid reading: `decide` is never called.
-            write_replies(batch, &mut completions[i], |_| Applied::Duplicate);
+/// One worker's group of batches and the scratch it reuses from group to group, so that
+/// the steady state allocates nothing (musl's allocator returns large blocks to the
+/// kernel at once; a fresh vector of a group's verdicts cost page faults every time).
+#[derive(Default)]
+pub struct Worker {
+    /// The batches to process next.
+    pub group: Vec<Job>,
+    spare: BufferPool,
+    completions: Vec<Completion>,
+    direct: Vec<Completion>,
+    /// Where each batch's verdicts end in `verdicts`.
+    ends: Vec<usize>,
+    /// Always empty between groups; only its allocation is kept (see `reuse`).
+    verdicts: Vec<Verdict<'static>>,
+}
+
+impl Worker {
+    /// Validates the group (emptying it), lets the ledger decide its valid readings,
+    /// and routes the replies: through the ledger (and the committer) when they depend
+    /// on stored data, straight to the loop otherwise. Reply buffers come from the
+    /// worker's spares, and the jobs' line buffers go back to them.
+    pub fn process(&mut self, db: &Db, notifier: &Notifier) {
+        let Worker {
+            group: jobs,
+            spare,
+            completions,
+            direct,
+            ends,
+            verdicts,
+        } = self;
+        completions.extend(jobs.iter().map(|job| Completion::for_job(job, spare.take())));
+        let mut all = reuse(std::mem::take(verdicts));
+        ends.clear();
+        for job in jobs.iter() {
+            let lines = framing::lines(&job.lines).filter(|line| !is_blank(line));
+            all.extend(lines.map(parse_line));
+            ends.push(all.len());
         }
-    }
-    if batches().any(|(_, batch)| has_valid(batch)) {
-        // Offered again while the store cannot write: no reply leaves meanwhile, so
-        // this worker's queue fills and the loop stops reading its connections.
-        loop {
-            let decided = db.decide(|ledger| {
-                batches()
-                    .filter(|(_, batch)| has_valid(batch))
-                    .map(|(i, batch)| {
-                        let mut completion = completions[i].take();
-                        let recv_ms = jobs[i].recv_ms;
-                        write_replies(batch, &mut completion, |r| ledger.apply(r, recv_ms));
-                        completion
-                    })
-                    .collect()
-            });
-            if decided.is_ok() || !db.wait_writable() {
-                break;
+        let batch = |i: usize| &all[i.checked_sub(1).map_or(0, |p| ends[p])..ends[i]];
+        let has_valid = |i: usize| batch(i).iter().any(|v| matches!(v, Verdict::Valid { .. }));
+        for i in (0..jobs.len()).filter(|&i| !has_valid(i)) {
+            // No valid reading: `decide` is never called.
+            write_replies(batch(i), &mut completions[i], |_| Applied::Duplicate);
+            direct.push(completions[i].take());
+        }
+        if (0..jobs.len()).any(has_valid) {
+            // Offered again while the store cannot write: no reply leaves meanwhile, so
+            // this worker's queue fills and the loop stops reading its connections.
+            loop {
+                let decided = db.decide(|ledger| {
+                    (0..jobs.len())
+                        .filter(|&i| has_valid(i))
+                        .map(|i| {
+                            let mut completion = completions[i].take();
+                            let recv_ms = jobs[i].recv_ms;
+                            write_replies(batch(i), &mut completion, |r| ledger.apply(r, recv_ms));
+                            completion
+                        })
+                        .collect()
+                });
+                if decided.is_ok() || !db.wait_writable() {
+                    break;
+                }
             }
         }
+        *verdicts = reuse(all);
+        completions.clear();
+        notifier.send_all(direct);
+        for job in jobs.drain(..) {
+            spare.give(job.lines);
+        }
     }
-    let mut direct: Vec<Completion> = batches()
-        .filter(|(_, batch)| !has_valid(batch))
-        .map(|(i, _)| completions[i].take())
-        .collect();
-    drop(verdicts);
-    notifier.send_all(&mut direct);
-    for job in jobs.drain(..) {
-        spare.give(job.lines);
-    }
+}
+
+/// An empty vector of verdicts with `v`'s allocation, for lines of another lifetime:
+/// `v` is cleared first, so no verdict outlives its line, and std collects a vector
+/// into one of the same element layout in place (a performance property; were it ever
+/// lost, this would allocate, not misbehave).
+fn reuse<'b>(mut v: Vec<Verdict<'_>>) -> Vec<Verdict<'b>> {
+    v.clear();
+    v.into_iter().map(|_| unreachable!("the vector is empty")).collect()
 }
 
 fn write_replies(
@@ -145,5 +165,20 @@ fn write_replies(
             },
         };
         completion.counts[status as usize] += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reused_verdict_vectors_keep_their_allocation() {
+        let line = br#"{"sensor":"s","kind":"k","value":1,"seq":1}"#.to_vec();
+        let mut v = Vec::with_capacity(100);
+        v.push(parse_line(&line));
+        let again = reuse(v);
+        assert!(again.is_empty());
+        assert_eq!(again.capacity(), 100);
     }
 }

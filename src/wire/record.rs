@@ -4,6 +4,7 @@
 //! (`reading::valid_sensor`, `valid_kind`), so the bytes can be copied as they are, and
 //! the store keeps the value's number text exactly as the sensor wrote it.
 
+use super::put;
 use super::reading::Reading;
 
 /// Appends one reading line in the wire format.
@@ -17,17 +18,17 @@ pub fn encode_reading(
 ) {
     let mut int = itoa::Buffer::new();
     let mut float = ryu::Buffer::new();
-    out.extend_from_slice(b"{\"sensor\":\"");
-    out.extend_from_slice(sensor.as_bytes());
-    out.extend_from_slice(b"\",\"kind\":\"");
-    out.extend_from_slice(kind.as_bytes());
-    out.extend_from_slice(b"\",\"value\":");
-    out.extend_from_slice(float.format_finite(value).as_bytes());
-    out.extend_from_slice(b",\"seq\":");
-    out.extend_from_slice(int.format(seq).as_bytes());
-    out.extend_from_slice(b",\"ts\":");
-    out.extend_from_slice(int.format(ts_ms).as_bytes());
-    out.extend_from_slice(b"}\n");
+    put(out, b"{\"sensor\":\"");
+    put(out, sensor.as_bytes());
+    put(out, b"\",\"kind\":\"");
+    put(out, kind.as_bytes());
+    put(out, b"\",\"value\":");
+    put(out, float.format_finite(value).as_bytes());
+    put(out, b",\"seq\":");
+    put(out, int.format(seq).as_bytes());
+    put(out, b",\"ts\":");
+    put(out, int.format(ts_ms).as_bytes());
+    put(out, b"}\n");
 }
 
 /// Appends `r` as one store line. Sensor ids and kinds are restricted to characters that
@@ -35,19 +36,19 @@ pub fn encode_reading(
 /// value keeps the sensor's own JSON number text, so nothing is lost to re-formatting.
 pub fn encode_record(out: &mut Vec<u8>, r: &Reading, recv_ms: u64) {
     let mut int = itoa::Buffer::new();
-    out.extend_from_slice(b"{\"sensor\":\"");
-    out.extend_from_slice(r.sensor.as_bytes());
-    out.extend_from_slice(b"\",\"kind\":\"");
-    out.extend_from_slice(r.kind.as_bytes());
-    out.extend_from_slice(b"\",\"value\":");
-    out.extend_from_slice(r.value_text.as_bytes());
-    out.extend_from_slice(b",\"seq\":");
-    out.extend_from_slice(int.format(r.seq).as_bytes());
+    put(out, b"{\"sensor\":\"");
+    put(out, r.sensor.as_bytes());
+    put(out, b"\",\"kind\":\"");
+    put(out, r.kind.as_bytes());
+    put(out, b"\",\"value\":");
+    put(out, r.value_text.as_bytes());
+    put(out, b",\"seq\":");
+    put(out, int.format(r.seq).as_bytes());
     if let Some(ts) = r.ts {
-        out.extend_from_slice(b",\"ts\":");
-        out.extend_from_slice(int.format(ts).as_bytes());
+        put(out, b",\"ts\":");
+        put(out, int.format(ts).as_bytes());
     }
-    out.extend_from_slice(b",\"recv\":");
-    out.extend_from_slice(int.format(recv_ms).as_bytes());
-    out.extend_from_slice(b"}\n");
+    put(out, b",\"recv\":");
+    put(out, int.format(recv_ms).as_bytes());
+    put(out, b"}\n");
 }

@@ -1,5 +1,6 @@
 //! Replies: the lines the server writes and the client reads back.
 
+use super::put;
 use serde::Deserialize;
 
 /// The reply the server sends when it refuses a connection past `--max-connections`.
@@ -41,17 +42,17 @@ impl Status {
 /// Appends the reply line for `status` to `out`. `seq` is raw JSON number text or `None`
 /// for `null`; `message` is required for `rejected` and `error`.
 pub fn write_reply(out: &mut Vec<u8>, seq: Option<&str>, status: Status, message: Option<&str>) {
-    out.extend_from_slice(b"{\"seq\":");
-    out.extend_from_slice(seq.unwrap_or("null").as_bytes());
-    out.extend_from_slice(b",\"status\":\"");
-    out.extend_from_slice(status.as_str().as_bytes());
+    put(out, b"{\"seq\":");
+    put(out, seq.unwrap_or("null").as_bytes());
+    put(out, b",\"status\":\"");
+    put(out, status.as_str().as_bytes());
     out.push(b'"');
     if let Some(message) = message {
-        out.extend_from_slice(b",\"error\":");
+        put(out, b",\"error\":");
         // Serializing a &str into a Vec cannot fail.
         let _ = serde_json::to_writer(&mut *out, message);
     }
-    out.extend_from_slice(b"}\n");
+    put(out, b"}\n");
 }
 
 /// A reply as a sensor reads it.
