@@ -8,8 +8,10 @@
 //!   append-only store (`store`, `recovery`) whose sealed segments ship to S3
 //!   (`archive`), plus an HTTP side port (`http`, `metrics`).
 //! - `client`: `sensor-client`, which simulates sensors and never loses a reading.
+//! - `net`: socket reads and writes both binaries share.
 
 pub mod client;
+pub mod net;
 pub mod server;
 pub mod wire;
 

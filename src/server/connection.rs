@@ -23,6 +23,7 @@
 //! completions until every earlier one has arrived. The window is small
 //! (`MAX_IN_FLIGHT` batches), so a `Vec` scan is the right structure.
 
+use crate::net::{Fill, Outbox, read_some};
 pub use crate::server::completion::ConnId;
 use crate::server::completion::{BufferPool, Completion, Job};
 use crate::server::metrics::LoopStats;
@@ -33,7 +34,6 @@ use crossbeam_channel::{Sender, TrySendError};
 use mio::Token;
 use mio::event::Event;
 use mio::net::TcpStream;
-use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
@@ -141,22 +141,14 @@ pub enum Next {
     Close,
 }
 
-/// What one read produced.
-enum Fill {
-    Data(usize),
-    Eof,
-    WouldBlock,
-}
-
 /// A sensor connection.
 pub struct Connection {
     stream: TcpStream,
     id: ConnId,
     /// Bytes read but not yet handed to a worker: complete lines, then a partial one.
     input: Vec<u8>,
-    /// Replies not yet written; `written` bytes of it are already sent.
-    output: Vec<u8>,
-    written: usize,
+    /// Replies not yet written.
+    output: Outbox,
     /// Edge-triggered readiness not yet consumed (we may stop early, e.g. on a budget).
     readable: bool,
     writable: bool,
@@ -185,8 +177,7 @@ impl Connection {
             stream,
             id,
             input: Vec::new(),
-            output: Vec::new(),
-            written: 0,
+            output: Outbox::default(),
             // A new socket may already hold data; the first pass finds out.
             readable: true,
             writable: true,
@@ -234,13 +225,7 @@ impl Connection {
                 ctx.stats
                     .count_replies(status, c.counts[status as usize], c.arrived);
             }
-            if output.is_empty() {
-                // Nothing unsent: take the reply buffer as it is, no copy.
-                ctx.buffers.give(std::mem::replace(output, c.replies));
-            } else {
-                output.extend_from_slice(&c.replies);
-                ctx.buffers.give(c.replies);
-            }
+            ctx.buffers.give(output.adopt(c.replies));
         });
     }
 
@@ -313,7 +298,7 @@ impl Connection {
             && self.in_flight() == 0
         {
             self.overlong_at = None;
-            self.output.extend_from_slice(OVERLONG_REPLY);
+            self.output.queue().extend_from_slice(OVERLONG_REPLY);
             ctx.stats.count_replies(Status::Error, 1, at);
         }
         if self.flush(&mut ctx.buffers).is_err() {
@@ -343,7 +328,7 @@ impl Connection {
     }
 
     fn unsent(&self) -> usize {
-        self.output.len() - self.written
+        self.output.unsent()
     }
 
     fn may_read(&self) -> bool {
@@ -406,52 +391,15 @@ impl Connection {
         true
     }
 
-    /// Reads once into `buf`, retrying on `Interrupted`.
-    ///
-    /// A short read means the socket's receive queue was empty when the read returned,
-    /// so the readiness is consumed without another `read` to see `WouldBlock`: data
-    /// arriving later raises a new edge (tokio makes the same inference). That saves a
-    /// system call per wake-up when sensors send a line at a time. Once the poller has
-    /// reported the peer's FIN, reads go on until they return 0.
-    fn fill(&mut self, buf: &mut [u8]) -> io::Result<Fill> {
-        loop {
-            match self.stream.read(buf) {
-                Ok(0) => {
-                    self.readable = false;
-                    return Ok(Fill::Eof);
-                }
-                Ok(n) => {
-                    if n < buf.len() && !self.read_hup {
-                        self.readable = false;
-                    }
-                    return Ok(Fill::Data(n));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.readable = false;
-                    return Ok(Fill::WouldBlock);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-        }
+    fn fill(&mut self, buf: &mut [u8]) -> std::io::Result<Fill> {
+        read_some(&mut self.stream, buf, &mut self.readable, self.read_hup)
     }
 
-    /// Writes unsent replies until done or the socket is full. A short write is normal:
-    /// the rest waits for the next writable edge. Once all is written the buffer goes
-    /// back to `buffers`: an idle connection holds none (memory per held connection).
-    fn flush(&mut self, buffers: &mut BufferPool) -> io::Result<()> {
-        while self.writable && self.written < self.output.len() {
-            match self.stream.write(&self.output[self.written..]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.written += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable = false,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        if self.written == self.output.len() {
-            self.written = 0;
-            buffers.give(std::mem::take(&mut self.output));
+    /// Writes what the socket takes; once all is written the buffer goes back to
+    /// `buffers`, so an idle connection holds none (memory per held connection).
+    fn flush(&mut self, buffers: &mut BufferPool) -> std::io::Result<()> {
+        if self.output.flush(&mut self.stream, &mut self.writable)? {
+            buffers.give(self.output.take_buffer());
         }
         Ok(())
     }

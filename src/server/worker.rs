@@ -76,7 +76,10 @@ impl Worker {
             ends,
             verdicts,
         } = self;
-        completions.extend(jobs.iter().map(|job| Completion::for_job(job, spare.take())));
+        completions.extend(
+            jobs.iter()
+                .map(|job| Completion::for_job(job, spare.take())),
+        );
         let mut all = reuse(std::mem::take(verdicts));
         ends.clear();
         for job in jobs.iter() {
@@ -126,7 +129,9 @@ impl Worker {
 /// lost, this would allocate, not misbehave).
 fn reuse<'b>(mut v: Vec<Verdict<'_>>) -> Vec<Verdict<'b>> {
     v.clear();
-    v.into_iter().map(|_| unreachable!("the vector is empty")).collect()
+    v.into_iter()
+        .map(|_| unreachable!("the vector is empty"))
+        .collect()
 }
 
 fn write_replies(
