@@ -342,38 +342,8 @@ impl Shipper {
         checksum: &str,
         stop_deadline: Option<Instant>,
     ) -> Result<(), String> {
-        let mut command = Command::new(&self.config.cli);
-        if let Some(endpoint) = &self.config.endpoint {
-            command.args(["--endpoint-url", endpoint]);
-        }
-        // The shipper retries with its own backoff; the CLI's own retries (5 attempts,
-        // each up to the connect timeout) would hide an outage for a minute.
-        if std::env::var_os("AWS_MAX_ATTEMPTS").is_none() {
-            command.env("AWS_MAX_ATTEMPTS", "2");
-        }
-        command
-            .args(["--cli-connect-timeout", "5", "--output", "json"])
-            .args([
-                "s3api",
-                "put-object",
-                "--bucket",
-                &self.config.bucket,
-                "--key",
-                key,
-            ])
-            .arg("--body")
-            .arg(body)
-            .args(["--content-type", "application/gzip"])
-            .args([
-                "--checksum-algorithm",
-                "SHA256",
-                "--checksum-sha256",
-                checksum,
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = command
+        let mut child = self
+            .put_object_command(key, body, checksum)
             .spawn()
             .map_err(|e| format!("cannot run {}: {e}", self.config.cli.display()))?;
         let mut deadline = Instant::now() + self.config.upload_timeout;
@@ -413,6 +383,31 @@ impl Shipper {
             .rfind(|l| !l.trim().is_empty())
             .unwrap_or("no message");
         Err(format!("AWS CLI {status}: {}", reason.trim()))
+    }
+
+    fn put_object_command(&self, key: &str, body: &Path, checksum: &str) -> Command {
+        let mut command = Command::new(&self.config.cli);
+        if let Some(endpoint) = &self.config.endpoint {
+            command.args(["--endpoint-url", endpoint]);
+        }
+        // The shipper retries with its own backoff; the CLI's own retries (5 attempts,
+        // each up to the connect timeout) would hide an outage for a minute.
+        if std::env::var_os("AWS_MAX_ATTEMPTS").is_none() {
+            command.env("AWS_MAX_ATTEMPTS", "2");
+        }
+        command
+            .args(["--cli-connect-timeout", "5", "--output", "json"])
+            .args(["s3api", "put-object", "--bucket", &self.config.bucket])
+            .args(["--key", key])
+            .arg("--body")
+            .arg(body)
+            .args(["--content-type", "application/gzip"])
+            .args(["--checksum-algorithm", "SHA256"])
+            .args(["--checksum-sha256", checksum])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        command
     }
 
     fn confirm(&self, number: u64, bytes: u64, uploaded: u64) -> Result<(), String> {

@@ -1,4 +1,5 @@
-//! `sensor-server`'s command line (PROTOCOL.md's contract, plus operator knobs).
+//! `sensor-server`'s command line (the contract's, `docs/protocol.md`, plus operator
+//! knobs).
 
 use clap::{Args, Parser, ValueEnum};
 use std::num::NonZeroUsize;

@@ -1,9 +1,9 @@
 //! The ledger every worker shares, and the group commit that makes it durable.
 //!
-//! Workers validate lines in parallel, then take the ledger lock once per batch: for each
-//! valid reading they decide `ok` / `duplicate` / kind-mismatch, update statistics and
-//! encode the record; the batch's records then go to the store in one `write` before the
-//! lock is released. Writing under the lock keeps the file in ledger order, which is what
+//! Workers validate lines in parallel, then take the ledger lock once per group of
+//! batches (whatever queued up for that worker): for each valid reading they decide `ok`
+//! / `duplicate` / kind-mismatch, update statistics and encode the record; the group's
+//! records then go to the store in one `write` before the lock is released. Writing under the lock keeps the file in ledger order, which is what
 //! lets a checkpoint pair statistics with file lengths.
 //!
 //! With `--fsync never` the replies go straight back to the event loop: the records are
@@ -250,27 +250,35 @@ const HOUSEKEEPING: Duration = Duration::from_secs(1);
 /// a checkpoint every `checkpoint_every` while readings arrive and at the end, sealing
 /// by age (and at the end), and retention of shipped segments.
 pub fn run_committer(db: &Db, checkpoint_every: Duration, retention: Option<&Retention>) {
-    let mut last_checkpoint = Instant::now();
-    let mut checkpointed_records = db.store_metrics.records.load(Relaxed);
-    let mut retained_through = 0;
-    loop {
-        let mut state = db.lock();
-        let checkpoint_due = |state: &State| {
-            state.closing
-                || (last_checkpoint.elapsed() >= checkpoint_every
-                    && db.store_metrics.records.load(Relaxed) != checkpointed_records)
-        };
-        if state.waiting.is_empty() && !checkpoint_due(&state) {
-            let wait = checkpoint_every
-                .saturating_sub(last_checkpoint.elapsed())
-                .min(state.store.seal_wait().unwrap_or(HOUSEKEEPING))
-                .clamp(Duration::from_millis(50), HOUSEKEEPING);
-            state = db
-                .commit_needed
-                .wait_timeout(state, wait)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
+    let mut committer = Committer {
+        db,
+        checkpoint_every,
+        retention,
+        last_checkpoint: Instant::now(),
+        checkpointed_records: db.store_metrics.records.load(Relaxed),
+        retained_through: 0,
+    };
+    while committer.round() {}
+}
+
+/// What the committer remembers between rounds.
+struct Committer<'a> {
+    db: &'a Db,
+    checkpoint_every: Duration,
+    retention: Option<&'a Retention>,
+    last_checkpoint: Instant,
+    /// Records counted by the last checkpoint (none is written while nothing changed).
+    checkpointed_records: u64,
+    /// The archive watermark retention last acted on.
+    retained_through: u64,
+}
+
+impl<'a> Committer<'a> {
+    /// One round: what needs the lock under it (sealing, taking the replies and the
+    /// syncs, retention, the checkpoint's snapshot), then the slow part without it.
+    /// False once the server is closing (the round was the last).
+    fn round(&mut self) -> bool {
+        let mut state = self.wait_for_work();
         let sealed = if state.closing {
             state.store.seal()
         } else {
@@ -284,31 +292,14 @@ pub fn run_committer(db: &Db, checkpoint_every: Duration, retention: Option<&Ret
         let sync = (!completions.is_empty() || state.store.sync_pending())
             .then(|| state.store.take_sync(!completions.is_empty()));
         let closing = state.closing;
-        let due = checkpoint_due(&state);
+        let due = self.checkpoint_due(&state);
         // Retention first: when it retires segments it writes a checkpoint of the
         // store as it is now, which then is the checkpoint of this round (an older one
         // written after it would list the deleted files again).
-        let mut retired = Vec::new();
-        if let Some(r) = retention {
-            let shipped = r.shipped_through.load(Relaxed);
-            if shipped != retained_through {
-                let State { store, sensors, .. } = &mut *state;
-                match store.retire(shipped, r.keep_bytes, sensors) {
-                    Ok(victims) => {
-                        retained_through = shipped;
-                        if !victims.is_empty() {
-                            checkpointed_records = db.store_metrics.records.load(Relaxed);
-                            last_checkpoint = Instant::now();
-                        }
-                        retired = victims;
-                    }
-                    Err(e) => warn!("store: retention postponed (checkpoint: {e})"),
-                }
-            }
-        }
+        let retired = self.retain(&mut state);
         // Taken under the lock, so the statistics match the file lengths exactly.
         let checkpoint = (retired.is_empty() && due).then(|| {
-            checkpointed_records = db.store_metrics.records.load(Relaxed);
+            self.checkpointed_records = self.db.store_metrics.records.load(Relaxed);
             state.store.checkpoint(state.sensors.clone())
         });
         drop(state);
@@ -317,21 +308,71 @@ pub fn run_committer(db: &Db, checkpoint_every: Duration, retention: Option<&Ret
             if let Err(e) = sync.run() {
                 fail(e);
             }
-            db.notifier.send_all(&mut completions);
+            self.db.notifier.send_all(&mut completions);
         }
         if let Some(checkpoint) = checkpoint {
             // A checkpoint only shortens the next start-up: if it cannot be written
             // (disk full), the old one stays valid and the next one tries again.
             match checkpoint.write() {
-                Ok(()) => last_checkpoint = Instant::now(),
+                Ok(()) => self.last_checkpoint = Instant::now(),
                 Err(e) => warn!("store: checkpoint not written ({e}); will retry"),
             }
         }
         if let Err(e) = delete_retired(&retired) {
             warn!("store: retention could not delete every file ({e}); start-up finishes it");
         }
-        if closing {
-            return;
+        !closing
+    }
+
+    fn checkpoint_due(&self, state: &State) -> bool {
+        state.closing
+            || (self.last_checkpoint.elapsed() >= self.checkpoint_every
+                && self.db.store_metrics.records.load(Relaxed) != self.checkpointed_records)
+    }
+
+    /// The locked state once there is work: replies waiting for an fsync, a checkpoint
+    /// due, or housekeeping time (sealing by age, retention).
+    fn wait_for_work(&self) -> MutexGuard<'a, State> {
+        let state = self.db.lock();
+        if !state.waiting.is_empty() || self.checkpoint_due(&state) {
+            return state;
+        }
+        let wait = self
+            .checkpoint_every
+            .saturating_sub(self.last_checkpoint.elapsed())
+            .min(state.store.seal_wait().unwrap_or(HOUSEKEEPING))
+            .clamp(Duration::from_millis(50), HOUSEKEEPING);
+        self.db
+            .commit_needed
+            .wait_timeout(state, wait)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0
+    }
+
+    /// Retires shipped segments past the local budget; returns the files to delete once
+    /// the lock is released.
+    fn retain(&mut self, state: &mut State) -> Vec<std::path::PathBuf> {
+        let Some(r) = self.retention else {
+            return Vec::new();
+        };
+        let shipped = r.shipped_through.load(Relaxed);
+        if shipped == self.retained_through {
+            return Vec::new();
+        }
+        let State { store, sensors, .. } = state;
+        match store.retire(shipped, r.keep_bytes, sensors) {
+            Ok(victims) => {
+                self.retained_through = shipped;
+                if !victims.is_empty() {
+                    self.checkpointed_records = self.db.store_metrics.records.load(Relaxed);
+                    self.last_checkpoint = Instant::now();
+                }
+                victims
+            }
+            Err(e) => {
+                warn!("store: retention postponed (checkpoint: {e})");
+                Vec::new()
+            }
         }
     }
 }

@@ -16,11 +16,11 @@ pub mod stats;
 pub mod store;
 pub mod worker;
 
-use crate::server::completion::completion_channel;
+use crate::server::completion::{Job, Notifier, completion_channel};
 use crate::server::config::{ArchiveArgs, Fsync, ServerConfig, ShipConfig};
 use crate::server::db::{Db, Retention, run_committer};
 use crate::server::event_loop::{EventLoop, Limits, LoopParts, WAKER};
-use crate::server::store::{Store, StoreOptions};
+use crate::server::store::{Sensors, Store, StoreOptions};
 use crate::server::worker::spawn_pool;
 use archive::{Archive, ArchiveConfig};
 use log::info;
@@ -28,7 +28,9 @@ use mio::net::TcpListener;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::io::{self, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// Batches that may wait for one worker; past it the loop stops reading the connections
@@ -43,27 +45,14 @@ const BACKLOG: i32 = 4096;
 pub fn run(config: ServerConfig) -> Result<(), String> {
     let listen = resolve(&config.listen)?;
     let http_listen = config.http_listen.as_deref().map(resolve).transpose()?;
-    let workers = config
-        .workers
-        .or_else(|| std::thread::available_parallelism().ok())
-        .map_or(1, |n| n.get());
-
     let archive_config = archive_config(&config.archive)?;
-    let (store, sensors) = Store::open(StoreOptions {
-        dir: config.data_dir.clone(),
-        segment_bytes: config.segment_bytes,
-        max_age: Duration::from_secs(config.segment_max_age),
-    })
-    .map_err(|e| format!("cannot open store in {}: {e}", config.data_dir.display()))?;
+    let max_age = Duration::from_secs(config.segment_max_age);
+    let (store, sensors) = open_store(&config.data_dir, config.segment_bytes, max_age)?;
     let store_metrics = store.metrics();
     let archive = archive_config
         .map(|a| Archive::start(a, &config.data_dir, store_metrics.clone()))
         .transpose()
         .map_err(|e| format!("archive: {e}"))?;
-    let retention = archive.as_ref().map(|a| Retention {
-        shipped_through: a.shipped_through.clone(),
-        keep_bytes: config.archive.keep_shipped_bytes,
-    });
 
     let poll = mio::Poll::new().map_err(|e| format!("poll: {e}"))?;
     let waker = mio::Waker::new(poll.registry(), WAKER).map_err(|e| format!("waker: {e}"))?;
@@ -77,29 +66,12 @@ pub fn run(config: ServerConfig) -> Result<(), String> {
         .transpose()?;
     announce(&listener, http_listener.as_ref()).map_err(|e| format!("stdout: {e}"))?;
 
-    let (jobs, queues): (Vec<_>, Vec<_>) = (0..workers)
-        .map(|_| crossbeam_channel::bounded(JOB_QUEUE))
-        .unzip();
-    let pool = spawn_pool(queues, &db, &notifier).map_err(|e| e.to_string())?;
-    let committer = {
-        let db = db.clone();
-        let every = Duration::from_secs(config.checkpoint_interval);
-        std::thread::Builder::new()
-            .name("committer".into())
-            .spawn(move || run_committer(&db, every, retention.as_ref()))
-            .map_err(|e| e.to_string())?
-    };
+    let retention = archive.as_ref().map(|a| Retention {
+        shipped_through: a.shipped_through.clone(),
+        keep_bytes: config.archive.keep_shipped_bytes,
+    });
+    let (jobs, threads) = Threads::start(&config, &db, &notifier, retention)?;
     drop(notifier);
-    info!(
-        "serving with {workers} workers, fsync {:?}, up to {} connections",
-        config.fsync, config.max_connections
-    );
-
-    let limits = Limits {
-        max_connections: config.max_connections as usize,
-        idle_timeout: (config.idle_timeout > 0).then(|| Duration::from_secs(config.idle_timeout)),
-        max_line_bytes: config.max_line_bytes as usize,
-    };
     let parts = LoopParts {
         poll,
         listener,
@@ -110,21 +82,87 @@ pub fn run(config: ServerConfig) -> Result<(), String> {
         store: store_metrics,
         archive: archive.as_ref().map(|a| a.metrics.clone()),
     };
-    let event_loop = EventLoop::new(parts, limits).map_err(|e| format!("event loop: {e}"))?;
-    // Returning drops the job sender: the workers finish the queue and exit (giving up
-    // batches the store cannot take: they were never acknowledged).
+    let event_loop =
+        EventLoop::new(parts, limits(&config)).map_err(|e| format!("event loop: {e}"))?;
+    // Returning drops the job senders: the workers finish their queues and exit.
     event_loop.run().map_err(|e| format!("event loop: {e}"))?;
-    db.abandon_unwritable();
-    for worker in pool {
-        let _ = worker.join();
-    }
-    db.close();
-    let _ = committer.join();
-    info!("store synced and sealed");
+    threads.stop(&db);
     if let Some(archive) = archive {
         archive.finish();
     }
     Ok(())
+}
+
+fn open_store(
+    dir: &Path,
+    segment_bytes: u64,
+    max_age: Duration,
+) -> Result<(Store, Sensors), String> {
+    Store::open(StoreOptions {
+        dir: dir.to_path_buf(),
+        segment_bytes,
+        max_age,
+    })
+    .map_err(|e| format!("cannot open store in {}: {e}", dir.display()))
+}
+
+fn limits(config: &ServerConfig) -> Limits {
+    Limits {
+        max_connections: config.max_connections as usize,
+        idle_timeout: (config.idle_timeout > 0).then(|| Duration::from_secs(config.idle_timeout)),
+        max_line_bytes: config.max_line_bytes as usize,
+    }
+}
+
+/// The worker pool and the committer.
+struct Threads {
+    workers: Vec<JoinHandle<()>>,
+    committer: JoinHandle<()>,
+}
+
+impl Threads {
+    /// Starts them; returns the workers' job queues (one per worker) for the loop.
+    fn start(
+        config: &ServerConfig,
+        db: &Arc<Db>,
+        notifier: &Notifier,
+        retention: Option<Retention>,
+    ) -> Result<(Vec<crossbeam_channel::Sender<Job>>, Threads), String> {
+        let count = config
+            .workers
+            .or_else(|| std::thread::available_parallelism().ok())
+            .map_or(1, |n| n.get());
+        let (jobs, queues): (Vec<_>, Vec<_>) = (0..count)
+            .map(|_| crossbeam_channel::bounded(JOB_QUEUE))
+            .unzip();
+        let workers = spawn_pool(queues, db, notifier).map_err(|e| e.to_string())?;
+        let committer = {
+            let db = db.clone();
+            let every = Duration::from_secs(config.checkpoint_interval);
+            std::thread::Builder::new()
+                .name("committer".into())
+                .spawn(move || run_committer(&db, every, retention.as_ref()))
+                .map_err(|e| e.to_string())?
+        };
+        info!(
+            "serving with {count} workers, fsync {:?}, up to {} connections",
+            config.fsync, config.max_connections
+        );
+        Ok((jobs, Threads { workers, committer }))
+    }
+
+    /// Once the loop has returned (and dropped the job queues): the workers finish what
+    /// is queued, giving up batches the store cannot take (they were never
+    /// acknowledged), then the committer syncs, seals and checkpoints.
+    fn stop(self, db: &Db) {
+        db.abandon_unwritable();
+        for worker in self.workers {
+            let _ = worker.join();
+        }
+        db.close();
+        let _ = self.committer.join();
+        info!("store synced and sealed");
+    }
 }
 
 /// `sensor-server ship`: seals what a crash left in `config.data_dir`, ships every
@@ -132,12 +170,8 @@ pub fn run(config: ServerConfig) -> Result<(), String> {
 pub fn ship(config: ShipConfig) -> Result<(), String> {
     let archive_config =
         archive_config(&config.archive)?.ok_or("ship needs --archive s3://BUCKET/PREFIX")?;
-    let (store, _) = Store::open(StoreOptions {
-        dir: config.data_dir.clone(),
-        segment_bytes: u64::MAX,
-        max_age: Duration::MAX,
-    })
-    .map_err(|e| format!("cannot open store in {}: {e}", config.data_dir.display()))?;
+    // Nothing is appended: the store is opened only to seal what a crash left.
+    let (store, _) = open_store(&config.data_dir, u64::MAX, Duration::MAX)?;
     let archive = Archive::start(archive_config, &config.data_dir, store.metrics())
         .map_err(|e| format!("archive: {e}"))?;
     match archive.finish() {

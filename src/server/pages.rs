@@ -58,10 +58,18 @@ pub fn sensors_body(db: &Db) -> Vec<u8> {
 }
 
 fn metrics_text(f: &Figures) -> String {
-    let sensors = f.db.with_sensors(|m| m.len());
-
-    let s = f.loop_stats;
     let mut e = Exposition::default();
+    loop_metrics(&mut e, f);
+    store_metrics(&mut e, f.store);
+    if let Some(archive) = f.archive {
+        archive_metrics(&mut e, archive);
+    }
+    e.finish()
+}
+
+/// Connections, replies and the worker queue: the event loop's own figures.
+fn loop_metrics(e: &mut Exposition, f: &Figures) {
+    let s = f.loop_stats;
     e.gauge(
         "sensorhub_connections_open",
         "Sensor connections currently open.",
@@ -105,51 +113,56 @@ fn metrics_text(f: &Figures) -> String {
     e.gauge(
         "sensorhub_sensors",
         "Sensors with at least one stored reading.",
-        sensors as f64,
+        f.db.with_sensors(|m| m.len()) as f64,
     );
+}
+
+fn store_metrics(e: &mut Exposition, store: &StoreMetrics) {
     e.counter(
         "sensorhub_store_records_total",
         "Records appended to the store since start.",
-        f.store.records.load(Relaxed),
+        store.records.load(Relaxed),
     );
-    e.gauge(
-        "sensorhub_store_bytes",
-        "Bytes in the store's *.jsonl files.",
-        f.store.bytes.load(Relaxed) as f64,
-    );
-    e.gauge(
-        "sensorhub_store_segments",
-        "Number of *.jsonl files in the store.",
-        f.store.segments.load(Relaxed) as f64,
-    );
+    let gauges = [
+        (
+            "sensorhub_store_bytes",
+            "Bytes in the store's *.jsonl files.",
+            store.bytes.load(Relaxed) as f64,
+        ),
+        (
+            "sensorhub_store_segments",
+            "Number of *.jsonl files in the store.",
+            store.segments.load(Relaxed) as f64,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        e.gauge(name, help, value);
+    }
     e.histogram(
         "sensorhub_fsync_seconds",
         "Duration of each store fsync.",
-        &f.store.fsync_seconds,
+        &store.fsync_seconds,
     );
+    let available = if store.unavailable().is_none() {
+        1.0
+    } else {
+        0.0
+    };
     e.gauge(
         "sensorhub_store_available",
         "1 while the store takes writes; 0 while it cannot (disk full, I/O error).",
-        if f.store.unavailable().is_none() {
-            1.0
-        } else {
-            0.0
-        },
+        available,
     );
     e.counter(
         "sensorhub_store_write_failures_total",
         "Store writes that failed; each batch was undone and retried.",
-        f.store.write_failures.load(Relaxed),
+        store.write_failures.load(Relaxed),
     );
     e.counter(
         "sensorhub_store_segments_retired_total",
         "Shipped segments deleted by retention since start.",
-        f.store.retired_segments.load(Relaxed),
+        store.retired_segments.load(Relaxed),
     );
-    if let Some(archive) = f.archive {
-        archive_metrics(&mut e, archive);
-    }
-    e.finish()
 }
 
 fn archive_metrics(e: &mut Exposition, a: &ArchiveMetrics) {

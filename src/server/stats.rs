@@ -97,7 +97,8 @@ impl SensorStats {
     }
 }
 
-/// The `/sensors` view of one sensor, in the field order PROTOCOL.md shows.
+/// The `/sensors` view of one sensor, in the field order the contract shows
+/// (`docs/protocol.md`).
 #[derive(Serialize)]
 pub struct SensorView<'a> {
     pub kind: &'a str,

@@ -50,15 +50,18 @@ pub struct StoreOptions {
     pub max_age: Duration,
 }
 
-/// What `/metrics` and the archive shipper see of the store; written under the ledger
-/// lock, read without it.
+/// What `/metrics` and the archive shipper see of the store; written by whoever holds
+/// the ledger lock (workers appending, the committer sealing and retiring), except
+/// `sealed_through` and `fsync_seconds`, which the syncs update after the lock is
+/// released (`SyncSet::run`); read without the lock.
 #[derive(Debug)]
 pub struct StoreMetrics {
     pub bytes: AtomicU64,
     pub segments: AtomicU64,
     pub records: AtomicU64,
     pub fsync_seconds: Histogram,
-    /// Every segment numbered up to this one is sealed (synced, never written again).
+    /// Every segment numbered up to this one is sealed and synced (never written again):
+    /// what the archive may ship.
     pub sealed_through: AtomicU64,
     /// Segments deleted by retention since start.
     pub retired_segments: AtomicU64,
@@ -153,26 +156,7 @@ impl Store {
     /// Opens (creating if needed) the store in `options.dir` and rebuilds every sensor's
     /// statistics from it.
     pub fn open(options: StoreOptions) -> io::Result<(Store, Sensors)> {
-        if options.dir.exists() && !options.dir.is_dir() {
-            return Err(io::Error::new(
-                io::ErrorKind::NotADirectory,
-                format!(
-                    "{} is not a directory (the store is a directory of segment files)",
-                    options.dir.display()
-                ),
-            ));
-        }
-        fs::create_dir_all(&options.dir)?;
-        let lock = File::open(&options.dir)?;
-        lock.try_lock().map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::WouldBlock,
-                format!(
-                    "data directory {} is in use by another sensor-server",
-                    options.dir.display()
-                ),
-            )
-        })?;
+        let lock = lock_dir(&options.dir)?;
         probe_writable(&options.dir)?;
         let started = Instant::now();
         let recovered = recover(&options.dir)?;
@@ -184,16 +168,6 @@ impl Store {
             recovered.replayed,
             started.elapsed().as_secs_f64()
         );
-        let metrics = Arc::new(StoreMetrics {
-            bytes: AtomicU64::new(0),
-            segments: AtomicU64::new(0),
-            records: AtomicU64::new(0),
-            fsync_seconds: Histogram::new(LATENCY_BUCKETS),
-            sealed_through: AtomicU64::new(0),
-            retired_segments: AtomicU64::new(0),
-            write_failures: AtomicU64::new(0),
-            unavailable: Mutex::new(None),
-        });
         let Recovered {
             mut lengths,
             mut crcs,
@@ -201,39 +175,21 @@ impl Store {
             retired_through,
             ..
         } = recovered;
-        // Numbers never restart, even when retention deleted every segment: the archive
-        // knows segments by number.
-        let last = lengths
-            .iter()
-            .filter_map(|(name, &len)| Some((segment_number(name)?, len)))
-            .max();
-        let first_choice = match last {
-            Some((number, 0)) => number,
-            Some((number, _)) => {
-                // Sealed from now on: what it holds must be on disk before it ships.
-                File::open(options.dir.join(segment_name(number)))?.sync_all()?;
-                number + 1
-            }
-            None => 1,
-        }
-        .max(retired_through + 1);
-        let opened = match (open_segment(&options.dir, first_choice), last) {
-            // A full disk may refuse a new file: go on appending to the last segment
-            // (it was not sealed yet) rather than refuse to start.
-            (Err(e), Some((number, _))) if number > retired_through => {
-                warn!(
-                    "store: cannot start {} ({e}); appending to {} instead",
-                    segment_name(first_choice),
-                    segment_name(number)
-                );
-                open_segment(&options.dir, number)
-            }
-            (result, _) => result,
-        };
-        let (active, active_name, active_number) = opened?;
+        let (active, active_name, active_number) =
+            open_active(&options.dir, &lengths, retired_through)?;
         let active_len = active.metadata()?.len();
         lengths.insert(active_name.clone(), active_len);
         crcs.entry(active_name.clone()).or_default();
+        let metrics = Arc::new(StoreMetrics {
+            bytes: AtomicU64::new(0),
+            segments: AtomicU64::new(0),
+            records: AtomicU64::new(0),
+            fsync_seconds: Histogram::new(LATENCY_BUCKETS),
+            sealed_through: AtomicU64::new(active_number - 1),
+            retired_segments: AtomicU64::new(0),
+            write_failures: AtomicU64::new(0),
+            unavailable: Mutex::new(None),
+        });
         let store = Store {
             options,
             active: Arc::new(active),
@@ -249,10 +205,6 @@ impl Store {
             _lock: lock,
         };
         store.publish_sizes();
-        store
-            .metrics
-            .sealed_through
-            .store(store.active_number - 1, Relaxed);
         Ok((store, sensors))
     }
 
@@ -567,6 +519,70 @@ pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> 
     file.sync_all()?;
     fs::rename(&tmp, dir.join(name))?;
     sync_dir(dir)
+}
+
+/// Creates the data directory if needed and locks it for this process (a second server
+/// on the same directory would interleave records), returning the lock's handle.
+fn lock_dir(dir: &Path) -> io::Result<File> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotADirectory,
+            format!(
+                "{} is not a directory (the store is a directory of segment files)",
+                dir.display()
+            ),
+        ));
+    }
+    fs::create_dir_all(dir)?;
+    let lock = File::open(dir)?;
+    lock.try_lock().map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::WouldBlock,
+            format!(
+                "data directory {} is in use by another sensor-server",
+                dir.display()
+            ),
+        )
+    })?;
+    Ok(lock)
+}
+
+/// Opens the segment to append to at start-up: a new one after the last, which a crash
+/// left final (so it is sealed, synced first); the last itself when it is empty, or when
+/// a full disk refuses a new file. Numbers never restart, even when retention deleted
+/// every segment: the archive knows segments by number.
+fn open_active(
+    dir: &Path,
+    lengths: &BTreeMap<String, u64>,
+    retired_through: u64,
+) -> io::Result<(File, String, u64)> {
+    let last = lengths
+        .iter()
+        .filter_map(|(name, &len)| Some((segment_number(name)?, len)))
+        .max();
+    let first_choice = match last {
+        Some((number, 0)) => number,
+        Some((number, _)) => {
+            // Sealed from now on: what it holds must be on disk before it ships.
+            File::open(dir.join(segment_name(number)))?.sync_all()?;
+            number + 1
+        }
+        None => 1,
+    }
+    .max(retired_through + 1);
+    match (open_segment(dir, first_choice), last) {
+        // A full disk may refuse a new file: go on appending to the last segment (it
+        // was not sealed yet) rather than refuse to start.
+        (Err(e), Some((number, _))) if number > retired_through => {
+            warn!(
+                "store: cannot start {} ({e}); appending to {} instead",
+                segment_name(first_choice),
+                segment_name(number)
+            );
+            open_segment(dir, number)
+        }
+        (result, _) => result,
+    }
 }
 
 /// The file name of segment `number`.

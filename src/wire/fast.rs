@@ -26,8 +26,7 @@ pub(super) fn typed(line: &[u8]) -> Option<Typed<'_>> {
         at: 0,
     };
     let mut known: [Option<&str>; 5] = [None; 5];
-    let mut others: [&str; MAX_OTHER_KEYS] = [""; MAX_OTHER_KEYS];
-    let mut other_count = 0;
+    let mut others = OtherKeys::default();
     p.skip_whitespace();
     p.expect(b'{')?;
     p.skip_whitespace();
@@ -43,11 +42,7 @@ pub(super) fn typed(line: &[u8]) -> Option<Typed<'_>> {
             "seq" => 3,
             "ts" => 4,
             _ => {
-                if other_count == MAX_OTHER_KEYS || others[..other_count].contains(&key) {
-                    return None;
-                }
-                others[other_count] = key;
-                other_count += 1;
+                others.insert(key)?;
                 p.scalar()?;
                 5
             }
@@ -77,6 +72,25 @@ pub(super) fn typed(line: &[u8]) -> Option<Typed<'_>> {
         seq: seq?,
         ts,
     })
+}
+
+/// The keys of members the protocol does not know, to notice a duplicated one.
+#[derive(Default)]
+struct OtherKeys<'a> {
+    keys: [&'a str; MAX_OTHER_KEYS],
+    len: usize,
+}
+
+impl<'a> OtherKeys<'a> {
+    /// `None` for a key seen before, or one too many to track.
+    fn insert(&mut self, key: &'a str) -> Option<()> {
+        if self.len == MAX_OTHER_KEYS || self.keys[..self.len].contains(&key) {
+            return None;
+        }
+        self.keys[self.len] = key;
+        self.len += 1;
+        Some(())
+    }
 }
 
 struct Cursor<'a> {
