@@ -179,6 +179,43 @@ fn a_thousand_pipelined_lines_are_answered_in_order() {
 }
 
 #[test]
+fn connections_spread_over_several_workers_each_keep_their_order() {
+    // Connections are pinned to workers by slab index; with three workers and fsync
+    // always, a connection's replies come back partly through the committer and
+    // partly straight from its worker, and must still leave in line order.
+    let server = Server::start(
+        &temp_dir("workers"),
+        &["--fsync", "always", "--workers", "3"],
+    );
+    let mut conns: Vec<Conn> = (0..6).map(|_| server.connect()).collect();
+    for (k, c) in conns.iter_mut().enumerate() {
+        let mut batch = String::new();
+        for seq in 1..=300u64 {
+            if seq % 2 == 0 {
+                batch.push_str(&format!("{{\"seq\":{seq}}}\n"));
+            } else {
+                batch.push_str(&reading(&format!("w{k}"), "humidity", 50.0, seq));
+            }
+        }
+        c.send(&batch);
+    }
+    for c in &mut conns {
+        for seq in 1..=300u64 {
+            let r = c.reply_json();
+            let status = if seq % 2 == 0 { "error" } else { "ok" };
+            assert_eq!(
+                (r["seq"].as_u64(), r["status"].as_str()),
+                (Some(seq), Some(status))
+            );
+        }
+    }
+    let sensors = server.sensors();
+    for k in 0..6 {
+        assert_eq!(sensors[format!("w{k}")]["count"], 150, "sensor w{k}");
+    }
+}
+
+#[test]
 fn a_line_sent_byte_by_byte_is_one_reading() {
     let server = server("bytes");
     let mut c = server.connect();

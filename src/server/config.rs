@@ -30,7 +30,8 @@ pub struct ServerConfig {
     #[arg(long, default_value = "./data")]
     pub data_dir: PathBuf,
 
-    /// Worker threads for validation and storage [default: available cores].
+    /// Worker threads for validation and storage [default: available cores - 1, at
+    /// least 1: the event loop keeps a core of its own].
     #[arg(long)]
     pub workers: Option<NonZeroUsize>,
 

@@ -28,6 +28,7 @@ use mio::net::TcpListener;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::io::{self, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::num::NonZeroUsize;
 use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -128,10 +129,12 @@ impl Threads {
         notifier: &Notifier,
         retention: Option<Retention>,
     ) -> Result<(Vec<crossbeam_channel::Sender<Job>>, Threads), String> {
-        let count = config
-            .workers
-            .or_else(|| std::thread::available_parallelism().ok())
-            .map_or(1, |n| n.get());
+        // The event loop keeps a core of its own: on 2 cores one worker answered as many
+        // readings as two with 10% less CPU per reading (BENCHMARKS.md).
+        let count = config.workers.map_or_else(
+            || std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)),
+            NonZeroUsize::get,
+        );
         let (jobs, queues): (Vec<_>, Vec<_>) = (0..count)
             .map(|_| crossbeam_channel::bounded(JOB_QUEUE))
             .unzip();

@@ -165,14 +165,22 @@ fn parse_integer(raw: &str) -> Option<u64> {
     if digits.is_empty() {
         return None;
     }
-    let mut n: u64 = 0;
-    for b in digits.bytes() {
-        let digit = b.wrapping_sub(b'0');
-        if digit > 9 {
-            return None;
-        }
-        n = n.checked_mul(10)?.checked_add(u64::from(digit))?;
-    }
+    // 19 digits never overflow a u64 (its maximum has 20), so the usual seq and ts are
+    // added without overflow checks, which would make each digit wait for a multiply.
+    let n = if digits.len() <= 19 {
+        digits.bytes().try_fold(0u64, |n, b| {
+            let digit = b.wrapping_sub(b'0');
+            (digit <= 9).then(|| n * 10 + u64::from(digit))
+        })?
+    } else {
+        digits.bytes().try_fold(0u64, |n, b| {
+            let digit = b.wrapping_sub(b'0');
+            if digit > 9 {
+                return None;
+            }
+            n.checked_mul(10)?.checked_add(u64::from(digit))
+        })?
+    };
     if negative && n != 0 { None } else { Some(n) }
 }
 
