@@ -55,11 +55,21 @@ pub fn scan(buf: &[u8], max_line_bytes: usize, max_lines: usize) -> Scan {
     }
 }
 
-/// Splits a block of complete lines into lines without their terminators.
+/// Splits a block of complete lines into lines without their terminators; a final line
+/// without `\n` is a line too. memchr finds each newline a word at a time (a byte loop
+/// here was half of a worker's own time).
 pub fn lines(block: &[u8]) -> impl Iterator<Item = &[u8]> {
-    block.split_inclusive(|&b| b == b'\n').map(|line| {
-        let line = line.strip_suffix(b"\n").unwrap_or(line);
-        line.strip_suffix(b"\r").unwrap_or(line)
+    let mut rest = block;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let (line, next) = match memchr::memchr(b'\n', rest) {
+            Some(i) => (&rest[..i], &rest[i + 1..]),
+            None => (rest, &rest[rest.len()..]),
+        };
+        rest = next;
+        Some(line.strip_suffix(b"\r").unwrap_or(line))
     })
 }
 
@@ -79,6 +89,8 @@ mod tests {
             }
         );
         let got: Vec<&[u8]> = lines(&b"a\nbb\r\nccc"[..s.end]).collect();
+        let tail: Vec<&[u8]> = lines(b"x\n\nlast\r").collect();
+        assert_eq!(tail, [&b"x"[..], b"", b"last"]);
         assert_eq!(got, vec![&b"a"[..], b"bb"]);
     }
 
