@@ -6,14 +6,19 @@
 # (benches/baseline_server.rs). Prints figures, server CPU seconds per million readings
 # and ratios; asserts nothing about timing.
 #
-#   benches/run.sh           full run (about 3 minutes)
-#   benches/run.sh --smoke   short run for CI (about 30 seconds, smaller scenario c)
+# This VM's throughput drifts by 10-20% from minute to minute, so a full run plays
+# scenarios (a) and (b) in ROUNDS rounds, every server once per round (interleaved, so a
+# slow minute hits all of them), and reports each case's median round by readings/s.
+#
+#   benches/run.sh           full run: 3 rounds (about 5 minutes)
+#   benches/run.sh --smoke   short run for CI: 1 round, 1 s per case, smaller scenario c
+#   ROUNDS=5 benches/run.sh  more rounds
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 smoke=false
 [[ "${1:-}" == "--smoke" ]] && smoke=true
-if $smoke; then secs=1; c_conns=1000; c_secs=4; else secs=5; c_conns=15000; c_secs=20; fi
+if $smoke; then secs=1; c_conns=1000; c_secs=4; rounds=1; else secs=5; c_conns=15000; c_secs=20; rounds=${ROUNDS:-3}; fi
 
 cargo build --release --quiet --bin sensor-server --bin sensor-client --example baseline-server \
   --example tokio-reference
@@ -95,29 +100,51 @@ bench() {
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "n/a" }'; }
 
+# rounds CONNS WINDOW CASE... : plays every CASE ("NAME FSYNC") once per round, then
+# prints each case's median row (by readings/s) and sets RATE_<NAME>_<FSYNC> and
+# CPU_<NAME>_<FSYNC> from it.
+rounds() {
+  local conns=$1 window=$2 r c row
+  shift 2
+  declare -A rows=()
+  for ((r = 1; r <= rounds; r++)); do
+    for c in "$@"; do
+      # shellcheck disable=SC2086 # a case is two words
+      row=$(bench $c "$conns" "$window")
+      rows[$c]+="$row"$'\n'
+    done
+  done
+  for c in "$@"; do
+    row=$(printf '%s' "${rows[$c]}" | sort -k9,9n | awk '{ a[NR] = $0 } END { print a[int((NR + 1) / 2)] }')
+    echo "$row"
+    local key=${c// /_}
+    printf -v "RATE_$key" '%s' "$(awk '{ print $9 }' <<<"$row")"
+    printf -v "CPU_$key" '%s' "$(awk '{ print $(NF - 1) }' <<<"$row")"
+  done
+}
+
 echo "== machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r); server and driver share the cores"
-echo "== (a) 64 connections x window 32, ${secs}s each (cpu: server CPU seconds per million readings)"
-bench sensorhub never 64 32; ours_never=$RATE ours_cpu=$CPU
-bench sensorhub always 64 32; ours_always=$RATE
+echo "== (a) 64 connections x window 32, ${secs}s each, median of $rounds rounds (cpu: server CPU seconds per million readings)"
+cases=("sensorhub never" "sensorhub always")
 if [[ -x $musl ]]; then
-  bench musl never 64 32; musl_never=$RATE
-  bench musl always 64 32
+  cases+=("musl never" "musl always")
 else
-  musl_never=0
+  RATE_musl_never=0
   echo "musl       skipped: $musl missing (scripts/build-static.sh)"
 fi
-bench tokio none 64 32; tokio_rate=$RATE tokio_cpu=$CPU
-bench baseline never 64 32; base_never=$RATE
-bench baseline always 64 32; base_always=$RATE
-echo "   sensorhub fsync never vs tokio reference (which stores nothing): $(ratio "$ours_never" "$tokio_rate"); static musl build: $(ratio "$musl_never" "$tokio_rate")"
-echo "   server CPU per reading, tokio reference / sensorhub: $(ratio "$tokio_cpu" "$ours_cpu") (above 1: sensorhub uses less)"
-echo "   sensorhub vs baseline: fsync never $(ratio "$ours_never" "$base_never"), fsync always $(ratio "$ours_always" "$base_always")"
-echo "   sensorhub fsync always / fsync never: $(ratio "$ours_always" "$ours_never")"
+cases+=("tokio none" "baseline never" "baseline always")
+rounds 64 32 "${cases[@]}"
+# shellcheck disable=SC2154 # RATE_* and CPU_* are set by rounds (printf -v)
+echo "   sensorhub fsync never vs tokio reference (which stores nothing): $(ratio "$RATE_sensorhub_never" "$RATE_tokio_none"); static musl build: $(ratio "$RATE_musl_never" "$RATE_tokio_none")"
+# shellcheck disable=SC2154
+echo "   server CPU per reading, tokio reference / sensorhub: $(ratio "$CPU_tokio_none" "$CPU_sensorhub_never") (above 1: sensorhub uses less)"
+# shellcheck disable=SC2154
+echo "   sensorhub vs baseline: fsync never $(ratio "$RATE_sensorhub_never" "$RATE_baseline_never"), fsync always $(ratio "$RATE_sensorhub_always" "$RATE_baseline_always")"
+# shellcheck disable=SC2154
+echo "   sensorhub fsync always / fsync never: $(ratio "$RATE_sensorhub_always" "$RATE_sensorhub_never")"
 
-echo "== (b) 1000 connections x window 1, fsync always, ${secs}s each"
-bench sensorhub always 1000 1
-bench tokio none 1000 1
-bench baseline always 1000 1
+echo "== (b) 1000 connections x window 1, fsync always, ${secs}s each, median of $rounds rounds"
+rounds 1000 1 "sensorhub always" "tokio none" "baseline always"
 
 echo "== (c) $c_conns connections, one reading per second each, fsync always, ${c_secs}s"
 for name in sensorhub baseline; do
