@@ -131,52 +131,37 @@ impl<'a> Cursor<'a> {
     fn string(&mut self) -> Option<&'a str> {
         self.expect(b'"')?;
         let start = self.at;
-        loop {
-            match self.next()? {
-                b'"' => break,
-                b'\\' | 0..=0x1f => return None,
-                _ => {}
-            }
+        let rest = self.bytes.get(start..)?;
+        let len = rest
+            .iter()
+            .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
+        if rest.get(len) != Some(&b'"') {
+            return None;
         }
-        self.slice(start, self.at - 1)
+        self.at = start + len + 1;
+        self.slice(start, start + len)
     }
 
     /// A number as JSON writes it: `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`;
     /// its text.
     fn number(&mut self) -> Option<&'a str> {
-        let start = self.at;
-        if self.peek() == Some(b'-') {
-            self.at += 1;
-        }
-        match self.next()? {
-            b'0' => {}
-            b'1'..=b'9' => self.digits(),
+        let (b, start) = (self.bytes, self.at);
+        let mut i = start + usize::from(b.get(start) == Some(&b'-'));
+        match b.get(i) {
+            Some(b'0') => i += 1,
+            Some(b'1'..=b'9') => i = digits_end(b, i + 1),
             _ => return None,
         }
-        if self.peek() == Some(b'.') {
-            self.at += 1;
-            self.one_or_more_digits()?;
+        if b.get(i) == Some(&b'.') {
+            i = one_or_more_digits(b, i + 1)?;
         }
-        if matches!(self.peek(), Some(b'e' | b'E')) {
-            self.at += 1;
-            if matches!(self.peek(), Some(b'+' | b'-')) {
-                self.at += 1;
-            }
-            self.one_or_more_digits()?;
+        if matches!(b.get(i), Some(b'e' | b'E')) {
+            i += 1;
+            i += usize::from(matches!(b.get(i), Some(b'+' | b'-')));
+            i = one_or_more_digits(b, i)?;
         }
-        self.slice(start, self.at)
-    }
-
-    fn digits(&mut self) {
-        while matches!(self.peek(), Some(b'0'..=b'9')) {
-            self.at += 1;
-        }
-    }
-
-    fn one_or_more_digits(&mut self) -> Option<()> {
-        let start = self.at;
-        self.digits();
-        (self.at > start).then_some(())
+        self.at = i;
+        self.slice(start, i)
     }
 
     /// The value of a member the protocol does not know: a plain string or a number.
@@ -186,6 +171,20 @@ impl<'a> Cursor<'a> {
             _ => self.number().map(drop),
         }
     }
+}
+
+/// Where the run of ASCII digits starting at `i` ends.
+fn digits_end(b: &[u8], mut i: usize) -> usize {
+    while i < b.len() && b[i].is_ascii_digit() {
+        i += 1;
+    }
+    i
+}
+
+/// Like `digits_end`, but `None` unless there is at least one digit.
+fn one_or_more_digits(b: &[u8], i: usize) -> Option<usize> {
+    let end = digits_end(b, i);
+    (end > i).then_some(end)
 }
 
 #[cfg(test)]

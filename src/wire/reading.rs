@@ -95,9 +95,8 @@ pub(super) fn check_rules(t: Typed<'_>) -> Verdict<'_> {
             None => return reject("ts must be an integer of Unix milliseconds >= 0".into()),
         },
     };
-    // Rust's float grammar accepts every JSON number; 1e400 parses to infinity.
-    let value = match t.value.parse::<f64>() {
-        Ok(v) if v.is_finite() => v,
+    let value = match parse_value(t.value) {
+        Some(v) if v.is_finite() => v,
         _ => return reject("value must be a finite number".into()),
     };
     if let Some((low, high, unit)) = kind_range(&t.kind)
@@ -155,6 +154,38 @@ pub fn kind_range(kind: &str) -> Option<(f64, f64, &'static str)> {
     }
 }
 
+/// A JSON number as an `f64`, correctly rounded. A plain decimal of at most 15 digits
+/// (what sensors send: `23.4`, `-0.05`) takes Clinger's fast path: its digits as an
+/// integer and the power of ten are both exact doubles, so one IEEE division rounds
+/// correctly. Anything else goes to `str::parse`, whose grammar accepts every JSON
+/// number (1e400 parses to infinity).
+fn parse_value(text: &str) -> Option<f64> {
+    const POW10: [f64; 16] = [
+        1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
+    ];
+    let (negative, body) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let (mut mantissa, mut digits, mut fraction) = (0u64, 0usize, None);
+    for &b in body.as_bytes() {
+        match b {
+            b'0'..=b'9' if digits < 15 => {
+                mantissa = mantissa * 10 + u64::from(b - b'0');
+                digits += 1;
+                fraction = fraction.map(|f: usize| f + 1);
+            }
+            b'.' if fraction.is_none() => fraction = Some(0),
+            _ => return text.parse().ok(),
+        }
+    }
+    if digits == 0 {
+        return text.parse().ok();
+    }
+    let magnitude = mantissa as f64 / POW10[fraction.unwrap_or(0)];
+    Some(if negative { -magnitude } else { magnitude })
+}
+
 /// A JSON number written as a plain integer (no fraction, no exponent) that fits `u64`
 /// and is not negative; `-0` is zero. One pass: digits are checked as they are added.
 fn parse_integer(raw: &str) -> Option<u64> {
@@ -166,21 +197,25 @@ fn parse_integer(raw: &str) -> Option<u64> {
         return None;
     }
     // 19 digits never overflow a u64 (its maximum has 20), so the usual seq and ts are
-    // added without overflow checks, which would make each digit wait for a multiply.
-    let n = if digits.len() <= 19 {
-        digits.bytes().try_fold(0u64, |n, b| {
-            let digit = b.wrapping_sub(b'0');
-            (digit <= 9).then(|| n * 10 + u64::from(digit))
-        })?
-    } else {
-        digits.bytes().try_fold(0u64, |n, b| {
+    // summed without overflow checks, which would make each digit wait for a multiply.
+    let mut n: u64 = 0;
+    if digits.len() <= 19 {
+        for &b in digits.as_bytes() {
             let digit = b.wrapping_sub(b'0');
             if digit > 9 {
                 return None;
             }
-            n.checked_mul(10)?.checked_add(u64::from(digit))
-        })?
-    };
+            n = n * 10 + u64::from(digit);
+        }
+    } else {
+        for &b in digits.as_bytes() {
+            let digit = b.wrapping_sub(b'0');
+            if digit > 9 {
+                return None;
+            }
+            n = n.checked_mul(10)?.checked_add(u64::from(digit))?;
+        }
+    }
     if negative && n != 0 { None } else { Some(n) }
 }
 
@@ -430,6 +465,46 @@ mod tests {
             );
         }
         assert!(fast::typed(br#"{"sensor":"s","kind":"k","value":1,"seq":1}"#).is_some());
+    }
+
+    #[test]
+    fn values_parse_exactly_as_the_standard_library_parses_them() {
+        use rand::{RngExt, SeedableRng};
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+        let fixed = [
+            "0",
+            "-0",
+            "-0.0",
+            "0.1",
+            "23.4",
+            "1.00000000000001",
+            "999999999999999",
+            "9999999999999999",
+            "0.00000000000001",
+            "1e3",
+            "-1.5E-3",
+            "1.",
+            ".5",
+            "-",
+            "100000000000000000000",
+        ];
+        let mut texts: Vec<String> = fixed.iter().map(|s| s.to_string()).collect();
+        for _ in 0..200_000 {
+            let int_digits: u32 = rng.random_range(1..=9);
+            let int: u64 = rng.random_range(0..10u64.pow(int_digits));
+            let frac_digits: u32 = rng.random_range(0..=8);
+            let frac: u64 = rng.random_range(0..10u64.pow(frac_digits));
+            let sign = if rng.random_bool(0.5) { "-" } else { "" };
+            texts.push(match frac_digits {
+                0 => format!("{sign}{int}"),
+                d => format!("{sign}{int}.{frac:0d$}", d = d as usize),
+            });
+        }
+        for text in texts {
+            let ours = parse_value(&text).map(f64::to_bits);
+            let std = text.parse::<f64>().ok().map(f64::to_bits);
+            assert_eq!(ours, std, "{text}");
+        }
     }
 
     #[test]
