@@ -7,7 +7,7 @@
 use libfuzzer_sys::fuzz_target;
 use sensorhub::wire::json;
 use sensorhub::wire::reading::{Verdict, parse_line};
-use sensorhub::wire::record::encode_record;
+use sensorhub::wire::record::{RecvStamp, encode_record};
 use sensorhub::wire::reply::{Status, write_reply};
 
 /// The bytes a verdict puts on the wire and in the store.
@@ -20,7 +20,7 @@ fn output(verdict: &Verdict) -> (Vec<u8>, Vec<u8>) {
         }
         Verdict::Valid { reading, seq_text } => {
             write_reply(&mut reply, Some(seq_text), Status::Ok, None);
-            encode_record(&mut record, reading, 1_764_230_400_123);
+            encode_record(&mut record, reading, &RecvStamp::new(1_764_230_400_123));
         }
     }
     (reply, record)

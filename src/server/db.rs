@@ -20,7 +20,7 @@ use crate::server::completion::{Completion, Notifier};
 use crate::server::stats::{self, Counted};
 use crate::server::store::{Sensors, Store, StoreMetrics, delete_retired};
 use crate::wire::reading::Reading;
-use crate::wire::record::encode_record;
+use crate::wire::record::{RecvStamp, encode_record};
 use log::{error, info, warn};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -79,7 +79,7 @@ pub struct Ledger<'a> {
 
 impl Ledger<'_> {
     /// Decides a valid reading against what is stored, and stores it if it is new.
-    pub fn apply(&mut self, r: &Reading, recv_ms: u64) -> Applied {
+    pub fn apply(&mut self, r: &Reading, recv: &RecvStamp) -> Applied {
         match stats::count(
             self.sensors,
             &r.sensor,
@@ -91,7 +91,7 @@ impl Ledger<'_> {
             Counted::NotNewer => return Applied::Duplicate,
             Counted::OtherKind(kind) => return Applied::KindMismatch(kind),
         }
-        encode_record(self.records, r, recv_ms);
+        encode_record(self.records, r, recv);
         self.stored += 1;
         Applied::Stored
     }
@@ -402,23 +402,23 @@ mod tests {
             stored: 0,
         };
         assert_eq!(
-            ledger.apply(&reading("a", "temperature", 5), 0),
+            ledger.apply(&reading("a", "temperature", 5), &RecvStamp::new(0)),
             Applied::Stored
         );
         assert_eq!(
-            ledger.apply(&reading("a", "temperature", 5), 0),
+            ledger.apply(&reading("a", "temperature", 5), &RecvStamp::new(0)),
             Applied::Duplicate
         );
         assert_eq!(
-            ledger.apply(&reading("a", "temperature", 4), 0),
+            ledger.apply(&reading("a", "temperature", 4), &RecvStamp::new(0)),
             Applied::Duplicate
         );
         assert_eq!(
-            ledger.apply(&reading("a", "humidity", 9), 0),
+            ledger.apply(&reading("a", "humidity", 9), &RecvStamp::new(0)),
             Applied::KindMismatch("temperature".into())
         );
         assert_eq!(
-            ledger.apply(&reading("a", "temperature", 6), 0),
+            ledger.apply(&reading("a", "temperature", 6), &RecvStamp::new(0)),
             Applied::Stored
         );
         assert_eq!(ledger.stored, 2);

@@ -620,7 +620,7 @@ mod tests {
     use crate::server::recovery::store_files;
     use crate::server::stats::SensorStats;
     use crate::wire::reading::Reading;
-    use crate::wire::record::encode_record;
+    use crate::wire::record::{RecvStamp, encode_record};
     use std::borrow::Cow;
 
     pub(crate) fn temp_dir(name: &str) -> PathBuf {
@@ -656,7 +656,7 @@ mod tests {
     fn append(store: &mut Store, readings: &[Reading]) {
         let mut buf = Vec::new();
         for r in readings {
-            encode_record(&mut buf, r, 1_700_000_000_000);
+            encode_record(&mut buf, r, &RecvStamp::new(1_700_000_000_000));
         }
         store.append(&buf, readings.len() as u64).unwrap();
         store.sync().unwrap();
@@ -665,11 +665,11 @@ mod tests {
     #[test]
     fn records_have_exactly_the_stored_fields() {
         let mut buf = Vec::new();
-        encode_record(&mut buf, &reading("a", 21.5, 3), 99);
+        encode_record(&mut buf, &reading("a", 21.5, 3), &RecvStamp::new(99));
         let mut no_ts = reading("a", -1e-7, 4);
         no_ts.value_text = Cow::Borrowed("-1e-7");
         no_ts.ts = None;
-        encode_record(&mut buf, &no_ts, 100);
+        encode_record(&mut buf, &no_ts, &RecvStamp::new(100));
         assert_eq!(
             String::from_utf8(buf).unwrap(),
             "{\"sensor\":\"a\",\"kind\":\"temperature\",\"value\":21.5,\"seq\":3,\"ts\":30,\"recv\":99}\n\

@@ -10,6 +10,7 @@ use crate::server::completion::{BufferPool, Completion, Job, Notifier};
 use crate::server::db::{Applied, Db};
 use crate::wire::framing;
 use crate::wire::reading::{Reading, Verdict, is_blank, parse_line};
+use crate::wire::record::RecvStamp;
 use crate::wire::reply::{Status, write_reply};
 use crossbeam_channel::Receiver;
 use std::sync::Arc;
@@ -103,8 +104,8 @@ impl Worker {
                         .filter(|&i| has_valid(i))
                         .map(|i| {
                             let mut completion = completions[i].take();
-                            let recv_ms = jobs[i].recv_ms;
-                            write_replies(batch(i), &mut completion, |r| ledger.apply(r, recv_ms));
+                            let recv = RecvStamp::new(jobs[i].recv_ms);
+                            write_replies(batch(i), &mut completion, |r| ledger.apply(r, &recv));
                             completion
                         })
                         .collect()

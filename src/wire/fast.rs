@@ -31,22 +31,26 @@ pub(super) fn typed(line: &[u8]) -> Option<Typed<'_>> {
     p.expect(b'{')?;
     p.skip_whitespace();
     loop {
-        let key = p.string()?;
+        let slot = match p.known_key() {
+            Some(slot) => slot,
+            None => match p.string()? {
+                "sensor" => 0,
+                "kind" => 1,
+                "value" => 2,
+                "seq" => 3,
+                "ts" => 4,
+                other => {
+                    others.insert(other)?;
+                    5
+                }
+            },
+        };
         p.skip_whitespace();
         p.expect(b':')?;
         p.skip_whitespace();
-        let slot = match key {
-            "sensor" => 0,
-            "kind" => 1,
-            "value" => 2,
-            "seq" => 3,
-            "ts" => 4,
-            _ => {
-                others.insert(key)?;
-                p.scalar()?;
-                5
-            }
-        };
+        if slot == 5 {
+            p.scalar()?;
+        }
         if slot < 5 {
             if known[slot].is_some() {
                 return None;
@@ -125,6 +129,33 @@ impl<'a> Cursor<'a> {
     /// `text[start..end]`; both ends sit next to ASCII bytes, so this never fails.
     fn slice(&self, start: usize, end: usize) -> Option<&'a str> {
         self.text.get(start..end)
+    }
+
+    /// One of the five members' keys, quotes included, compared as whole byte strings
+    /// (the usual case, without scanning them as strings); its slot in `typed`.
+    fn known_key(&mut self) -> Option<usize> {
+        const KEYS: [&[u8]; 5] = [
+            b"\"sensor\"",
+            b"\"kind\"",
+            b"\"value\"",
+            b"\"seq\"",
+            b"\"ts\"",
+        ];
+        let rest = self.bytes.get(self.at..)?;
+        let slot = match rest.get(1)? {
+            b's' if rest.get(2) == Some(&b'e') && rest.get(3) == Some(&b'n') => 0,
+            b's' => 3,
+            b'k' => 1,
+            b'v' => 2,
+            b't' => 4,
+            _ => return None,
+        };
+        let key = KEYS[slot];
+        if !rest.starts_with(key) {
+            return None;
+        }
+        self.at += key.len();
+        Some(slot)
     }
 
     /// A string without escapes (which JSON forbids control characters in); its content.

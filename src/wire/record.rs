@@ -34,7 +34,7 @@ pub fn encode_reading(
 /// Appends `r` as one store line. Sensor ids and kinds are restricted to characters that
 /// need no JSON escaping (the protocol's rules), so the line is written directly; the
 /// value keeps the sensor's own JSON number text, so nothing is lost to re-formatting.
-pub fn encode_record(out: &mut Vec<u8>, r: &Reading, recv_ms: u64) {
+pub fn encode_record(out: &mut Vec<u8>, r: &Reading, recv: &RecvStamp) {
     let mut int = itoa::Buffer::new();
     put(out, b"{\"sensor\":\"");
     put(out, r.sensor.as_bytes());
@@ -49,6 +49,30 @@ pub fn encode_record(out: &mut Vec<u8>, r: &Reading, recv_ms: u64) {
         put(out, int.format(ts).as_bytes());
     }
     put(out, b",\"recv\":");
-    put(out, int.format(recv_ms).as_bytes());
+    put(out, recv.text());
     put(out, b"}\n");
+}
+
+/// A record's receive time, Unix milliseconds, formatted once for a whole batch (every
+/// record of a batch has the same).
+pub struct RecvStamp {
+    digits: [u8; 20],
+    len: usize,
+}
+
+impl RecvStamp {
+    pub fn new(unix_ms: u64) -> RecvStamp {
+        let mut int = itoa::Buffer::new();
+        let text = int.format(unix_ms).as_bytes();
+        let mut digits = [0u8; 20];
+        digits[..text.len()].copy_from_slice(text);
+        RecvStamp {
+            digits,
+            len: text.len(),
+        }
+    }
+
+    fn text(&self) -> &[u8] {
+        &self.digits[..self.len]
+    }
 }
