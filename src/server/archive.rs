@@ -19,13 +19,16 @@
 //! async runtime or TLS stack in this binary (the official Rust SDK would add both, and
 //! a C toolchain for the static aarch64 build).
 
-use crate::server::store::{StoreMetrics, segment_name, unix_millis, write_atomically};
+use crate::server::files::{
+    ARCHIVE_STATE, archive_watermark, save_archive_watermark, segment_name,
+};
+use crate::server::store::{StoreMetrics, unix_millis};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use flate2::Compression;
 use flate2::write::GzEncoder;
 use log::{info, warn};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fs;
@@ -37,7 +40,6 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-const STATE_FILE: &str = "archive.json";
 const UPLOAD_SUFFIX: &str = ".gz.upload";
 const MIN_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
@@ -144,14 +146,6 @@ impl ArchiveMetrics {
     }
 }
 
-/// The watermark persisted in `archive.json`.
-#[derive(Serialize, Deserialize)]
-struct State {
-    version: u32,
-    /// Every segment up to this number is confirmed by S3.
-    shipped_through: u64,
-}
-
 /// Set when the server stops: ship what is pending until then.
 #[derive(Default)]
 struct Stop {
@@ -195,7 +189,7 @@ impl Archive {
         dir: &Path,
         store: Arc<StoreMetrics>,
     ) -> io::Result<Archive> {
-        let shipped = load_state(dir)?;
+        let shipped = archive_watermark(dir)?;
         remove_upload_leftovers(dir)?;
         let shipped_through = Arc::new(AtomicU64::new(shipped));
         let metrics = Arc::new(ArchiveMetrics::default());
@@ -411,13 +405,8 @@ impl Shipper {
     }
 
     fn confirm(&self, number: u64, bytes: u64, uploaded: u64) -> Result<(), String> {
-        let state = State {
-            version: 1,
-            shipped_through: number,
-        };
-        let json = serde_json::to_vec(&state).map_err(|e| e.to_string())?;
-        write_atomically(&self.dir, STATE_FILE, &json)
-            .map_err(|e| format!("uploaded, but cannot record it in {STATE_FILE}: {e}"))?;
+        save_archive_watermark(&self.dir, number)
+            .map_err(|e| format!("uploaded, but cannot record it in {ARCHIVE_STATE}: {e}"))?;
         self.shipped_through.store(number, Relaxed);
         self.metrics.shipped_segments.fetch_add(1, Relaxed);
         self.metrics.shipped_bytes.fetch_add(bytes, Relaxed);
@@ -449,30 +438,6 @@ impl Shipper {
             .store(pending.len() as u64, Relaxed);
         self.metrics.pending_bytes.store(bytes, Relaxed);
         self.metrics.oldest_pending_ms.store(oldest, Relaxed);
-    }
-}
-
-/// What `archive.json` in `dir` confirms as shipped (0 when there is no readable one):
-/// start-up deletes a retired segment only when this confirms it too.
-pub fn confirmed_through(dir: &Path) -> u64 {
-    load_state(dir).unwrap_or(0)
-}
-
-fn load_state(dir: &Path) -> io::Result<u64> {
-    match fs::read(dir.join(STATE_FILE)) {
-        Ok(text) => serde_json::from_slice::<State>(&text)
-            .map(|s| s.shipped_through)
-            .map_err(|e| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!(
-                        "{} is unreadable ({e}); fix or remove it",
-                        dir.join(STATE_FILE).display()
-                    ),
-                )
-            }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
-        Err(e) => Err(e),
     }
 }
 

@@ -17,8 +17,9 @@
 //! it refers to was written earlier, hence is on disk when the `duplicate` leaves.
 
 use crate::server::completion::{Completion, Notifier};
+use crate::server::files::delete_retired;
 use crate::server::stats::{self, Counted};
-use crate::server::store::{Sensors, Store, StoreMetrics, delete_retired};
+use crate::server::store::{Sensors, Store, StoreMetrics};
 use crate::wire::reading::Reading;
 use crate::wire::record::{RecvStamp, encode_record};
 use log::{error, info, warn};

@@ -8,6 +8,7 @@ pub mod config;
 pub mod connection;
 pub mod db;
 pub mod event_loop;
+pub mod files;
 pub mod http;
 pub mod metrics;
 pub mod pages;

@@ -1,11 +1,12 @@
 //! Start-up recovery of the store: torn tails cut, the checkpoint checked against the
 //! files, the rest replayed into per-sensor statistics; and the probe that refuses a
-//! store the server could not write. `store.rs` holds the running store.
+//! store the server could not write. `store.rs` holds the running store, `files.rs` the
+//! formats on disk.
 
-use crate::server::stats::{self, Counted};
-use crate::server::store::{
-    CHECKPOINT, Checkpoint, Covered, Sensors, delete_retired, segment_number,
+use crate::server::files::{
+    CHECKPOINT, Checkpoint, Covered, confirmed_through, delete_retired, segment_number,
 };
+use crate::server::stats::{self, Counted, Sensors};
 use crc32fast::Hasher;
 use log::warn;
 use serde::Deserialize;
@@ -107,7 +108,7 @@ pub(crate) fn recover(dir: &Path) -> io::Result<Recovered> {
         .filter_map(|name| Some((segment_number(name)?, dir.join(name))))
         .filter(|(n, _)| *n <= retired_through)
         .collect();
-    let shipped = crate::server::archive::confirmed_through(dir);
+    let shipped = confirmed_through(dir);
     if let Some((n, _)) = leftovers.iter().find(|(n, _)| *n > shipped) {
         warn!(
             "store: {CHECKPOINT} says segments up to {retired_through} were retired, but segment {n} is here and archive.json confirms shipping only up to {shipped}; not trusting the checkpoint, replaying every file"

@@ -23,10 +23,10 @@
 //! one store; unlike a lock file, a directory cannot be deleted out from under its
 //! holder while it holds files.
 
+use crate::server::files::{Checkpoint, Covered, segment_name, segment_number, sync_dir};
 use crate::server::metrics::{Histogram, LATENCY_BUCKETS};
 use crate::server::recovery::{Recovered, load, probe_writable, recover};
 use log::{info, warn};
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -36,9 +36,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 pub use crate::server::stats::Sensors;
-
-pub(crate) const CHECKPOINT: &str = "checkpoint.json";
-const SEGMENT_PREFIX: &str = "segment-";
 
 /// How the store is opened.
 #[derive(Debug, Clone)]
@@ -86,44 +83,6 @@ impl StoreMetrics {
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = why;
     }
-}
-
-/// How much of one file a checkpoint covers, and the CRC-32 of those bytes, so that
-/// start-up notices when covered bytes changed (corruption the lengths alone miss).
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum Covered {
-    Checked {
-        len: u64,
-        crc32: u32,
-    },
-    /// Written by a version without checksums: start-up replays everything once.
-    Unchecked(u64),
-}
-
-impl Covered {
-    pub fn bytes(&self) -> u64 {
-        match *self {
-            Covered::Checked { len, .. } | Covered::Unchecked(len) => len,
-        }
-    }
-}
-
-/// Per-sensor statistics and the part of each `*.jsonl` file they cover.
-#[derive(Serialize, Deserialize)]
-pub struct Checkpoint {
-    version: u32,
-    pub(crate) files: BTreeMap<String, Covered>,
-    pub(crate) sensors: Sensors,
-    /// Segments numbered up to this were deleted by retention (see the module doc).
-    #[serde(default)]
-    pub(crate) retired_through: u64,
-    #[serde(skip)]
-    dir: PathBuf,
-    /// Files whose appends the checkpoint counts and that must be synced before it is
-    /// written: sealed segments still waiting for their sync, and the active one.
-    #[serde(skip)]
-    unsynced: Vec<Arc<File>>,
 }
 
 /// The open store: the active segment and the lengths of every store file.
@@ -294,14 +253,13 @@ impl Store {
     /// What a checkpoint of the store as it is now needs; written later, outside the
     /// ledger lock, by `Checkpoint::write`.
     pub fn checkpoint(&self, sensors: Sensors) -> Checkpoint {
-        Checkpoint {
-            version: 2,
-            files: self.covered(&self.lengths),
+        Checkpoint::new(
+            self.covered(&self.lengths),
             sensors,
-            retired_through: self.retired_through,
-            dir: self.options.dir.clone(),
-            unsynced: self.files_to_sync(),
-        }
+            self.retired_through,
+            self.options.dir.clone(),
+            self.files_to_sync(),
+        )
     }
 
     fn files_to_sync(&self) -> Vec<Arc<File>> {
@@ -375,14 +333,13 @@ impl Store {
         if victims.is_empty() {
             return Ok(victims);
         }
-        Checkpoint {
-            version: 2,
-            files: self.covered(&kept),
-            sensors: sensors.clone(),
+        Checkpoint::new(
+            self.covered(&kept),
+            sensors.clone(),
             retired_through,
-            dir: self.options.dir.clone(),
-            unsynced: self.files_to_sync(),
-        }
+            self.options.dir.clone(),
+            self.files_to_sync(),
+        )
         .write()?;
         self.crcs.retain(|name, _| kept.contains_key(name));
         self.lengths = kept;
@@ -435,22 +392,6 @@ impl Store {
     }
 }
 
-/// Deletes segments that `Store::retire` gave up, once the checkpoint recording that
-/// is written.
-pub fn delete_retired(victims: &[PathBuf]) -> io::Result<()> {
-    for path in victims {
-        match fs::remove_file(path) {
-            Ok(()) => info!("store: retention deleted {} (shipped)", path.display()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-    }
-    match victims.first().and_then(|p| p.parent()) {
-        Some(dir) => sync_dir(dir),
-        None => Ok(()),
-    }
-}
-
 /// Now as Unix milliseconds (a clock before 1970 reads as 0).
 pub fn unix_millis() -> u64 {
     std::time::SystemTime::now()
@@ -497,28 +438,6 @@ impl SyncSet {
             .fetch_max(self.sealed_through, Relaxed);
         Ok(())
     }
-}
-
-impl Checkpoint {
-    /// Syncs the data the checkpoint covers, then replaces `checkpoint.json` atomically
-    /// (which also syncs the directory).
-    pub fn write(&self) -> io::Result<()> {
-        for file in &self.unsynced {
-            file.sync_data()?;
-        }
-        write_atomically(&self.dir, CHECKPOINT, &serde_json::to_vec(self)?)
-    }
-}
-
-/// Replaces `dir/name` with `bytes` so that a crash leaves the old or the new content,
-/// never a mix: a synced temporary file renamed over it, then the directory synced.
-pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
-    let tmp = dir.join(format!("{name}.tmp"));
-    let mut file = File::create(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    fs::rename(&tmp, dir.join(name))?;
-    sync_dir(dir)
 }
 
 /// Creates the data directory if needed and locks it for this process (a second server
@@ -585,19 +504,6 @@ fn open_active(
     }
 }
 
-/// The file name of segment `number`.
-pub fn segment_name(number: u64) -> String {
-    format!("{SEGMENT_PREFIX}{number:010}.jsonl")
-}
-
-/// The number of a segment's file name; `None` for any other file.
-pub fn segment_number(name: &str) -> Option<u64> {
-    name.strip_prefix(SEGMENT_PREFIX)?
-        .strip_suffix(".jsonl")?
-        .parse()
-        .ok()
-}
-
 fn open_segment(dir: &Path, number: u64) -> io::Result<(File, String, u64)> {
     let name = segment_name(number);
     let path = dir.join(&name);
@@ -610,13 +516,10 @@ fn open_segment(dir: &Path, number: u64) -> io::Result<(File, String, u64)> {
     Ok((file, name, number))
 }
 
-pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::files::{CHECKPOINT, delete_retired};
     use crate::server::recovery::store_files;
     use crate::server::stats::SensorStats;
     use crate::wire::reading::Reading;
