@@ -9,6 +9,7 @@
 //! sensor sends under a million readings a second on average (beyond that seqs run ahead
 //! of the clock; `--bench` warns). Microseconds reach 2^53 - 1 in the year 2255.
 
+use crate::wire::reading::kind_range;
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -50,13 +51,16 @@ pub struct RandomWalk {
 
 impl RandomWalk {
     /// Temperature starts near 22 °C, humidity near 55 %RH, other kinds near 50.
+    /// The walk stays inside the range the protocol gives the kind (`kind_range`).
     pub fn new(kind: &str) -> RandomWalk {
         let mut rng = SmallRng::from_rng(&mut rand::rng());
-        let (centre, spread, low, high, step) = match kind {
-            "temperature" => (22.0, 2.0, -273.15, 1000.0, 0.1),
-            "humidity" => (55.0, 5.0, 0.0, 100.0, 0.5),
-            _ => (50.0, 5.0, f64::MIN, f64::MAX, 0.5),
+        let (centre, spread, step) = match kind {
+            "temperature" => (22.0, 2.0, 0.1),
+            "humidity" => (55.0, 5.0, 0.5),
+            _ => (50.0, 5.0, 0.5),
         };
+        let (low, high) =
+            kind_range(kind).map_or((f64::MIN, f64::MAX), |(low, high, _)| (low, high));
         let value = centre + rng.random_range(-spread..=spread);
         RandomWalk {
             value,
