@@ -245,7 +245,8 @@ impl Store {
         !self.unsynced.is_empty() || self.dir_unsynced
     }
 
-    /// Syncs every append so far, at once (tests and tools).
+    /// Syncs every append so far, at once.
+    #[cfg(test)]
     pub fn sync(&mut self) -> io::Result<()> {
         self.take_sync(true).run()
     }

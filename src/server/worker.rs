@@ -57,8 +57,9 @@ pub struct Worker {
     spare: BufferPool,
     completions: Vec<Completion>,
     direct: Vec<Completion>,
-    /// Where each batch's verdicts end in `verdicts`.
-    ends: Vec<usize>,
+    /// Each batch's verdicts (`start..end` in `verdicts`) and whether it holds a valid
+    /// reading (then it needs the ledger).
+    spans: Vec<(usize, usize, bool)>,
     /// Always empty between groups; only its allocation is kept (see `reuse`).
     verdicts: Vec<Verdict<'static>>,
 }
@@ -74,7 +75,7 @@ impl Worker {
             spare,
             completions,
             direct,
-            ends,
+            spans,
             verdicts,
         } = self;
         completions.extend(
@@ -82,26 +83,30 @@ impl Worker {
                 .map(|job| Completion::for_job(job, spare.take())),
         );
         let mut all = reuse(std::mem::take(verdicts));
-        ends.clear();
+        spans.clear();
         for job in jobs.iter() {
+            let start = all.len();
             let lines = framing::lines(&job.lines).filter(|line| !is_blank(line));
             all.extend(lines.map(parse_line));
-            ends.push(all.len());
+            let valid = all[start..]
+                .iter()
+                .any(|v| matches!(v, Verdict::Valid { .. }));
+            spans.push((start, all.len(), valid));
         }
-        let batch = |i: usize| &all[i.checked_sub(1).map_or(0, |p| ends[p])..ends[i]];
-        let has_valid = |i: usize| batch(i).iter().any(|v| matches!(v, Verdict::Valid { .. }));
-        for i in (0..jobs.len()).filter(|&i| !has_valid(i)) {
+        let batch = |i: usize| &all[spans[i].0..spans[i].1];
+        let needs_ledger = |i: usize| spans[i].2;
+        for i in (0..jobs.len()).filter(|&i| !needs_ledger(i)) {
             // No valid reading: `decide` is never called.
             write_replies(batch(i), &mut completions[i], |_| Applied::Duplicate);
             direct.push(completions[i].take());
         }
-        if (0..jobs.len()).any(has_valid) {
+        if (0..jobs.len()).any(needs_ledger) {
             // Offered again while the store cannot write: no reply leaves meanwhile, so
             // this worker's queue fills and the loop stops reading its connections.
             loop {
                 let decided = db.decide(|ledger| {
                     (0..jobs.len())
-                        .filter(|&i| has_valid(i))
+                        .filter(|&i| needs_ledger(i))
                         .map(|i| {
                             let mut completion = completions[i].take();
                             let recv = RecvStamp::new(jobs[i].recv_ms);
