@@ -98,7 +98,8 @@ pub(crate) fn recover(dir: &Path) -> io::Result<Recovered> {
         let len = cut_torn_tail(&dir.join(&name))?;
         lengths.insert(name, len);
     }
-    let mut retired_through = read_checkpoint(dir).map_or(0, |c| c.retired_through);
+    let checkpoint = read_checkpoint(dir);
+    let mut retired_through = checkpoint.as_ref().map_or(0, |c| c.retired_through);
     // Retired segments are in the statistics already; a crash may have left some of
     // them on disk after the checkpoint that retired them was written. They are deleted
     // only if archive.json confirms them shipped as well: a checkpoint alone (corrupt,
@@ -119,7 +120,7 @@ pub(crate) fn recover(dir: &Path) -> io::Result<Recovered> {
         lengths.retain(|name, _| segment_number(name).is_none_or(|n| n > retired_through));
         delete_retired(&paths)?;
     }
-    let (sensors, replayed, crcs) = load(dir, &lengths, retired_through, true)?;
+    let (sensors, replayed, crcs) = load_from(dir, &lengths, retired_through, checkpoint, true)?;
     Ok(Recovered {
         lengths,
         crcs,
@@ -139,9 +140,21 @@ pub(crate) fn load(
     retired_through: u64,
     verify: bool,
 ) -> io::Result<(Sensors, u64, BTreeMap<String, Hasher>)> {
+    load_from(dir, lengths, retired_through, read_checkpoint(dir), verify)
+}
+
+/// `load` with the checkpoint already read (start-up reads it once).
+fn load_from(
+    dir: &Path,
+    lengths: &BTreeMap<String, u64>,
+    retired_through: u64,
+    checkpoint: Option<Checkpoint>,
+    verify: bool,
+) -> io::Result<(Sensors, u64, BTreeMap<String, Hasher>)> {
     let mut crcs = BTreeMap::new();
-    let mut checkpoint =
-        usable_checkpoint(dir, lengths).filter(|c| c.retired_through == retired_through);
+    let mut checkpoint = checkpoint
+        .and_then(|c| usable_checkpoint(c, lengths))
+        .filter(|c| c.retired_through == retired_through);
     if verify && let Some(c) = &checkpoint {
         match check_covered(dir, c)? {
             Ok(prefixes) => crcs = prefixes,
@@ -260,8 +273,10 @@ fn read_checkpoint(dir: &Path) -> Option<Checkpoint> {
 
 /// The checkpoint, unless it covers bytes no longer there (a file removed or cut): it
 /// would count readings that are gone.
-fn usable_checkpoint(dir: &Path, lengths: &BTreeMap<String, u64>) -> Option<Checkpoint> {
-    let checkpoint = read_checkpoint(dir)?;
+fn usable_checkpoint(
+    checkpoint: Checkpoint,
+    lengths: &BTreeMap<String, u64>,
+) -> Option<Checkpoint> {
     let stale = checkpoint
         .files
         .iter()
