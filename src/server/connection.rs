@@ -215,7 +215,8 @@ impl Connection {
         }
     }
 
-    /// Queues the replies of a finished batch, in batch order; returns its buffer.
+    /// Queues the replies of a finished batch, in batch order; the spare buffer this
+    /// leaves goes back to `ctx.buffers`.
     pub fn deliver(&mut self, completion: Completion, ctx: &mut Context) {
         let Connection {
             output, reorder, ..
