@@ -481,6 +481,8 @@ impl Client {
         if !matches!(self.links[i].state, LinkState::Up(_)) {
             return;
         }
+        // Taken out for the call (an empty link allocates nothing), so that `answer` can
+        // update the client's totals while it works on the link.
         let mut link = std::mem::replace(&mut self.links[i], Link::new(Vec::new()));
         let received = link.receive(|link, line| self.answer(link, line, now));
         self.links[i] = link;
