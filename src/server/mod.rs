@@ -3,6 +3,7 @@
 
 pub mod accept;
 pub mod archive;
+pub mod aws_cli;
 pub mod completion;
 pub mod config;
 pub mod connection;
