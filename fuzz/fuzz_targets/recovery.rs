@@ -3,12 +3,18 @@
 //! counts a record that is not a valid one, agrees with `sensor-server verify`, leaves
 //! no torn line behind, and gives the same statistics when run twice.
 //!
+//! And it never deletes a segment that `archive.json` does not confirm byte for byte
+//! (length and CRC-32 of what the file held): what the archive's S3 holds (an
+//! `archive.json` of version 1, which had only a watermark, is trusted to it).
+//!
 //! Input: parts separated by `SEPARATOR`; the first is `checkpoint.json` (absent when
-//! empty), each further one a segment (`segment-0000000001.jsonl`, ...). Plain bytes,
-//! so the corpus can hold real stores (fuzz/README.md).
+//! empty), each further one a segment (`segment-0000000001.jsonl`, ...), except a part
+//! starting `archive.json:`, whose rest is `archive.json`. Plain bytes, so the corpus can
+//! hold real stores (fuzz/README.md).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use sensorhub::server::files::read_archive_state;
 use sensorhub::server::recovery::verify;
 use sensorhub::server::store::{Store, StoreOptions};
 use std::path::PathBuf;
@@ -16,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 const SEPARATOR: &[u8] = b"\n--8<--\n";
+const ARCHIVE_PART: &[u8] = b"archive.json:";
 
 static RUN: AtomicU64 = AtomicU64::new(0);
 
@@ -43,9 +50,15 @@ fn split(mut input: &[u8]) -> Vec<&[u8]> {
 }
 
 fuzz_target!(|input: &[u8]| {
-    let parts = split(input);
+    let mut parts = split(input);
+    let archive = parts
+        .iter()
+        .position(|p| p.starts_with(ARCHIVE_PART))
+        .map(|at| &parts.remove(at)[ARCHIVE_PART.len()..]);
     let (checkpoint, segments) = parts.split_first().expect("one part at least");
-    if segments.len() > 4 {
+    // An empty directory is not a store (`verify` refuses it); more than four
+    // segments adds nothing.
+    if segments.len() > 4 || (segments.is_empty() && checkpoint.is_empty()) {
         return;
     }
     let dir = scratch();
@@ -57,6 +70,11 @@ fuzz_target!(|input: &[u8]| {
     if has_checkpoint {
         std::fs::write(dir.join("checkpoint.json"), checkpoint).expect("write");
     }
+    if let Some(archive) = archive {
+        std::fs::write(dir.join("archive.json"), archive).expect("write");
+    }
+    // What S3 holds, as archive.json says, read before start-up may set it aside.
+    let confirmed = read_archive_state(&dir).ok().flatten();
     let options = StoreOptions {
         dir: dir.clone(),
         segment_bytes: 1 << 20,
@@ -65,6 +83,22 @@ fuzz_target!(|input: &[u8]| {
 
     let before = verify(&dir, &mut std::io::sink()).expect("verify");
     let first = Store::open(options.clone()).map(|(_, sensors)| sensors);
+    for (i, bytes) in segments.iter().enumerate() {
+        let number = i as u64 + 1;
+        if !dir.join(format!("segment-{number:010}.jsonl")).exists() {
+            // Version 1 (no store id) recorded only a watermark, and is trusted to it.
+            // Start-up cuts a torn tail first: what it checked is the part before it.
+            let whole = bytes
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(&bytes[..0], |end| &bytes[..=end]);
+            let held = confirmed.as_ref().is_some_and(|a| {
+                a.confirms(number, whole.len() as u64, crc32fast::hash(whole))
+                    || (a.store_id.is_empty() && number <= a.shipped_through)
+            });
+            assert!(held, "start-up deleted segment {number}, which S3 does not hold");
+        }
+    }
     let after = verify(&dir, &mut std::io::sink()).expect("verify");
     if let Ok(sensors) = &first {
         if !has_checkpoint {

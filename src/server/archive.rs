@@ -3,25 +3,29 @@
 //! One shipper thread per server. It takes the oldest sealed segment not yet confirmed,
 //! gzips its exact bytes (deterministically: the same segment always gives the same
 //! object), and uploads it as
-//! `PREFIX/readings/dt=YYYY-MM-DD/host=HOST/segment-NNNNNNNNNN.jsonl.gz` with its SHA-256,
-//! which S3 checks against what it received before storing anything. `dt` is the UTC
-//! day of the segment's first record (the store seals at midnight, so that is the day
-//! of every record in it). Only an upload S3 confirmed moves the watermark in
-//! `archive.json` (written atomically), and only then may retention delete the segment
-//! (`db::Retention`). Failures retry with exponential backoff, across restarts too: the
-//! watermark is the only state. A crash between S3's confirmation and the watermark
-//! write makes the next start upload the same bytes to the same key again, which
-//! changes nothing in the bucket.
+//! `PREFIX/readings/dt=YYYY-MM-DD/host=HOST/segment-NNNNNNNNNN-STOREID.jsonl.gz`. `dt`
+//! is the UTC day of the segment's first record (the store seals at midnight, so that
+//! is the day of every record in it); the store id in the name keeps two stores that
+//! ship under one host id from writing the same key.
 //!
-//! The S3 client is the AWS CLI (`aws s3api put-object`), which Amazon Linux ships and
-//! nixpkgs packages: it brings the whole credential chain (environment, profiles, the
-//! instance profile through IMDSv2), SigV4, retries and endpoint overrides, with no
-//! async runtime or TLS stack in this binary (the official Rust SDK would add both, and
-//! a C toolchain for the static aarch64 build).
+//! An upload counts only once S3 confirms those bytes: the put carries their SHA-256
+//! (S3 refuses a body that does not match) and `If-None-Match: *` (S3 never replaces an
+//! object), and then `head-object --checksum-mode ENABLED` must show the object with
+//! exactly that length and SHA-256. Only then is the segment recorded in `archive.json`
+//! (`Confirmed`), and only a recorded segment whose file still has the recorded length
+//! and CRC-32 may be deleted by retention (`db::Retention`). A segment whose file is
+//! missing is never passed over: it is retried (and reported) until it is back. A crash
+//! between S3's confirmation and the record makes the next start upload the same bytes
+//! to the same key again: S3 refuses to replace it, and the check finds it whole.
+//!
+//! The S3 client is the AWS CLI (`aws s3api`), which Amazon Linux ships and nixpkgs
+//! packages: it brings the whole credential chain (environment, profiles, the instance
+//! profile through IMDSv2), SigV4, retries and endpoint overrides, with no async runtime
+//! or TLS stack in this binary (the official Rust SDK would add both, and a C toolchain
+//! for the static aarch64 build). It is not trusted: see `aws_cli.rs`.
 
-use crate::server::files::{
-    ARCHIVE_STATE, archive_watermark, save_archive_watermark, segment_name,
-};
+use crate::server::aws_cli::{self, CliError, CliOutput};
+use crate::server::files::{ARCHIVE_STATE, ArchiveState, ShippedSegment, segment_name};
 use crate::server::store::{StoreMetrics, unix_millis};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -31,8 +35,8 @@ use log::{info, warn};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-use std::fs;
-use std::io::{self, Read, Write};
+use std::fs::{self, File};
+use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -40,11 +44,16 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
+/// Compressed copies older versions wrote into the data directory before uploading.
 const UPLOAD_SUFFIX: &str = ".gz.upload";
 const MIN_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// How often an idle shipper looks for newly sealed segments.
 const POLL: Duration = Duration::from_millis(500);
+/// How long the start-up checks may take, each.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the confirming `head-object` may take.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Where and how sealed segments are shipped (`--archive` and friends).
 #[derive(Debug, Clone)]
@@ -60,11 +69,14 @@ pub struct ArchiveConfig {
     pub cli: PathBuf,
     /// One upload taking longer than this is killed and retried.
     pub upload_timeout: Duration,
-    /// How long a graceful stop keeps shipping what is pending.
+    /// How long a graceful stop keeps shipping what is pending (for `ship`: how long
+    /// it ships at all).
     pub stop_timeout: Duration,
 }
 
-/// Parses `s3://BUCKET[/PREFIX]` into bucket and prefix.
+/// Parses `s3://BUCKET[/PREFIX]` into bucket and prefix. The prefix must be a plain S3
+/// prefix: `/`-separated parts of S3's safe characters (letters, digits, `!-_.*'()`,
+/// and `=` for Hive-style parts), none empty, `.` or `..`.
 pub fn parse_s3_url(url: &str) -> Result<(String, String), String> {
     let rest = url
         .strip_prefix("s3://")
@@ -79,7 +91,22 @@ pub fn parse_s3_url(url: &str) -> Result<(String, String), String> {
             "archive bucket {bucket:?} is not a valid S3 bucket name (3 to 63 of a-z 0-9 . -)"
         ));
     }
-    Ok((bucket.to_owned(), prefix.trim_matches('/').to_owned()))
+    let prefix = prefix.trim_end_matches('/');
+    let plain_part = |part: &str| {
+        !part.is_empty()
+            && part != "."
+            && part != ".."
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!-_.*'()=".contains(&b))
+    };
+    if !prefix.is_empty() && !prefix.split('/').all(plain_part) {
+        return Err(format!(
+            "archive prefix {prefix:?} is not a plain S3 prefix: use /-separated parts of \
+             A-Z a-z 0-9 ! - _ . * ' ( ) =, none empty, . or .."
+        ));
+    }
+    Ok((bucket.to_owned(), prefix.to_owned()))
 }
 
 /// Checks a host id for use in keys and partition values: 1 to 64 of `[A-Za-z0-9._-]`.
@@ -104,13 +131,15 @@ pub fn hostname() -> String {
         .unwrap_or_default()
 }
 
-/// The object key of segment `number` whose first record was received at `first_ms`.
-pub fn object_key(config: &ArchiveConfig, number: u64, first_ms: u64) -> String {
+/// The object key of segment `number` of store `store_id` whose first record was
+/// received at `first_ms`.
+pub fn object_key(config: &ArchiveConfig, store_id: &str, number: u64, first_ms: u64) -> String {
     let (y, m, d) = civil_date(first_ms);
+    let name = segment_name(number);
+    let stem = name.strip_suffix(".jsonl").unwrap_or(&name);
     let path = format!(
-        "readings/dt={y:04}-{m:02}-{d:02}/host={}/{}.gz",
-        config.host,
-        segment_name(number)
+        "readings/dt={y:04}-{m:02}-{d:02}/host={}/{stem}-{store_id}.jsonl.gz",
+        config.host
     );
     if config.prefix.is_empty() {
         path
@@ -127,6 +156,8 @@ pub struct ArchiveMetrics {
     pub shipped_bytes: AtomicU64,
     /// Bytes uploaded (gzip).
     pub uploaded_bytes: AtomicU64,
+    /// Failed tries: uploads, confirmations, a missing segment, an unreachable bucket
+    /// at start.
     pub failures: AtomicU64,
     pub pending_segments: AtomicU64,
     pub pending_bytes: AtomicU64,
@@ -143,6 +174,66 @@ impl ArchiveMetrics {
             0 => 0.0,
             at => unix_millis().saturating_sub(at) as f64 / 1000.0,
         }
+    }
+}
+
+/// What S3 confirmed (`archive.json`), shared by the shipper, which records, and
+/// retention, which deletes only what it confirms. The record changes in memory first
+/// and is then saved: on a full disk the save fails, but retention can still free space
+/// for it (a crash before the save only makes the next start check those objects again).
+pub struct Confirmed {
+    dir: PathBuf,
+    state: Mutex<ArchiveState>,
+    /// Bumped by every record, so retention knows when to look again.
+    version: AtomicU64,
+}
+
+impl Confirmed {
+    pub fn new(dir: &Path, state: ArchiveState) -> Confirmed {
+        Confirmed {
+            dir: dir.to_owned(),
+            state: Mutex::new(state),
+            version: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ArchiveState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// True when S3 holds exactly segment `number`: `bytes` long with this CRC-32.
+    pub fn confirms(&self, number: u64, bytes: u64, crc32: u32) -> bool {
+        self.lock().confirms(number, bytes, crc32)
+    }
+
+    /// Changes whenever a segment is recorded.
+    pub fn version(&self) -> u64 {
+        self.version.load(Relaxed)
+    }
+
+    /// Every segment up to this is in S3.
+    pub fn through(&self) -> u64 {
+        self.lock().shipped_through
+    }
+
+    /// Records that S3 holds `segment` as segment `number` and saves the record.
+    fn record(&self, number: u64, segment: ShippedSegment) -> io::Result<()> {
+        let mut state = self.lock();
+        state.shipped_through = state.shipped_through.max(number);
+        state.segments.insert(number, segment);
+        self.version.fetch_add(1, Relaxed);
+        state.save(&self.dir)
+    }
+
+    /// Forgets the records of segments retention deleted (up to `number`); saved with
+    /// the next record.
+    pub fn forget_through(&self, number: u64) {
+        self.lock().segments.retain(|&n, _| n > number);
+    }
+
+    /// Saves the record (at the end, in case the last save failed).
+    fn save(&self) -> io::Result<()> {
+        self.lock().save(&self.dir)
     }
 }
 
@@ -172,10 +263,72 @@ impl Stop {
     }
 }
 
+/// The store the shipper ships from.
+pub struct Source {
+    pub dir: PathBuf,
+    pub store_id: String,
+    pub metrics: Arc<StoreMetrics>,
+    /// Segments up to this were retired (or never existed): nothing to ship there.
+    pub retired_through: u64,
+}
+
+/// What the start-up check found of the bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bucket {
+    Answers,
+    /// It did not answer (an outage, a network still coming up): shipping retries.
+    Silent,
+}
+
+/// Checks, before anything is shipped, that the CLI runs and the bucket answers. A
+/// missing CLI, or a bucket S3 says is missing or forbidden, is an error; a bucket that
+/// does not answer is a warning (and `Bucket::Silent`).
+pub fn check_start(config: &ArchiveConfig) -> Result<Bucket, String> {
+    let mut version = Command::new(&config.cli);
+    version.arg("--version");
+    let deadline = Instant::now() + CHECK_TIMEOUT;
+    let cli = config.cli.display();
+    match aws_cli::run(version, Stdio::null(), || deadline) {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => {
+            return Err(format!(
+                "the AWS CLI {cli} does not run ({}: {})",
+                out.status,
+                out.error_line()
+            ));
+        }
+        Err(e) => return Err(format!("the AWS CLI {cli}: {e}")),
+    }
+    let mut head = cli_command(config);
+    head.env("AWS_MAX_ATTEMPTS", "1")
+        .args(["s3api", "head-bucket", "--bucket", &config.bucket]);
+    let deadline = Instant::now() + CHECK_TIMEOUT;
+    let why = match aws_cli::run(head, Stdio::null(), || deadline) {
+        Ok(out) if out.status.success() => return Ok(Bucket::Answers),
+        Ok(out) => out.error_line(),
+        Err(e) => e.to_string(),
+    };
+    if why.contains("404") || why.contains("Not Found") || why.contains("NoSuchBucket") {
+        return Err(format!(
+            "archive bucket {} does not exist ({why})",
+            config.bucket
+        ));
+    }
+    if why.contains("403") || why.contains("Forbidden") || why.contains("AccessDenied") {
+        return Err(format!(
+            "archive bucket {} refuses these credentials ({why})",
+            config.bucket
+        ));
+    }
+    warn!(
+        "archive: bucket {} does not answer now ({why}); shipping retries until it does",
+        config.bucket
+    );
+    Ok(Bucket::Silent)
+}
+
 /// The running shipper.
 pub struct Archive {
-    /// Read by retention: segments up to this may be deleted.
-    pub shipped_through: Arc<AtomicU64>,
     pub metrics: Arc<ArchiveMetrics>,
     stop: Arc<Stop>,
     stop_timeout: Duration,
@@ -183,28 +336,33 @@ pub struct Archive {
 }
 
 impl Archive {
-    /// Loads the watermark from `dir` and starts shipping what `store` seals.
+    /// Starts shipping what the store seals, after what `confirmed` records. A bucket
+    /// the start-up check found silent counts as a failure, so `/metrics` shows it.
     pub fn start(
         config: ArchiveConfig,
-        dir: &Path,
-        store: Arc<StoreMetrics>,
+        source: Source,
+        confirmed: Arc<Confirmed>,
+        bucket: Bucket,
     ) -> io::Result<Archive> {
-        let shipped = archive_watermark(dir)?;
-        remove_upload_leftovers(dir)?;
-        let shipped_through = Arc::new(AtomicU64::new(shipped));
+        remove_upload_leftovers(&source.dir)?;
         let metrics = Arc::new(ArchiveMetrics::default());
+        if bucket == Bucket::Silent {
+            metrics.failures.fetch_add(1, Relaxed);
+        }
         let stop = Arc::new(Stop::default());
+        let shipped_through = confirmed.through().max(source.retired_through);
         info!(
-            "archive: shipping sealed segments to s3://{}/{} as host {} (confirmed through segment {shipped})",
-            config.bucket, config.prefix, config.host
+            "archive: shipping sealed segments of store {} to s3://{}/{} as host {} \
+             (confirmed through segment {shipped_through})",
+            source.store_id, config.bucket, config.prefix, config.host
         );
         let stop_timeout = config.stop_timeout;
         let shipper = Shipper {
             config,
-            dir: dir.to_owned(),
-            pending: Mutex::new(BTreeMap::new()),
-            store,
-            shipped_through: shipped_through.clone(),
+            source,
+            shipped_through,
+            pending: BTreeMap::new(),
+            confirmed,
             metrics: metrics.clone(),
             stop: stop.clone(),
         };
@@ -212,7 +370,6 @@ impl Archive {
             .name("archive".into())
             .spawn(move || shipper.run())?;
         Ok(Archive {
-            shipped_through,
             metrics,
             stop,
             stop_timeout,
@@ -238,8 +395,8 @@ impl Archive {
             info!("archive: every sealed segment is shipped");
         } else {
             warn!(
-                "archive: stop timeout ({}s) reached with {segments} sealed segments \
-                 ({bytes} bytes) unshipped; they stay on disk and ship at the next start",
+                "archive: stopped after {}s with {segments} sealed segments ({bytes} bytes) \
+                 unshipped; they stay on disk and ship at the next start",
                 self.stop_timeout.as_secs()
             );
         }
@@ -249,36 +406,48 @@ impl Archive {
 
 struct Shipper {
     config: ArchiveConfig,
-    dir: PathBuf,
+    source: Source,
+    /// Every segment up to this is in S3 (or retired, or never existed).
+    shipped_through: u64,
     /// Sealed segments not yet shipped: number -> (bytes, when sealed in Unix ms).
-    pending: Mutex<BTreeMap<u64, (u64, u64)>>,
-    store: Arc<StoreMetrics>,
-    shipped_through: Arc<AtomicU64>,
+    pending: BTreeMap<u64, (u64, u64)>,
+    confirmed: Arc<Confirmed>,
     metrics: Arc<ArchiveMetrics>,
     stop: Arc<Stop>,
 }
 
+/// The base64 SHA-256 S3 reports, and the length, of one object.
+#[derive(Deserialize)]
+struct ObjectInfo {
+    #[serde(default, rename = "ChecksumSHA256")]
+    checksum_sha256: Option<String>,
+    #[serde(default, rename = "ContentLength")]
+    content_length: Option<u64>,
+}
+
 impl Shipper {
-    fn run(self) {
+    fn run(mut self) {
         let mut backoff = MIN_BACKOFF;
         loop {
-            let shipped = self.shipped_through.load(Relaxed);
-            let sealed = self.store.sealed_through.load(Relaxed);
-            self.refresh_pending(shipped, sealed);
+            let sealed = self.source.metrics.sealed_through.load(Relaxed);
+            self.refresh_pending(sealed);
             let deadline = self.stop.deadline();
-            if shipped >= sealed {
+            if self.shipped_through >= sealed {
                 if deadline.is_some() {
-                    return;
+                    break;
                 }
                 self.stop.sleep(POLL);
                 continue;
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
-                return;
+                break;
             }
-            let next = shipped + 1;
-            match self.ship(next, deadline) {
-                Ok(()) => backoff = MIN_BACKOFF,
+            let next = self.shipped_through + 1;
+            match self.ship(next) {
+                Ok(()) => {
+                    self.shipped_through = next;
+                    backoff = MIN_BACKOFF;
+                }
                 Err(e) => {
                     self.metrics.failures.fetch_add(1, Relaxed);
                     warn!(
@@ -291,33 +460,54 @@ impl Shipper {
                 }
             }
         }
+        let sealed = self.source.metrics.sealed_through.load(Relaxed);
+        self.refresh_pending(sealed);
+        if let Err(e) = self.confirmed.save() {
+            warn!("archive: cannot save {ARCHIVE_STATE} ({e}); the next start checks S3 again");
+        }
     }
 
-    /// Uploads segment `number` and, once S3 confirmed it, moves the watermark.
-    fn ship(&self, number: u64, stop_deadline: Option<Instant>) -> Result<(), String> {
+    /// Uploads segment `number`, checks that S3 holds exactly its bytes, and records it.
+    fn ship(&mut self, number: u64) -> Result<(), String> {
         let name = segment_name(number);
-        let path = self.dir.join(&name);
+        let path = self.source.dir.join(&name);
         let bytes = match fs::read(&path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                warn!("archive: {name} is missing from the store; nothing to ship for it");
-                return self.confirm(number, 0, 0);
+                // Never passed over: its readings were acknowledged, and retention must
+                // not take the watermark past it for a file put back later.
+                return Err(format!(
+                    "{} is missing from the store; put it back (nothing after it ships \
+                     until it is)",
+                    path.display()
+                ));
             }
             Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
         };
-        if bytes.is_empty() {
-            return self.confirm(number, 0, 0);
-        }
+        let crc32 = crc32fast::hash(&bytes);
         let first_ms = first_recv_ms(&bytes).unwrap_or_else(|| modified_ms(&path));
-        let key = object_key(&self.config, number, first_ms);
+        let key = object_key(&self.config, &self.source.store_id, number, first_ms);
         let body = gzip(&bytes).map_err(|e| format!("gzip: {e}"))?;
         let checksum = BASE64.encode(Sha256::digest(&body));
-        let upload = self.dir.join(format!("{name}{UPLOAD_SUFFIX}"));
-        fs::write(&upload, &body).map_err(|e| format!("cannot write {}: {e}", upload.display()))?;
-        let result = self.put_object(&key, &upload, &checksum, stop_deadline);
-        let _ = fs::remove_file(&upload);
-        result?;
-        self.confirm(number, bytes.len() as u64, body.len() as u64)?;
+        self.put_object(&key, &body, &checksum)?;
+        self.check_object(&key, body.len() as u64, &checksum)?;
+        let record = ShippedSegment {
+            bytes: bytes.len() as u64,
+            crc32,
+            sha256: hex(&Sha256::digest(&bytes)),
+            key: key.clone(),
+        };
+        if let Err(e) = self.confirmed.record(number, record) {
+            // Recorded in memory: shipping and retention go on; the save is retried.
+            warn!("archive: shipped {name}, but cannot save {ARCHIVE_STATE} yet ({e})");
+        }
+        self.metrics.shipped_segments.fetch_add(1, Relaxed);
+        self.metrics
+            .shipped_bytes
+            .fetch_add(bytes.len() as u64, Relaxed);
+        self.metrics
+            .uploaded_bytes
+            .fetch_add(body.len() as u64, Relaxed);
         info!(
             "archive: shipped {name} ({} bytes, {} gzipped) to s3://{}/{key}",
             bytes.len(),
@@ -327,121 +517,169 @@ impl Shipper {
         Ok(())
     }
 
-    /// Runs `aws s3api put-object`; Ok only when it exited 0 (S3 stored the object
-    /// after checking the SHA-256).
-    fn put_object(
-        &self,
-        key: &str,
-        body: &Path,
-        checksum: &str,
-        stop_deadline: Option<Instant>,
-    ) -> Result<(), String> {
-        let mut child = self
-            .put_object_command(key, body, checksum)
-            .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", self.config.cli.display()))?;
-        let mut deadline = Instant::now() + self.config.upload_timeout;
-        if let Some(stop) = stop_deadline {
-            deadline = deadline.min(stop);
-        }
-        let mut refreshed = Instant::now();
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(status)) => break status,
-                Ok(None) if Instant::now() >= deadline => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err("upload timed out; killed the AWS CLI".into());
-                }
-                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-                Err(e) => return Err(format!("waiting for the AWS CLI: {e}")),
-            }
-            // A slow upload must not freeze the backlog `/metrics` shows.
-            if refreshed.elapsed() >= POLL {
-                refreshed = Instant::now();
-                self.refresh_pending(
-                    self.shipped_through.load(Relaxed),
-                    self.store.sealed_through.load(Relaxed),
-                );
-            }
-        };
-        if status.success() {
-            return Ok(());
-        }
-        let mut stderr = String::new();
-        if let Some(mut pipe) = child.stderr.take() {
-            let _ = pipe.read_to_string(&mut stderr);
-        }
-        let reason = stderr
-            .lines()
-            .rfind(|l| !l.trim().is_empty())
-            .unwrap_or("no message");
-        Err(format!("AWS CLI {status}: {}", reason.trim()))
-    }
-
-    fn put_object_command(&self, key: &str, body: &Path, checksum: &str) -> Command {
-        let mut command = Command::new(&self.config.cli);
-        if let Some(endpoint) = &self.config.endpoint {
-            command.args(["--endpoint-url", endpoint]);
-        }
-        // The shipper retries with its own backoff; the CLI's own retries (5 attempts,
-        // each up to the connect timeout) would hide an outage for a minute.
-        if std::env::var_os("AWS_MAX_ATTEMPTS").is_none() {
-            command.env("AWS_MAX_ATTEMPTS", "2");
-        }
+    /// `put-object` with the body's SHA-256 and `If-None-Match: *`. An object already
+    /// under the key (an upload a crash interrupted after S3 stored it) is fine here:
+    /// `check_object` then decides whether it is these bytes.
+    fn put_object(&mut self, key: &str, body: &[u8], checksum: &str) -> Result<(), String> {
+        let stdin = body_file(body).map_err(|e| format!("cannot stage the upload: {e}"))?;
+        let mut command = cli_command(&self.config);
         command
-            .args(["--cli-connect-timeout", "5", "--output", "json"])
             .args(["s3api", "put-object", "--bucket", &self.config.bucket])
             .args(["--key", key])
-            .arg("--body")
-            .arg(body)
+            // The body comes from memory (or an unlinked temporary file): a full data
+            // disk must not stop the upload that lets retention make room.
+            .args(["--body", "/dev/stdin"])
             .args(["--content-type", "application/gzip"])
             .args(["--checksum-algorithm", "SHA256"])
             .args(["--checksum-sha256", checksum])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        command
+            .args(["--if-none-match", "*"]);
+        let out = self.run_cli(command, Stdio::from(stdin), self.config.upload_timeout)?;
+        if out.status.success() {
+            return match serde_json::from_slice::<ObjectInfo>(&out.stdout) {
+                Ok(ObjectInfo {
+                    checksum_sha256: Some(got),
+                    ..
+                }) if got != checksum => Err(format!(
+                    "S3 answered SHA-256 {got} for the upload, not {checksum}"
+                )),
+                _ => Ok(()),
+            };
+        }
+        let why = out.error_line();
+        if why.contains("PreconditionFailed") || why.contains("(412)") {
+            info!(
+                "archive: s3://{}/{key} exists already; checking it holds these bytes",
+                self.config.bucket
+            );
+            return Ok(());
+        }
+        Err(format!("AWS CLI put-object {}: {why}", out.status))
     }
 
-    fn confirm(&self, number: u64, bytes: u64, uploaded: u64) -> Result<(), String> {
-        save_archive_watermark(&self.dir, number)
-            .map_err(|e| format!("uploaded, but cannot record it in {ARCHIVE_STATE}: {e}"))?;
-        self.shipped_through.store(number, Relaxed);
-        self.metrics.shipped_segments.fetch_add(1, Relaxed);
-        self.metrics.shipped_bytes.fetch_add(bytes, Relaxed);
-        self.metrics.uploaded_bytes.fetch_add(uploaded, Relaxed);
-        Ok(())
+    /// Ok only when S3 holds `key` with exactly `len` bytes whose SHA-256 is `checksum`.
+    fn check_object(&mut self, key: &str, len: u64, checksum: &str) -> Result<(), String> {
+        let mut command = cli_command(&self.config);
+        command
+            .args(["s3api", "head-object", "--bucket", &self.config.bucket])
+            .args(["--key", key, "--checksum-mode", "ENABLED"]);
+        let out = self.run_cli(command, Stdio::null(), HEAD_TIMEOUT)?;
+        if !out.status.success() {
+            return Err(format!(
+                "the upload looked fine, but S3 does not show the object \
+                 (head-object {}: {})",
+                out.status,
+                out.error_line()
+            ));
+        }
+        let info: ObjectInfo = serde_json::from_slice(&out.stdout)
+            .map_err(|e| format!("head-object answered something unreadable ({e})"))?;
+        match (info.content_length, info.checksum_sha256.as_deref()) {
+            (Some(have), Some(sum)) if have == len && sum == checksum => Ok(()),
+            (have, sum) => Err(format!(
+                "s3://{}/{key} is not these bytes: S3 has {} bytes with SHA-256 {}, \
+                 the segment is {len} bytes with {checksum}; it is not overwritten \
+                 (another store or a failed upload put it there: look at it)",
+                self.config.bucket,
+                have.map_or_else(|| "?".into(), |n| n.to_string()),
+                sum.unwrap_or("(none)"),
+            )),
+        }
+    }
+
+    /// Runs the CLI for at most `timeout`, less if the stop deadline comes first.
+    fn run_cli(
+        &mut self,
+        command: Command,
+        stdin: Stdio,
+        timeout: Duration,
+    ) -> Result<CliOutput, String> {
+        let own = Instant::now() + timeout;
+        // A stop that comes while the CLI runs brings its deadline forward.
+        let deadline = || self.stop.deadline().map_or(own, |stop| stop.min(own));
+        aws_cli::run(command, stdin, deadline).map_err(|e| match e {
+            CliError::TimedOut => {
+                "the AWS CLI did not finish in time; killed it and its children".into()
+            }
+            e => format!("the AWS CLI {}: {e}", self.config.cli.display()),
+        })
     }
 
     /// Recounts the sealed segments still to ship, for `/metrics`. Each segment is
-    /// looked at once (sealed segments never change), so a long backlog costs nothing
-    /// per round.
-    fn refresh_pending(&self, shipped: u64, sealed: u64) {
-        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-        pending.retain(|&number, _| number > shipped);
-        let first_new = pending
-            .keys()
-            .next_back()
-            .map_or(shipped, |&n| n.max(shipped))
-            + 1;
-        for number in first_new..=sealed {
-            let path = self.dir.join(segment_name(number));
-            if let Ok(meta) = fs::metadata(&path) {
-                pending.insert(number, (meta.len(), modified_ms(&path).max(1)));
+    /// looked at once while it is there (sealed segments never change); a missing one
+    /// counts too, from when it was first missed.
+    fn refresh_pending(&mut self, sealed: u64) {
+        let shipped = self.shipped_through;
+        self.pending.retain(|&number, _| number > shipped);
+        for number in shipped + 1..=sealed {
+            let seen = self.pending.get(&number).is_some_and(|&(len, _)| len > 0);
+            if seen {
+                continue;
             }
+            let path = self.source.dir.join(segment_name(number));
+            let entry = match fs::metadata(&path) {
+                Ok(meta) => (meta.len(), modified_ms(&path).max(1)),
+                Err(_) => (
+                    0,
+                    self.pending
+                        .get(&number)
+                        .map_or_else(unix_millis, |&(_, at)| at),
+                ),
+            };
+            self.pending.insert(number, entry);
         }
-        let bytes = pending.values().map(|(len, _)| len).sum();
-        let oldest = pending.values().next().map_or(0, |&(_, at)| at);
+        let bytes = self.pending.values().map(|(len, _)| len).sum();
+        let oldest = self.pending.values().map(|&(_, at)| at).min().unwrap_or(0);
         self.metrics
             .pending_segments
-            .store(pending.len() as u64, Relaxed);
+            .store(self.pending.len() as u64, Relaxed);
         self.metrics.pending_bytes.store(bytes, Relaxed);
         self.metrics.oldest_pending_ms.store(oldest, Relaxed);
     }
 }
 
-/// Compressed copies left by an upload a crash interrupted.
+/// The CLI with the options every call shares.
+fn cli_command(config: &ArchiveConfig) -> Command {
+    let mut command = Command::new(&config.cli);
+    if let Some(endpoint) = &config.endpoint {
+        command.args(["--endpoint-url", endpoint]);
+    }
+    // The shipper retries with its own backoff; the CLI's own retries (5 attempts,
+    // each up to the connect timeout) would hide an outage for a minute.
+    if std::env::var_os("AWS_MAX_ATTEMPTS").is_none() {
+        command.env("AWS_MAX_ATTEMPTS", "2");
+    }
+    command.args(["--cli-connect-timeout", "5", "--output", "json"]);
+    command
+}
+
+/// `body` in a file the CLI reads as its stdin: in memory (`memfd`), or else an
+/// unlinked temporary file outside the data directory.
+fn body_file(body: &[u8]) -> io::Result<File> {
+    let mut file =
+        match rustix::fs::memfd_create("sensorhub-upload", rustix::fs::MemfdFlags::CLOEXEC) {
+            Ok(fd) => File::from(fd),
+            Err(_) => {
+                let path = std::env::temp_dir().join(format!(
+                    "sensorhub-upload-{}-{:x}",
+                    std::process::id(),
+                    rand::random::<u64>()
+                ));
+                let file = fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)?;
+                fs::remove_file(&path)?;
+                file
+            }
+        };
+    file.write_all(body)?;
+    file.seek(SeekFrom::Start(0))?;
+    Ok(file)
+}
+
+/// Compressed copies left by an upload a crash interrupted (versions before uploads
+/// were staged outside the data directory).
 fn remove_upload_leftovers(dir: &Path) -> io::Result<()> {
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
@@ -461,6 +699,10 @@ fn gzip(bytes: &[u8]) -> io::Result<Vec<u8>> {
     let mut encoder = GzEncoder::new(Vec::with_capacity(bytes.len() / 4), Compression::default());
     encoder.write_all(bytes)?;
     encoder.finish()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The `recv` of the segment's first line, if it is a record.
@@ -501,6 +743,7 @@ fn civil_date(unix_ms: u64) -> (i64, u32, u32) {
 mod tests {
     use super::*;
     use flate2::read::GzDecoder;
+    use std::io::Read;
 
     fn config(prefix: &str) -> ArchiveConfig {
         ArchiveConfig {
@@ -518,12 +761,17 @@ mod tests {
     fn keys_are_hive_partitioned_by_the_first_records_day_and_the_host() {
         // 2026-11-30T23:59:59.999Z and one millisecond later.
         assert_eq!(
-            object_key(&config("fleet/archive"), 7, 1_796_083_199_999),
-            "fleet/archive/readings/dt=2026-11-30/host=server-a/segment-0000000007.jsonl.gz"
+            object_key(
+                &config("fleet/archive"),
+                "0123456789abcdef",
+                7,
+                1_796_083_199_999
+            ),
+            "fleet/archive/readings/dt=2026-11-30/host=server-a/segment-0000000007-0123456789abcdef.jsonl.gz"
         );
         assert_eq!(
-            object_key(&config(""), 12, 1_796_083_200_000),
-            "readings/dt=2026-12-01/host=server-a/segment-0000000012.jsonl.gz"
+            object_key(&config(""), "0123456789abcdef", 12, 1_796_083_200_000),
+            "readings/dt=2026-12-01/host=server-a/segment-0000000012-0123456789abcdef.jsonl.gz"
         );
     }
 
@@ -547,6 +795,16 @@ mod tests {
         assert!(parse_s3_url("my-bucket/x").is_err());
         assert!(parse_s3_url("s3://My_Bucket/x").is_err());
         assert!(parse_s3_url("s3://ab").is_err());
+        for bad_prefix in ["../../etc", "a//b", "a/./b", "a b", "a\\b", "a\nb"] {
+            assert!(
+                parse_s3_url(&format!("s3://my-bucket/{bad_prefix}")).is_err(),
+                "{bad_prefix:?}"
+            );
+        }
+        assert_eq!(
+            parse_s3_url("s3://my-bucket/year=2026/(raw)").unwrap().1,
+            "year=2026/(raw)"
+        );
         assert!(check_host_id("ip-10-0-1-23.ec2.internal").is_ok());
         assert!(check_host_id("").is_err());
         assert!(check_host_id("a/b").is_err());

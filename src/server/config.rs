@@ -103,7 +103,7 @@ pub struct ArchiveArgs {
     pub archive_upload_timeout: u64,
 
     /// On SIGTERM, keep shipping pending segments for up to this long (seconds) before
-    /// exiting; what is left ships at the next start.
+    /// exiting; what is left ships at the next start (`ship` uses --deadline instead).
     #[arg(long, default_value_t = 8, requires = "archive")]
     pub archive_stop_timeout: u64,
 }
@@ -120,6 +120,11 @@ pub struct ShipConfig {
 
     #[command(flatten)]
     pub archive: ArchiveArgs,
+
+    /// Give up (exit 1) when not everything is shipped after this many seconds;
+    /// what is left ships at the next try.
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub deadline: u64,
 
     /// Log level: error, warn, info, debug, trace or off.
     #[arg(long, default_value = "info")]

@@ -16,14 +16,15 @@
 //! later, so it refers to durable data. That is what makes `duplicate` safe: the reading
 //! it refers to was written earlier, hence is on disk when the `duplicate` leaves.
 
+use crate::server::archive::Confirmed;
 use crate::server::completion::{Completion, Notifier};
-use crate::server::files::delete_retired;
+use crate::server::files::{delete_retired, ensure_reserve};
 use crate::server::stats::{self, Counted};
 use crate::server::store::{Sensors, Store, StoreMetrics};
 use crate::wire::reading::Reading;
 use crate::wire::record::{RecvStamp, encode_record};
 use log::{error, info, warn};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -141,6 +142,11 @@ impl Db {
     ) -> Result<(), Unwritable> {
         let mut guard = self.lock();
         let state = &mut *guard;
+        // Statistics that miss retired segments would accept their seqs again
+        // (`/healthz` names the reason).
+        if state.store.incomplete().is_some() {
+            return Err(Unwritable);
+        }
         if state
             .failed_at
             .is_some_and(|at| at.elapsed() < RETRY_WRITES)
@@ -238,8 +244,8 @@ fn fail(e: std::io::Error) -> ! {
 
 /// Deleting shipped segments beyond a local budget (`--keep-shipped-bytes`).
 pub struct Retention {
-    /// Every segment up to this number is confirmed in the archive (set by the shipper).
-    pub shipped_through: Arc<AtomicU64>,
+    /// What S3 confirmed, segment by segment (recorded by the shipper).
+    pub confirmed: Arc<Confirmed>,
     /// Shipped segments kept on disk, oldest deleted first past this.
     pub keep_bytes: u64,
 }
@@ -257,7 +263,7 @@ pub fn run_committer(db: &Db, checkpoint_every: Duration, retention: Option<&Ret
         retention,
         last_checkpoint: Instant::now(),
         checkpointed_records: db.store_metrics.records.load(Relaxed),
-        retained_through: 0,
+        retained_version: None,
     };
     while committer.round() {}
 }
@@ -270,8 +276,8 @@ struct Committer<'a> {
     last_checkpoint: Instant,
     /// Records counted by the last checkpoint (none is written while nothing changed).
     checkpointed_records: u64,
-    /// The archive watermark retention last acted on.
-    retained_through: u64,
+    /// The version of the archive's record retention last acted on.
+    retained_version: Option<u64>,
 }
 
 impl<'a> Committer<'a> {
@@ -299,10 +305,13 @@ impl<'a> Committer<'a> {
         // written after it would list the deleted files again).
         let retired = self.retain(&mut state);
         // Taken under the lock, so the statistics match the file lengths exactly.
-        let checkpoint = (retired.is_empty() && due).then(|| {
-            self.checkpointed_records = self.db.store_metrics.records.load(Relaxed);
-            state.store.checkpoint(state.sensors.clone())
-        });
+        let checkpoint = (retired.is_empty() && due)
+            .then(|| {
+                self.checkpointed_records = self.db.store_metrics.records.load(Relaxed);
+                state.store.checkpoint(state.sensors.clone())
+            })
+            .flatten();
+        let retired_through = state.store.retired_through();
         drop(state);
 
         if let Some(sync) = sync {
@@ -319,8 +328,21 @@ impl<'a> Committer<'a> {
                 Err(e) => warn!("store: checkpoint not written ({e}); will retry"),
             }
         }
-        if let Err(e) = delete_retired(&retired) {
-            warn!("store: retention could not delete every file ({e}); start-up finishes it");
+        if !retired.is_empty() {
+            match delete_retired(&retired) {
+                Ok(()) => {
+                    if let Some(r) = self.retention {
+                        r.confirmed.forget_through(retired_through);
+                    }
+                }
+                Err(e) => warn!(
+                    "store: retention could not delete every file ({e}); start-up finishes it"
+                ),
+            }
+            // The space freed makes room for the reserve a full disk will need again.
+            if let Some(dir) = retired[0].parent() {
+                ensure_reserve(dir, 0);
+            }
         }
         !closing
     }
@@ -356,14 +378,15 @@ impl<'a> Committer<'a> {
         let Some(r) = self.retention else {
             return Vec::new();
         };
-        let shipped = r.shipped_through.load(Relaxed);
-        if shipped == self.retained_through {
+        let version = r.confirmed.version();
+        if self.retained_version == Some(version) {
             return Vec::new();
         }
         let State { store, sensors, .. } = state;
-        match store.retire(shipped, r.keep_bytes, sensors) {
+        let confirmed = |number, bytes, crc32| r.confirmed.confirms(number, bytes, crc32);
+        match store.retire(&confirmed, r.keep_bytes, sensors) {
             Ok(victims) => {
-                self.retained_through = shipped;
+                self.retained_version = Some(version);
                 if !victims.is_empty() {
                     self.checkpointed_records = self.db.store_metrics.records.load(Relaxed);
                     self.last_checkpoint = Instant::now();

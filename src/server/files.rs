@@ -1,11 +1,25 @@
-//! The store's files as they lie on disk: segment names, the checkpoint and its format,
+//! The store's files as they lie on disk: segment names, the store's identity, the
+//! checkpoint and its format, the archive's record (`archive.json`), the space reserve,
 //! replacing a file atomically, and the directory syncs that make new names durable.
 //! Shared by the running store (`store.rs`), start-up and `verify` (`recovery.rs`) and
 //! the shipper (`archive.rs`), so none of them depends on another for these.
+//!
+//! - `store-id`: 16 hex digits made when the store is created. The checkpoint and
+//!   `archive.json` name it, and so does every archived object's key, so neither state
+//!   file copied from another store, nor two stores shipping under one host id, can make
+//!   this store skip, delete or overwrite anything.
+//! - `checkpoint.json` (and `checkpoint.prev.json`, the one it replaced): an envelope
+//!   `{"version":3,"crc32":C,"body":{...}}` whose CRC-32 covers the body's bytes, so a
+//!   damaged checkpoint is never believed.
+//! - `archive.json`: what S3 confirmed, per segment still on disk: its length, CRC-32
+//!   and SHA-256 and the object key, and the watermark below which everything is in S3.
+//! - `space.reserve`: zeros kept so that, on a full disk, retention can still write the
+//!   checkpoint that lets it delete shipped segments.
 
 use crate::server::stats::Sensors;
-use log::info;
+use log::{info, warn};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -13,13 +27,19 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub(crate) const CHECKPOINT: &str = "checkpoint.json";
-/// The archive's watermark: every segment up to it is confirmed by S3.
+/// The checkpoint `checkpoint.json` replaced: used when the newest one is damaged.
+pub(crate) const CHECKPOINT_PREV: &str = "checkpoint.prev.json";
+/// What S3 confirmed (see the module doc).
 pub const ARCHIVE_STATE: &str = "archive.json";
+pub const STORE_ID: &str = "store-id";
+const RESERVE: &str = "space.reserve";
+/// The smallest space reserve; it grows to twice the largest checkpoint written.
+const MIN_RESERVE: u64 = 256 * 1024;
 const SEGMENT_PREFIX: &str = "segment-";
 
 /// How much of one file a checkpoint covers, and the CRC-32 of those bytes, so that
 /// start-up notices when covered bytes changed (corruption the lengths alone miss).
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(untagged)]
 pub enum Covered {
     Checked {
@@ -42,9 +62,13 @@ impl Covered {
 #[derive(Serialize, Deserialize)]
 pub struct Checkpoint {
     version: u32,
+    /// The store this checkpoint belongs to (empty: written before stores had ids).
+    #[serde(default)]
+    pub(crate) store_id: String,
     pub(crate) files: BTreeMap<String, Covered>,
     pub(crate) sensors: Sensors,
-    /// Segments numbered up to this were deleted by retention (see the module doc).
+    /// Segments numbered up to this were deleted by retention (their readings are in
+    /// `sensors`), or were gone before this store's statistics began.
     #[serde(default)]
     pub(crate) retired_through: u64,
     #[serde(skip)]
@@ -55,10 +79,19 @@ pub struct Checkpoint {
     unsynced: Vec<Arc<File>>,
 }
 
+/// What reading one checkpoint file gave.
+pub enum CheckpointRead {
+    Absent,
+    /// Unreadable, cut, or its CRC-32 does not match its body: the reason.
+    Damaged(String),
+    Found(Checkpoint),
+}
+
 impl Checkpoint {
     /// A checkpoint of `sensors`, covering `files`, to be written into `dir` once the
     /// files in `unsynced` (whose appends it counts) are synced.
     pub fn new(
+        store_id: &str,
         files: BTreeMap<String, Covered>,
         sensors: Sensors,
         retired_through: u64,
@@ -66,7 +99,8 @@ impl Checkpoint {
         unsynced: Vec<Arc<File>>,
     ) -> Checkpoint {
         Checkpoint {
-            version: 2,
+            version: 3,
+            store_id: store_id.to_owned(),
             files,
             sensors,
             retired_through,
@@ -74,28 +108,154 @@ impl Checkpoint {
             unsynced,
         }
     }
-}
 
-impl Checkpoint {
-    /// Syncs the data the checkpoint covers, then replaces `checkpoint.json` atomically
-    /// (which also syncs the directory).
+    /// Syncs the data the checkpoint covers, then replaces `checkpoint.json` atomically,
+    /// keeping the one it replaces as `checkpoint.prev.json`.
     pub fn write(&self) -> io::Result<()> {
+        self.write_with(false)
+    }
+
+    /// `write`, but on a full disk the space reserve is given up to make room: for the
+    /// checkpoint retention must write before it can delete (and so free space).
+    pub fn write_using_reserve(&self) -> io::Result<()> {
+        self.write_with(true)
+    }
+
+    fn write_with(&self, may_use_reserve: bool) -> io::Result<()> {
         for file in &self.unsynced {
             file.sync_data()?;
         }
-        write_atomically(&self.dir, CHECKPOINT, &serde_json::to_vec(self)?)
+        let body = serde_json::to_string(self)?;
+        let envelope = format!(
+            "{{\"version\":3,\"crc32\":{},\"body\":{body}}}",
+            crc32fast::hash(body.as_bytes())
+        );
+        let replace = |dir: &Path| -> io::Result<()> {
+            let tmp = write_synced_tmp(dir, CHECKPOINT, envelope.as_bytes())?;
+            if dir.join(CHECKPOINT).exists() {
+                fs::rename(dir.join(CHECKPOINT), dir.join(CHECKPOINT_PREV))?;
+            }
+            fs::rename(tmp, dir.join(CHECKPOINT))?;
+            sync_dir(dir)
+        };
+        match replace(&self.dir) {
+            Err(e) if may_use_reserve && is_disk_full(&e) && release_reserve(&self.dir) => {
+                replace(&self.dir)
+            }
+            result => result,
+        }?;
+        // Room for the next checkpoint of this size, should the disk fill up.
+        if may_use_reserve {
+            ensure_reserve(&self.dir, 2 * envelope.len() as u64);
+        }
+        Ok(())
+    }
+}
+
+/// Reads `name` (`checkpoint.json` or `checkpoint.prev.json`) in `dir`, checking its
+/// CRC-32. Checkpoints of older versions (no envelope) are read as they are.
+pub fn read_checkpoint(dir: &Path, name: &str) -> CheckpointRead {
+    #[derive(Deserialize)]
+    struct Envelope<'a> {
+        crc32: u32,
+        #[serde(borrow)]
+        body: &'a RawValue,
+    }
+    let text = match fs::read(dir.join(name)) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return CheckpointRead::Absent,
+        Err(e) => return CheckpointRead::Damaged(format!("cannot read {name}: {e}")),
+    };
+    let body = match serde_json::from_slice::<Envelope>(&text) {
+        Ok(envelope) if crc32fast::hash(envelope.body.get().as_bytes()) != envelope.crc32 => {
+            return CheckpointRead::Damaged(format!(
+                "{name}: its CRC-32 does not match its body (damaged)"
+            ));
+        }
+        Ok(envelope) => envelope.body.get().as_bytes(),
+        // Versions 1 and 2 had no envelope.
+        Err(_) => &text[..],
+    };
+    match serde_json::from_slice::<Checkpoint>(body) {
+        Ok(mut c) => {
+            c.dir = dir.to_owned();
+            CheckpointRead::Found(c)
+        }
+        Err(e) => CheckpointRead::Damaged(format!("{name} is unreadable ({e})")),
     }
 }
 
 /// Replaces `dir/name` with `bytes` so that a crash leaves the old or the new content,
 /// never a mix: a synced temporary file renamed over it, then the directory synced.
 pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
-    let tmp = dir.join(format!("{name}.tmp"));
-    let mut file = File::create(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
+    let tmp = write_synced_tmp(dir, name, bytes)?;
     fs::rename(&tmp, dir.join(name))?;
     sync_dir(dir)
+}
+
+/// `dir/name.tmp` holding `bytes`, synced; removed again when that fails (a full disk
+/// must not be left with empty temporary files).
+fn write_synced_tmp(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<PathBuf> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let written = File::create(&tmp).and_then(|mut file| {
+        file.write_all(bytes)?;
+        file.sync_all()
+    });
+    match written {
+        Ok(()) => Ok(tmp),
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+pub(crate) fn is_disk_full(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
+}
+
+/// Makes sure `space.reserve` holds at least `size` bytes (never less than 256 KiB) of
+/// zeros; on a full disk it stays as it is and the next call tries again.
+pub fn ensure_reserve(dir: &Path, size: u64) {
+    let size = size.max(MIN_RESERVE);
+    let path = dir.join(RESERVE);
+    let have = fs::metadata(&path).map_or(0, |m| m.len());
+    if have >= size {
+        return;
+    }
+    let grown = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut file| {
+            // Written, not `set_len`: a sparse file would reserve nothing.
+            file.write_all(&vec![0; (size - have) as usize])?;
+            file.sync_all()
+        });
+    if let Err(e) = grown {
+        // Keep what was there; a partial append is cut back by the next check.
+        let _ = fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_len(have));
+        if !is_disk_full(&e) {
+            warn!("store: cannot keep {RESERVE} ({e})");
+        }
+    }
+}
+
+/// Gives up the space reserve; true when there was one to give.
+fn release_reserve(dir: &Path) -> bool {
+    let released = fs::remove_file(dir.join(RESERVE)).is_ok();
+    if released {
+        warn!(
+            "store: the disk is full; released {RESERVE} to write the checkpoint retention needs"
+        );
+    }
+    released
 }
 
 /// Deletes segments that `Store::retire` gave up, once the checkpoint recording that
@@ -131,45 +291,112 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// The watermark persisted in `archive.json`.
-#[derive(Serialize, Deserialize)]
-struct ArchiveState {
-    version: u32,
-    /// Every segment up to this number is confirmed by S3.
-    shipped_through: u64,
+/// The store's id in `dir`, made (16 random hex digits) when there is none yet. A
+/// damaged one is an error: the archive's keys name it.
+pub fn store_id(dir: &Path) -> io::Result<String> {
+    match read_store_id(dir)? {
+        Some(id) => Ok(id),
+        None => {
+            let id = format!("{:016x}", rand::random::<u64>());
+            write_atomically(dir, STORE_ID, format!("{id}\n").as_bytes())?;
+            info!("store {}: new store id {id}", dir.display());
+            Ok(id)
+        }
+    }
 }
 
-/// Records, atomically, that every segment up to `through` is confirmed by S3.
-pub fn save_archive_watermark(dir: &Path, through: u64) -> io::Result<()> {
-    let state = ArchiveState {
-        version: 1,
-        shipped_through: through,
+/// The store's id in `dir`, if it has one.
+pub fn read_store_id(dir: &Path) -> io::Result<Option<String>> {
+    let text = match fs::read_to_string(dir.join(STORE_ID)) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
     };
-    write_atomically(dir, ARCHIVE_STATE, &serde_json::to_vec(&state)?)
+    let id = text.trim();
+    if id.len() == 16
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    {
+        Ok(Some(id.to_owned()))
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{} is damaged (expected 16 lowercase hex digits): restore it, since the \
+                 archive's object keys name it, or remove it to give the store a new id",
+                dir.join(STORE_ID).display()
+            ),
+        ))
+    }
 }
 
-/// The archive's watermark in `dir` (0 when there is none); an unreadable one is an
-/// error that names the file.
-pub fn archive_watermark(dir: &Path) -> io::Result<u64> {
+/// What S3 confirmed of one segment: exactly these bytes are stored under `key`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShippedSegment {
+    pub bytes: u64,
+    pub crc32: u32,
+    /// Hex SHA-256 of the segment's bytes (empty for records migrated from version 1).
+    pub sha256: String,
+    pub key: String,
+}
+
+/// `archive.json`: what S3 confirmed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ArchiveState {
+    #[serde(default)]
+    pub version: u32,
+    /// Empty in version 1 (before stores had ids).
+    #[serde(default)]
+    pub store_id: String,
+    /// Every segment up to this number is in S3 (or was never part of the store).
+    pub shipped_through: u64,
+    /// Shipped segments still on disk, by number (version 2).
+    #[serde(default)]
+    pub segments: BTreeMap<u64, ShippedSegment>,
+}
+
+impl ArchiveState {
+    pub fn new(store_id: &str) -> ArchiveState {
+        ArchiveState {
+            version: 2,
+            store_id: store_id.to_owned(),
+            ..ArchiveState::default()
+        }
+    }
+
+    /// True when S3 holds exactly this segment: `bytes` long with this CRC-32.
+    pub fn confirms(&self, number: u64, bytes: u64, crc32: u32) -> bool {
+        number <= self.shipped_through
+            && self
+                .segments
+                .get(&number)
+                .is_some_and(|s| s.bytes == bytes && s.crc32 == crc32)
+    }
+
+    /// Writes it atomically into `dir`.
+    pub fn save(&self, dir: &Path) -> io::Result<()> {
+        write_atomically(dir, ARCHIVE_STATE, &serde_json::to_vec(self)?)
+    }
+}
+
+/// `archive.json` in `dir` (`None` when there is none); an unreadable one is an error
+/// that names the file and what to do.
+pub fn read_archive_state(dir: &Path) -> io::Result<Option<ArchiveState>> {
     match fs::read(dir.join(ARCHIVE_STATE)) {
         Ok(text) => serde_json::from_slice::<ArchiveState>(&text)
-            .map(|s| s.shipped_through)
+            .map(Some)
             .map_err(|e| {
                 io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!(
-                        "{} is unreadable ({e}); fix or remove it",
+                        "{} is unreadable ({e}); fix it, or remove it to ship every \
+                         segment on disk again (S3 keeps one copy per key)",
                         dir.join(ARCHIVE_STATE).display()
                     ),
                 )
             }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }
-}
-
-/// What `archive.json` in `dir` confirms as shipped (0 when there is no readable one):
-/// start-up deletes a retired segment only when this confirms it too.
-pub fn confirmed_through(dir: &Path) -> u64 {
-    archive_watermark(dir).unwrap_or(0)
 }

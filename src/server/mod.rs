@@ -24,7 +24,7 @@ use crate::server::db::{Db, Retention, run_committer};
 use crate::server::event_loop::{EventLoop, Limits, LoopParts, WAKER};
 use crate::server::store::{Sensors, Store, StoreOptions};
 use crate::server::worker::spawn_pool;
-use archive::{Archive, ArchiveConfig};
+use archive::{Archive, ArchiveConfig, Confirmed, Source};
 use log::info;
 use mio::net::TcpListener;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -50,12 +50,11 @@ pub fn run(config: ServerConfig) -> Result<(), String> {
     let http_listen = config.http_listen.as_deref().map(resolve).transpose()?;
     let archive_config = archive_config(&config.archive)?;
     let max_age = Duration::from_secs(config.segment_max_age);
-    let (store, sensors) = open_store(&config.data_dir, config.segment_bytes, max_age)?;
+    let (mut store, sensors) = open_store(&config.data_dir, config.segment_bytes, max_age)?;
     let store_metrics = store.metrics();
     let archive = archive_config
-        .map(|a| Archive::start(a, &config.data_dir, store_metrics.clone()))
-        .transpose()
-        .map_err(|e| format!("archive: {e}"))?;
+        .map(|a| start_archive(a, &mut store))
+        .transpose()?;
 
     let poll = mio::Poll::new().map_err(|e| format!("poll: {e}"))?;
     let waker = mio::Waker::new(poll.registry(), WAKER).map_err(|e| format!("waker: {e}"))?;
@@ -69,8 +68,8 @@ pub fn run(config: ServerConfig) -> Result<(), String> {
         .transpose()?;
     announce(&listener, http_listener.as_ref()).map_err(|e| format!("stdout: {e}"))?;
 
-    let retention = archive.as_ref().map(|a| Retention {
-        shipped_through: a.shipped_through.clone(),
+    let retention = archive.as_ref().map(|(_, confirmed)| Retention {
+        confirmed: confirmed.clone(),
         keep_bytes: config.archive.keep_shipped_bytes,
     });
     let (jobs, threads) = Threads::start(&config, &db, &notifier, retention)?;
@@ -83,17 +82,36 @@ pub fn run(config: ServerConfig) -> Result<(), String> {
         completions,
         db: db.clone(),
         store: store_metrics,
-        archive: archive.as_ref().map(|a| a.metrics.clone()),
+        archive: archive.as_ref().map(|(a, _)| a.metrics.clone()),
     };
     let event_loop =
         EventLoop::new(parts, limits(&config)).map_err(|e| format!("event loop: {e}"))?;
     // Returning drops the job senders: the workers finish their queues and exit.
     event_loop.run().map_err(|e| format!("event loop: {e}"))?;
     threads.stop(&db);
-    if let Some(archive) = archive {
+    if let Some((archive, _)) = archive {
         archive.finish();
     }
     Ok(())
+}
+
+/// Checks the CLI and the bucket, then starts shipping what `store` seals.
+fn start_archive(
+    config: ArchiveConfig,
+    store: &mut Store,
+) -> Result<(Archive, Arc<Confirmed>), String> {
+    let bucket = archive::check_start(&config).map_err(|e| format!("archive: {e}"))?;
+    let dir = store.dir().to_path_buf();
+    let confirmed = Arc::new(Confirmed::new(&dir, store.take_archive_state()));
+    let source = Source {
+        dir,
+        store_id: store.id().to_owned(),
+        metrics: store.metrics(),
+        retired_through: store.retired_through(),
+    };
+    let archive = Archive::start(config, source, confirmed.clone(), bucket)
+        .map_err(|e| format!("archive: {e}"))?;
+    Ok((archive, confirmed))
 }
 
 fn open_store(
@@ -173,15 +191,20 @@ impl Threads {
 /// `sensor-server ship`: seals what a crash left in `config.data_dir`, ships every
 /// sealed segment, and succeeds only when nothing is left to ship.
 pub fn ship(config: ShipConfig) -> Result<(), String> {
-    let archive_config =
+    let mut archive_config =
         archive_config(&config.archive)?.ok_or("ship needs --archive s3://BUCKET/PREFIX")?;
+    // A one-shot command ships until done or until its own deadline.
+    archive_config.stop_timeout = Duration::from_secs(config.deadline);
+    recovery::check_is_store(&config.data_dir).map_err(|e| format!("cannot ship: {e}"))?;
     // Nothing is appended: the store is opened only to seal what a crash left.
-    let (store, _) = open_store(&config.data_dir, u64::MAX, Duration::MAX)?;
-    let archive = Archive::start(archive_config, &config.data_dir, store.metrics())
-        .map_err(|e| format!("archive: {e}"))?;
+    let (mut store, _) = open_store(&config.data_dir, u64::MAX, Duration::MAX)?;
+    let (archive, _) = start_archive(archive_config, &mut store)?;
     match archive.finish() {
         0 => Ok(()),
-        left => Err(format!("{left} sealed segments could not be shipped")),
+        left => Err(format!(
+            "{left} sealed segments could not be shipped within --deadline {}s",
+            config.deadline
+        )),
     }
 }
 

@@ -4,11 +4,13 @@
 //! formats on disk.
 
 use crate::server::files::{
-    CHECKPOINT, Checkpoint, Covered, confirmed_through, delete_retired, segment_number,
+    ARCHIVE_STATE, ArchiveState, CHECKPOINT, CHECKPOINT_PREV, Checkpoint, CheckpointRead, Covered,
+    STORE_ID, delete_retired, read_archive_state, read_checkpoint, read_store_id, segment_name,
+    segment_number,
 };
 use crate::server::stats::{self, Counted, Sensors};
 use crc32fast::Hasher;
-use log::warn;
+use log::{error, warn};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -87,122 +89,285 @@ pub(crate) struct Recovered {
     pub(crate) retired_through: u64,
     /// Bytes replayed (not covered by the checkpoint).
     pub(crate) replayed: u64,
+    /// Why the statistics are incomplete, if they are: segments are gone (retention
+    /// deleted them) and no usable checkpoint counts their readings. Readings must then
+    /// be refused, or seqs already stored would be accepted again.
+    pub(crate) incomplete: Option<String>,
 }
 
-/// Rebuilds statistics: cuts torn tails, loads the checkpoint when it still matches the
-/// files, byte for byte, finishes any retention it recorded, and replays what follows
-/// it.
-pub(crate) fn recover(dir: &Path) -> io::Result<Recovered> {
+/// Rebuilds statistics: cuts torn tails, picks the newest checkpoint that still matches
+/// the files byte for byte and accounts for every segment that is gone, finishes any
+/// retention it recorded, and replays what follows it.
+pub(crate) fn recover(dir: &Path, store_id: &str, archive: &ArchiveState) -> io::Result<Recovered> {
     let mut lengths = BTreeMap::new();
     for name in store_files(dir)? {
         let len = cut_torn_tail(&dir.join(&name))?;
         lengths.insert(name, len);
     }
-    let checkpoint = read_checkpoint(dir);
-    let mut retired_through = checkpoint.as_ref().map_or(0, |c| c.retired_through);
-    // Retired segments are in the statistics already; a crash may have left some of
-    // them on disk after the checkpoint that retired them was written. They are deleted
-    // only if archive.json confirms them shipped as well: a checkpoint alone (corrupt,
-    // or from another store) never makes start-up delete data.
-    let leftovers: Vec<(u64, PathBuf)> = lengths
-        .keys()
-        .filter_map(|name| Some((segment_number(name)?, dir.join(name))))
-        .filter(|(n, _)| *n <= retired_through)
-        .collect();
-    let shipped = confirmed_through(dir);
-    if let Some((n, _)) = leftovers.iter().find(|(n, _)| *n > shipped) {
-        warn!(
-            "store: {CHECKPOINT} says segments up to {retired_through} were retired, but segment {n} is here and archive.json confirms shipping only up to {shipped}; not trusting the checkpoint, replaying every file"
-        );
-        retired_through = 0;
-    } else {
-        let paths: Vec<PathBuf> = leftovers.into_iter().map(|(_, p)| p).collect();
-        lengths.retain(|name, _| segment_number(name).is_none_or(|n| n > retired_through));
-        delete_retired(&paths)?;
+    let (gone_through, gaps) = missing_segments(&lengths);
+    let mut rejected = Vec::new();
+    let mut chosen = None;
+    for name in [CHECKPOINT, CHECKPOINT_PREV] {
+        match read_checkpoint(dir, name) {
+            CheckpointRead::Absent => {}
+            CheckpointRead::Damaged(why) => rejected.push(why),
+            CheckpointRead::Found(c) => {
+                match judge(dir, &c, &lengths, archive, store_id, gone_through, &gaps)? {
+                    Ok(crcs) => {
+                        chosen = Some((name, c, crcs));
+                        break;
+                    }
+                    Err(why) => rejected.push(format!("{name}: {why}")),
+                }
+            }
+        }
     }
-    let (sensors, replayed, crcs) = load_from(dir, &lengths, retired_through, checkpoint, true)?;
+    let incomplete = match &chosen {
+        Some((name, ..)) => {
+            if !rejected.is_empty() {
+                warn!("store: not using {}; using {name}", rejected.join("; "));
+            }
+            None
+        }
+        None if gone_through > 0 || !gaps.is_empty() => Some(format!(
+            "{} gone and no usable checkpoint counts their readings ({}); refusing \
+             readings so that none stored before is accepted again: put the files back, \
+             or restore a checkpoint.json of this store",
+            gone_description(gone_through, &gaps),
+            if rejected.is_empty() {
+                "there is none".to_owned()
+            } else {
+                rejected.join("; ")
+            }
+        )),
+        None => {
+            if !rejected.is_empty() {
+                warn!(
+                    "store: {}; replaying every file (corrupt lines are reported with their offsets)",
+                    rejected.join("; ")
+                );
+            }
+            None
+        }
+    };
+    if let Some(why) = &incomplete {
+        error!("store: {why}");
+    }
+    let (checkpoint, mut crcs) = match chosen {
+        Some((_, c, crcs)) => (Some(c), crcs),
+        None => (None, BTreeMap::new()),
+    };
+    let retired_through = checkpoint
+        .as_ref()
+        .map_or(0, |c| c.retired_through)
+        .max(gone_through);
+    // Retired segments are in the statistics already; a crash may have left some of
+    // them on disk after the checkpoint that retired them was written (`judge` checked
+    // that archive.json confirms them): finish deleting them.
+    let leftovers: Vec<PathBuf> = lengths
+        .keys()
+        .filter(|name| segment_number(name).is_some_and(|n| n <= retired_through))
+        .map(|name| dir.join(name))
+        .collect();
+    lengths.retain(|name, _| segment_number(name).is_none_or(|n| n > retired_through));
+    delete_retired(&leftovers)?;
+    let (covered, mut sensors) = match checkpoint {
+        Some(c) => (c.files, c.sensors),
+        None => (BTreeMap::new(), Sensors::default()),
+    };
+    let mut replayed = 0;
+    for (name, &len) in &lengths {
+        let from = covered.get(name).map_or(0, |c| c.bytes());
+        replayed += len - from;
+        let mut crc = crcs.remove(name).unwrap_or_default();
+        replay(
+            &dir.join(name),
+            from,
+            len,
+            &mut sensors,
+            &mut crc,
+            &mut |problem| warn!("store: {problem}, skipped"),
+        )?;
+        crcs.insert(name.clone(), crc);
+    }
     Ok(Recovered {
         lengths,
         crcs,
         sensors,
         retired_through,
         replayed,
+        incomplete,
     })
 }
 
-/// Statistics of the files with these `lengths`: the checkpoint (when it covers them
-/// and, with `verify`, when every covered byte still has the CRC-32 it recorded) plus a
-/// replay of what follows it. Returns them, the bytes replayed and (with `verify`)
-/// every file's CRC-32 so far.
+/// The segments that are not on disk: every number below the lowest there (segments
+/// are numbered from 1 and retention deletes the oldest first, so some checkpoint must
+/// count those), and the gaps between the lowest and the highest (nothing deletes
+/// those: a person or a tool did; the first 1000 are listed).
+fn missing_segments(lengths: &BTreeMap<String, u64>) -> (u64, Vec<u64>) {
+    let numbers: Vec<u64> = lengths
+        .keys()
+        .filter_map(|name| segment_number(name))
+        .collect();
+    let gone_through = numbers.first().map_or(0, |lowest| lowest - 1);
+    let gaps = numbers
+        .windows(2)
+        .flat_map(|pair| pair[0] + 1..pair[1])
+        .take(1000)
+        .collect();
+    (gone_through, gaps)
+}
+
+/// "segments up to 4 are", "segments 7, 9 are", or both.
+fn gone_description(gone_through: u64, gaps: &[u64]) -> String {
+    let mut parts = Vec::new();
+    if gone_through > 0 {
+        parts.push(format!("segments up to {gone_through}"));
+    }
+    if !gaps.is_empty() {
+        let list: Vec<String> = gaps.iter().map(u64::to_string).collect();
+        parts.push(format!("segments {}", list.join(", ")));
+    }
+    format!("{} are", parts.join(" and "))
+}
+
+/// Whether checkpoint `c` may be trusted with these files: it is this store's, covers
+/// no more of any file than is there, counts every segment that is gone (up to
+/// `gone_through`) in full (so archive.json must confirm those), and every byte it
+/// covers still has the CRC-32 it recorded. Returns the covered bytes' CRC-32s (to be
+/// continued), or why not.
+fn judge(
+    dir: &Path,
+    c: &Checkpoint,
+    lengths: &BTreeMap<String, u64>,
+    archive: &ArchiveState,
+    store_id: &str,
+    gone_through: u64,
+    gaps: &[u64],
+) -> io::Result<Result<BTreeMap<String, Hasher>, String>> {
+    if !c.store_id.is_empty() && c.store_id != store_id {
+        return Ok(Err(format!(
+            "it belongs to store {}, not to this one ({store_id})",
+            c.store_id
+        )));
+    }
+    let mut on_disk = BTreeMap::new();
+    for (name, covered) in &c.files {
+        match lengths.get(name) {
+            Some(&have) if have < covered.bytes() => {
+                return Ok(Err(format!(
+                    "it covers {} bytes of {name}, which has {have}",
+                    covered.bytes()
+                )));
+            }
+            Some(_) => {
+                on_disk.insert(name.clone(), *covered);
+            }
+            None => {
+                let confirmed = match (segment_number(name), covered) {
+                    (Some(n), Covered::Checked { len, crc32 }) => archive.confirms(n, *len, *crc32),
+                    _ => false,
+                };
+                if !confirmed {
+                    return Ok(Err(format!(
+                        "it covers {name}, which is gone without archive.json confirming it shipped"
+                    )));
+                }
+            }
+        }
+    }
+    let uncounted = (c.retired_through + 1..=gone_through)
+        .chain(gaps.iter().copied().filter(|&n| n > c.retired_through))
+        .find(|&n| !c.files.contains_key(&segment_name(n)));
+    if let Some(n) = uncounted {
+        return Ok(Err(format!(
+            "segment {n} is gone and it does not count that segment's readings"
+        )));
+    }
+    let unconfirmed_leftover = lengths
+        .iter()
+        .filter_map(|(name, &len)| Some((segment_number(name)?, name, len)))
+        .filter(|&(n, _, _)| n <= c.retired_through)
+        .find(|&(n, name, len)| !leftover_shipped(dir, archive, n, name, len));
+    if let Some((n, _, _)) = unconfirmed_leftover {
+        return Ok(Err(format!(
+            "it says segments up to {} were retired, but segment {n} is here and archive.json \
+             does not confirm S3 holds it",
+            c.retired_through
+        )));
+    }
+    check_covered(dir, &on_disk)
+}
+
+/// Whether segment `n` (`name`, `len` bytes), left behind by a retention a crash
+/// interrupted, is in S3 and may be deleted: `archive.json` records exactly these bytes
+/// (one from before records, version 1, only had its watermark to say so).
+fn leftover_shipped(dir: &Path, archive: &ArchiveState, n: u64, name: &str, len: u64) -> bool {
+    if archive.store_id.is_empty() {
+        return n <= archive.shipped_through;
+    }
+    crc_of_prefix(&dir.join(name), len).is_ok_and(|crc| archive.confirms(n, len, crc.finalize()))
+}
+
+/// The statistics of the files with these `lengths` as the running store knows them:
+/// its newest checkpoint with this `retired_through` that covers no more than the files
+/// hold, plus a replay of what follows it (no CRC check: the files were checked at
+/// start-up and only this process writes them).
 pub(crate) fn load(
     dir: &Path,
     lengths: &BTreeMap<String, u64>,
     retired_through: u64,
-    verify: bool,
-) -> io::Result<(Sensors, u64, BTreeMap<String, Hasher>)> {
-    load_from(dir, lengths, retired_through, read_checkpoint(dir), verify)
-}
-
-/// `load` with the checkpoint already read (start-up reads it once).
-fn load_from(
-    dir: &Path,
-    lengths: &BTreeMap<String, u64>,
-    retired_through: u64,
-    checkpoint: Option<Checkpoint>,
-    verify: bool,
-) -> io::Result<(Sensors, u64, BTreeMap<String, Hasher>)> {
-    let mut crcs = BTreeMap::new();
-    let mut checkpoint = checkpoint
-        .and_then(|c| usable_checkpoint(c, lengths))
-        .filter(|c| c.retired_through == retired_through);
-    if verify && let Some(c) = &checkpoint {
-        match check_covered(dir, c)? {
-            Ok(prefixes) => crcs = prefixes,
-            Err(problem) => {
-                warn!(
-                    "store: {problem}; ignoring it and replaying every file (corrupt lines are reported with their offsets)"
-                );
-                checkpoint = None;
+) -> io::Result<Sensors> {
+    let fits = |c: &Checkpoint| {
+        c.retired_through == retired_through
+            && c.files.iter().all(|(name, covered)| {
+                lengths
+                    .get(name)
+                    .is_some_and(|&have| have >= covered.bytes())
+            })
+    };
+    let checkpoint =
+        [CHECKPOINT, CHECKPOINT_PREV].into_iter().find_map(|name| {
+            match read_checkpoint(dir, name) {
+                CheckpointRead::Found(c) if fits(&c) => Some(c),
+                _ => None,
             }
-        }
-    }
+        });
     let (covered, mut sensors) = match checkpoint {
         Some(c) => (c.files, c.sensors),
         None => (BTreeMap::new(), Sensors::default()),
     };
-    let mut replayed = 0;
     for (name, &len) in lengths {
         let from = covered.get(name).map_or(0, |c| c.bytes());
-        replayed += len - from;
-        let mut crc = crcs.remove(name).unwrap_or_default();
-        let path = dir.join(name);
-        replay(&path, from, len, &mut sensors, &mut crc, &mut |problem| {
-            warn!("store: {problem}, skipped")
-        })?;
-        if verify {
-            crcs.insert(name.clone(), crc);
-        }
+        replay(
+            &dir.join(name),
+            from,
+            len,
+            &mut sensors,
+            &mut Hasher::new(),
+            &mut |problem| warn!("store: {problem}, skipped"),
+        )?;
     }
-    Ok((sensors, replayed, crcs))
+    Ok(sensors)
 }
 
 /// Checks that every byte the checkpoint covers is what it was: per file, the CRC-32 of
 /// the covered bytes. Returns their hashers (to be continued), or what does not match.
 fn check_covered(
     dir: &Path,
-    checkpoint: &Checkpoint,
+    files: &BTreeMap<String, Covered>,
 ) -> io::Result<Result<BTreeMap<String, Hasher>, String>> {
     let mut crcs = BTreeMap::new();
-    for (name, covered) in &checkpoint.files {
+    for (name, covered) in files {
         let Covered::Checked { len, crc32 } = *covered else {
-            return Ok(Err(format!(
-                "{CHECKPOINT} was written by an older version and has no checksums"
-            )));
+            return Ok(Err(
+                "it was written by an older version and has no checksums".to_owned(),
+            ));
         };
         let crc = crc_of_prefix(&dir.join(name), len)?;
         if crc.clone().finalize() != crc32 {
             return Ok(Err(format!(
-                "{CHECKPOINT} does not match {name}: its first {len} bytes changed since the checkpoint was written"
+                "it does not match {name}: its first {len} bytes changed since it was written"
             )));
         }
         crcs.insert(name.clone(), crc);
@@ -250,42 +415,6 @@ pub(crate) fn probe_writable(dir: &Path) -> io::Result<()> {
     let probe = dir.join(".write-probe.tmp");
     File::create(&probe).map_err(|e| refuse(&probe, "create", e))?;
     fs::remove_file(&probe).map_err(|e| refuse(&probe, "remove", e))
-}
-
-/// The checkpoint, if there is a readable one.
-fn read_checkpoint(dir: &Path) -> Option<Checkpoint> {
-    let text = match fs::read(dir.join(CHECKPOINT)) {
-        Ok(t) => t,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
-        Err(e) => {
-            warn!("store: cannot read {CHECKPOINT} ({e}); replaying every file");
-            return None;
-        }
-    };
-    match serde_json::from_slice(&text) {
-        Ok(c) => Some(c),
-        Err(e) => {
-            warn!("store: {CHECKPOINT} is unreadable ({e}); replaying every file");
-            None
-        }
-    }
-}
-
-/// The checkpoint, unless it covers bytes no longer there (a file removed or cut): it
-/// would count readings that are gone.
-fn usable_checkpoint(
-    checkpoint: Checkpoint,
-    lengths: &BTreeMap<String, u64>,
-) -> Option<Checkpoint> {
-    let stale = checkpoint
-        .files
-        .iter()
-        .find(|(name, c)| lengths.get(*name).is_none_or(|&have| have < c.bytes()));
-    if let Some((name, _)) = stale {
-        warn!("store: {CHECKPOINT} covers more of {name} than exists; replaying every file");
-        return None;
-    }
-    Some(checkpoint)
 }
 
 /// Something wrong in a store file, with where it is.
@@ -418,14 +547,10 @@ pub struct Report {
 /// prints every corrupt or torn line with its file and byte offset, and every way the
 /// checkpoint does not match the files.
 pub fn verify(dir: &Path, out: &mut dyn std::io::Write) -> io::Result<Report> {
-    if !dir.is_dir() {
-        return Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("{} is not a directory", dir.display()),
-        ));
-    }
-    let mut problems = 0;
+    check_is_store(dir)?;
+    let mut problems = 0usize;
     let mut lengths = BTreeMap::new();
+    let mut crcs = BTreeMap::new();
     let mut sensors = Sensors::default();
     for name in store_files(dir)? {
         let path = dir.join(&name);
@@ -439,30 +564,54 @@ pub fn verify(dir: &Path, out: &mut dyn std::io::Write) -> io::Result<Report> {
             }
         })?;
         write_error?;
+        crcs.insert(name.clone(), crc.finalize());
         lengths.insert(name, len);
     }
     let records = sensors.values().map(|s| s.count).sum::<u64>();
-    if let Some(checkpoint) = read_checkpoint(dir) {
-        for (name, covered) in &checkpoint.files {
-            let have = lengths.get(name).copied();
-            let problem = match (have, covered) {
-                (None, _) => Some(format!("{CHECKPOINT} covers {name}, which is missing")),
-                (Some(have), c) if have < c.bytes() => Some(format!(
-                    "{CHECKPOINT} covers {} bytes of {name}, which has {have}",
-                    c.bytes()
-                )),
-                (Some(_), Covered::Checked { len, crc32 }) => {
-                    (crc_of_prefix(&dir.join(name), *len)?.finalize() != *crc32).then(|| {
-                        format!("{CHECKPOINT} does not match {name}: its first {len} bytes changed since the checkpoint was written")
-                    })
+    let mut report = |problem: String| {
+        problems += 1;
+        writeln!(out, "{problem}")
+    };
+    let store_id = match read_store_id(dir) {
+        Ok(id) => id.unwrap_or_default(),
+        Err(e) => {
+            report(e.to_string())?;
+            String::new()
+        }
+    };
+    let archive = match read_archive_state(dir) {
+        Ok(state) => state.unwrap_or_default(),
+        Err(e) => {
+            report(e.to_string())?;
+            ArchiveState::default()
+        }
+    };
+    for problem in archive_problems(&archive, &store_id, &lengths, &crcs) {
+        report(format!("{}: {problem}", dir.join(ARCHIVE_STATE).display()))?;
+    }
+    let (gone_through, gaps) = missing_segments(&lengths);
+    let mut usable = false;
+    for name in [CHECKPOINT, CHECKPOINT_PREV] {
+        match read_checkpoint(dir, name) {
+            CheckpointRead::Absent => {}
+            CheckpointRead::Damaged(why) => report(format!("{}: {why}", dir.display()))?,
+            CheckpointRead::Found(c) => {
+                match judge(dir, &c, &lengths, &archive, &store_id, gone_through, &gaps)? {
+                    Ok(_) => usable = true,
+                    // An older checkpoint need not fit what retention did since.
+                    Err(_) if name == CHECKPOINT_PREV => {}
+                    Err(why) => report(format!("{}: {why}", dir.join(name).display()))?,
                 }
-                (Some(_), Covered::Unchecked(_)) => None,
-            };
-            if let Some(problem) = problem {
-                problems += 1;
-                writeln!(out, "{}: {problem}", dir.join(CHECKPOINT).display())?;
             }
         }
+    }
+    if !usable && (gone_through > 0 || !gaps.is_empty()) {
+        report(format!(
+            "{}: {} gone and no usable checkpoint counts them: the server would refuse \
+             readings until they are back",
+            dir.display(),
+            gone_description(gone_through, &gaps)
+        ))?;
     }
     writeln!(
         out,
@@ -476,4 +625,60 @@ pub fn verify(dir: &Path, out: &mut dyn std::io::Write) -> io::Result<Report> {
         records,
         sensors,
     })
+}
+
+/// Refuses a path that is not a store: missing, not a directory, or a directory with
+/// none of a store's files (a mistyped path must not pass as a clean, empty store).
+pub fn check_is_store(dir: &Path) -> io::Result<()> {
+    let refuse = |why: &str| {
+        Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{} {why}", dir.display()),
+        ))
+    };
+    if !dir.exists() {
+        return refuse("does not exist");
+    }
+    if !dir.is_dir() {
+        return refuse("is not a directory (a store is a directory of segment files)");
+    }
+    let is_store = dir.join(STORE_ID).exists()
+        || dir.join(CHECKPOINT).exists()
+        || !store_files(dir)?.is_empty();
+    if !is_store {
+        return refuse("holds no sensorhub store (no store-id, checkpoint or *.jsonl files)");
+    }
+    Ok(())
+}
+
+/// Where `archive.json` does not match the store: another store's, or a shipped segment
+/// whose file is not what S3 confirmed (the server ships it again, deletes nothing).
+pub(crate) fn archive_problems(
+    archive: &ArchiveState,
+    store_id: &str,
+    lengths: &BTreeMap<String, u64>,
+    crcs: &BTreeMap<String, u32>,
+) -> Vec<String> {
+    if !archive.store_id.is_empty() && archive.store_id != store_id {
+        return vec![format!(
+            "it belongs to store {}, not to this one ({store_id}); the server sets it aside \
+             and ships every segment again",
+            archive.store_id
+        )];
+    }
+    let mut problems = Vec::new();
+    for (&n, shipped) in &archive.segments {
+        let name = segment_name(n);
+        let (Some(&len), Some(&crc)) = (lengths.get(&name), crcs.get(&name)) else {
+            continue;
+        };
+        if (len, crc) != (shipped.bytes, shipped.crc32) {
+            problems.push(format!(
+                "segment {n} was shipped as {} bytes with CRC-32 {:08x}, but {name} has {len} \
+                 bytes with CRC-32 {crc:08x}; the server ships it again and never deletes it",
+                shipped.bytes, shipped.crc32
+            ));
+        }
+    }
+    problems
 }

@@ -23,7 +23,10 @@
 //! one store; unlike a lock file, a directory cannot be deleted out from under its
 //! holder while it holds files.
 
-use crate::server::files::{Checkpoint, Covered, segment_name, segment_number, sync_dir};
+use crate::server::files::{
+    self, ARCHIVE_STATE, ArchiveState, Checkpoint, Covered, ShippedSegment, segment_name,
+    segment_number, sync_dir,
+};
 use crate::server::metrics::{Histogram, LATENCY_BUCKETS};
 use crate::server::recovery::{Recovered, load, probe_writable, recover};
 use log::{info, warn};
@@ -106,6 +109,12 @@ pub struct Store {
     /// CRC-32 of every file's bytes so far (what a checkpoint records of them).
     crcs: BTreeMap<String, crc32fast::Hasher>,
     retired_through: u64,
+    /// Why the statistics are incomplete (readings are refused, no checkpoint is
+    /// written, nothing is retired), if they are.
+    incomplete: Option<String>,
+    /// `archive.json` as checked at start-up, until the shipper takes it.
+    archive: Option<ArchiveState>,
+    store_id: String,
     metrics: Arc<StoreMetrics>,
     /// The data directory, opened and locked for as long as the store is open.
     _lock: File,
@@ -117,11 +126,15 @@ impl Store {
     pub fn open(options: StoreOptions) -> io::Result<(Store, Sensors)> {
         let lock = lock_dir(&options.dir)?;
         probe_writable(&options.dir)?;
+        let dir = &options.dir;
+        let store_id = files::store_id(dir)?;
+        let archive =
+            files::read_archive_state(dir)?.unwrap_or_else(|| ArchiveState::new(&store_id));
         let started = Instant::now();
-        let recovered = recover(&options.dir)?;
+        let recovered = recover(dir, &store_id, &archive)?;
         info!(
-            "store {}: {} files, {} sensors, replayed {} bytes in {:.3}s",
-            options.dir.display(),
+            "store {} ({store_id}): {} files, {} sensors, replayed {} bytes in {:.3}s",
+            dir.display(),
             recovered.lengths.len(),
             recovered.sensors.len(),
             recovered.replayed,
@@ -131,11 +144,29 @@ impl Store {
             mut lengths,
             mut crcs,
             sensors,
-            retired_through,
+            mut retired_through,
+            incomplete,
             ..
         } = recovered;
-        let (active, active_name, active_number) =
-            open_active(&options.dir, &lengths, retired_through)?;
+        // Numbers the archive holds are never used again, even when their files are
+        // gone: a new segment under an old number would be taken for the shipped one.
+        let archived = archive
+            .segments
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(0)
+            .max(archive.shipped_through);
+        let no_segments = lengths.keys().all(|name| segment_number(name).is_none());
+        let jumped = no_segments && archived > retired_through;
+        if jumped {
+            warn!(
+                "store: no segment is on disk but {ARCHIVE_STATE} records segments up to {archived} \
+                 as shipped; numbering goes on after them (their readings are not in the statistics)"
+            );
+            retired_through = archived;
+        }
+        let (active, active_name, active_number) = open_active(dir, &lengths, retired_through)?;
         let active_len = active.metadata()?.len();
         lengths.insert(active_name.clone(), active_len);
         crcs.entry(active_name.clone()).or_default();
@@ -147,9 +178,9 @@ impl Store {
             sealed_through: AtomicU64::new(active_number - 1),
             retired_segments: AtomicU64::new(0),
             write_failures: AtomicU64::new(0),
-            unavailable: Mutex::new(None),
+            unavailable: Mutex::new(incomplete.clone()),
         });
-        let store = Store {
+        let mut store = Store {
             options,
             active: Arc::new(active),
             unsynced: Vec::new(),
@@ -160,11 +191,112 @@ impl Store {
             lengths,
             crcs,
             retired_through,
+            incomplete,
+            archive: None,
+            store_id,
             metrics,
             _lock: lock,
         };
+        store.archive = Some(store.check_archive(archive));
+        if jumped && let Some(checkpoint) = store.checkpoint(sensors.clone()) {
+            // Without it, the next start would find segments below the first one gone
+            // and no checkpoint counting them.
+            checkpoint.write()?;
+        }
+        files::ensure_reserve(&store.options.dir, 0);
         store.publish_sizes();
         Ok((store, sensors))
+    }
+
+    /// `archive.json` as this store can trust it: another store's is set aside, one
+    /// from before stores had ids is adopted, and the watermark goes back to the first
+    /// shipped segment whose file is not what S3 confirmed (or that has no record), so
+    /// that segment ships again and is never deleted as shipped.
+    fn check_archive(&self, mut archive: ArchiveState) -> ArchiveState {
+        let dir = &self.options.dir;
+        if archive.store_id.is_empty() {
+            // Version 1 kept only the watermark: the files below it are taken as shipped.
+            archive.store_id = self.store_id.clone();
+            archive.version = 2;
+            for (name, &bytes) in &self.lengths {
+                match segment_number(name) {
+                    Some(n) if n <= archive.shipped_through && n < self.active_number => {
+                        archive.segments.insert(
+                            n,
+                            ShippedSegment {
+                                bytes,
+                                crc32: self.crc32_of(name),
+                                sha256: String::new(),
+                                key: String::new(),
+                            },
+                        );
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if archive.store_id != self.store_id {
+            let aside = dir.join(format!("{ARCHIVE_STATE}.foreign"));
+            warn!(
+                "store: {ARCHIVE_STATE} belongs to store {}, not to this one ({}); moved it to {} \
+                 and shipping every segment on disk",
+                archive.store_id,
+                self.store_id,
+                aside.display()
+            );
+            if let Err(e) = fs::rename(dir.join(ARCHIVE_STATE), &aside) {
+                warn!("store: cannot move {ARCHIVE_STATE} aside ({e}); it is ignored");
+            }
+            return ArchiveState::new(&self.store_id);
+        }
+        let mismatch = self.lengths.iter().find_map(|(name, &bytes)| {
+            let n = segment_number(name)?;
+            if n > archive.shipped_through {
+                return None;
+            }
+            match archive.segments.get(&n) {
+                Some(s) if (s.bytes, s.crc32) == (bytes, self.crc32_of(name)) => None,
+                Some(_) => Some((n, "differs from what S3 confirmed")),
+                None => Some((n, "has no record of what was shipped")),
+            }
+        });
+        if let Some((n, why)) = mismatch {
+            warn!(
+                "store: {ARCHIVE_STATE} says segments up to {} are shipped, but {} {why}; \
+                 shipping again from it",
+                archive.shipped_through,
+                segment_name(n)
+            );
+            archive.shipped_through = n - 1;
+            archive.segments.retain(|&k, _| k < n);
+        }
+        archive
+    }
+
+    fn crc32_of(&self, name: &str) -> u32 {
+        self.crcs.get(name).map_or(0, |c| c.clone().finalize())
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.options.dir
+    }
+
+    /// This store's id (`store-id`).
+    pub fn id(&self) -> &str {
+        &self.store_id
+    }
+
+    /// What S3 confirmed, as checked against the files at start-up; the shipper takes it.
+    pub fn take_archive_state(&mut self) -> ArchiveState {
+        self.archive
+            .take()
+            .unwrap_or_else(|| ArchiveState::new(&self.store_id))
+    }
+
+    /// Why readings must be refused, when the statistics are incomplete.
+    pub fn incomplete(&self) -> Option<&str> {
+        self.incomplete.as_deref()
     }
 
     pub fn metrics(&self) -> Arc<StoreMetrics> {
@@ -215,13 +347,7 @@ impl Store {
     /// after it): what the ledger must go back to after a write it counted failed.
     pub fn reload(&self) -> io::Result<Sensors> {
         // The files were checked at start-up and only this process writes them.
-        let (sensors, _, _) = load(
-            &self.options.dir,
-            &self.lengths,
-            self.retired_through,
-            false,
-        )?;
-        Ok(sensors)
+        load(&self.options.dir, &self.lengths, self.retired_through)
     }
 
     /// What must be synced to make every append so far durable (`with_active`) or, at
@@ -253,11 +379,25 @@ impl Store {
 
     /// What a checkpoint of the store as it is now needs; written later, outside the
     /// ledger lock, by `Checkpoint::write`.
-    pub fn checkpoint(&self, sensors: Sensors) -> Checkpoint {
+    /// `None` while the statistics are incomplete: a checkpoint of them would be
+    /// believed at the next start.
+    pub fn checkpoint(&self, sensors: Sensors) -> Option<Checkpoint> {
+        self.incomplete
+            .is_none()
+            .then(|| self.checkpoint_of(&self.lengths, sensors, self.retired_through))
+    }
+
+    fn checkpoint_of(
+        &self,
+        lengths: &BTreeMap<String, u64>,
+        sensors: Sensors,
+        retired_through: u64,
+    ) -> Checkpoint {
         Checkpoint::new(
-            self.covered(&self.lengths),
+            &self.store_id,
+            self.covered(lengths),
             sensors,
-            self.retired_through,
+            retired_through,
             self.options.dir.clone(),
             self.files_to_sync(),
         )
@@ -297,26 +437,31 @@ impl Store {
         Ok(())
     }
 
-    /// Retires the oldest sealed segments numbered up to `shipped_through` while the
-    /// shipped segments on disk exceed `keep_bytes`: writes a checkpoint that records
-    /// them as retired (with `sensors`, the statistics that include them), and only
-    /// then forgets them. Returns the files to delete (`delete_retired`), which a crash
-    /// may leave behind without harm. If the checkpoint cannot be written nothing
-    /// changes and the next call tries again.
+    /// Retires the oldest sealed segments, while the shipped segments on disk exceed
+    /// `keep_bytes`, stopping at the first that `confirmed(number, bytes, crc32)` does
+    /// not say S3 holds exactly: writes a checkpoint that records them as retired (with
+    /// `sensors`, the statistics that include them; on a full disk the space reserve
+    /// makes room for it), and only then forgets them. Returns the files to delete
+    /// (`delete_retired`), which a crash may leave behind without harm. If the
+    /// checkpoint cannot be written nothing changes and the next call tries again.
+    /// Nothing is retired while the statistics are incomplete.
     pub fn retire(
         &mut self,
-        shipped_through: u64,
+        confirmed: &dyn Fn(u64, u64, u32) -> bool,
         keep_bytes: u64,
         sensors: &Sensors,
     ) -> io::Result<Vec<PathBuf>> {
+        if self.incomplete.is_some() {
+            return Ok(Vec::new());
+        }
         let shipped: Vec<(u64, String, u64)> = self
             .lengths
             .iter()
-            .filter_map(|(name, &len)| {
-                let number = segment_number(name)?;
-                (number <= shipped_through && number < self.active_number)
-                    .then(|| (number, name.clone(), len))
+            .filter_map(|(name, &len)| Some((segment_number(name)?, name, len)))
+            .take_while(|&(number, name, len)| {
+                number < self.active_number && confirmed(number, len, self.crc32_of(name))
             })
+            .map(|(number, name, len)| (number, name.clone(), len))
             .collect();
         let mut on_disk: u64 = shipped.iter().map(|(_, _, len)| len).sum();
         let mut kept = self.lengths.clone();
@@ -334,14 +479,8 @@ impl Store {
         if victims.is_empty() {
             return Ok(victims);
         }
-        Checkpoint::new(
-            self.covered(&kept),
-            sensors.clone(),
-            retired_through,
-            self.options.dir.clone(),
-            self.files_to_sync(),
-        )
-        .write()?;
+        self.checkpoint_of(&kept, sensors.clone(), retired_through)
+            .write_using_reserve()?;
         self.crcs.retain(|name, _| kept.contains_key(name));
         self.lengths = kept;
         self.retired_through = retired_through;
@@ -350,6 +489,12 @@ impl Store {
             .fetch_add(victims.len() as u64, Relaxed);
         self.publish_sizes();
         Ok(victims)
+    }
+
+    /// Segments up to this number were retired (or were gone before this store's
+    /// statistics began).
+    pub fn retired_through(&self) -> u64 {
+        self.retired_through
     }
 
     fn rotate(&mut self) -> io::Result<()> {
@@ -520,7 +665,7 @@ fn open_segment(dir: &Path, number: u64) -> io::Result<(File, String, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::files::{CHECKPOINT, delete_retired};
+    use crate::server::files::{CHECKPOINT, CHECKPOINT_PREV, delete_retired};
     use crate::server::recovery::store_files;
     use crate::server::stats::SensorStats;
     use crate::wire::reading::Reading;
@@ -636,7 +781,7 @@ mod tests {
             // replayed the covered bytes, the count would differ.
             sensors.insert("a".into(), SensorStats::first("temperature", 2.0, 2, None));
             sensors.get_mut("a").unwrap().count = 100;
-            store.checkpoint(sensors).write().unwrap();
+            store.checkpoint(sensors).unwrap().write().unwrap();
             append(&mut store, &[reading("a", 5.0, 3)]);
         }
         let (_store, sensors) = Store::open(options(&dir)).unwrap();
@@ -654,7 +799,7 @@ mod tests {
             let mut s = SensorStats::first("temperature", 2.0, 2, None);
             s.count = 100;
             sensors.insert("a".into(), s);
-            store.checkpoint(sensors).write().unwrap();
+            store.checkpoint(sensors).unwrap().write().unwrap();
         }
         // The file loses its last line (say, restored from an older backup).
         let seg = dir.join(segment_name(1));
@@ -728,6 +873,28 @@ mod tests {
         assert_eq!(store_files(&dir).unwrap().len(), 3);
     }
 
+    /// archive.json recording segments 1..=`through` as S3 holds them now.
+    fn shipped(store: &Store, through: u64) -> ArchiveState {
+        let mut state = ArchiveState::new(store.id());
+        for n in 1..=through {
+            let name = segment_name(n);
+            if let Some(&bytes) = store.lengths.get(&name) {
+                let crc32 = store.crc32_of(&name);
+                let (sha256, key) = (String::new(), String::new());
+                let segment = ShippedSegment {
+                    bytes,
+                    crc32,
+                    sha256,
+                    key,
+                };
+                state.segments.insert(n, segment);
+            }
+        }
+        state.shipped_through = through;
+        state.save(store.dir()).unwrap();
+        state
+    }
+
     #[test]
     fn retention_deletes_only_shipped_segments_and_restart_keeps_their_statistics() {
         let dir = temp_dir("retire");
@@ -746,12 +913,10 @@ mod tests {
         }
         // Segments 1..=4 are sealed; 1 and 2 are shipped (archive.json says so, as the
         // shipper writes it); keep nothing shipped.
-        let shipped = |n: u64| {
-            let state = format!("{{\"version\":1,\"shipped_through\":{n}}}");
-            fs::write(dir.join("archive.json"), state).unwrap();
-        };
-        shipped(2);
-        let victims = store.retire(2, 0, &sensors).unwrap();
+        let archive = shipped(&store, 2);
+        let victims = store
+            .retire(&|n, b, c| archive.confirms(n, b, c), 0, &sensors)
+            .unwrap();
         assert_eq!(
             victims,
             vec![dir.join(segment_name(1)), dir.join(segment_name(2))]
@@ -767,14 +932,15 @@ mod tests {
         drop(store);
         // Everything shipped and deleted: numbering still goes on.
         let (mut store, restored) = Store::open(opts.clone()).unwrap();
-        shipped(4);
-        let victims = store.retire(4, 0, &restored).unwrap();
+        let archive = shipped(&store, 4);
+        let confirmed = |n, b, c| archive.confirms(n, b, c);
+        let victims = store.retire(&confirmed, 0, &restored).unwrap();
         delete_retired(&victims).unwrap();
         drop(store);
         let (mut store, restored) = Store::open(opts).unwrap();
         assert_eq!(restored["a"].count, 4);
         assert_eq!(store.active_number, 5);
-        assert!(store.retire(4, 0, &restored).unwrap().is_empty());
+        assert!(store.retire(&confirmed, 0, &restored).unwrap().is_empty());
     }
 
     #[test]
@@ -788,7 +954,7 @@ mod tests {
         append(&mut store, &[reading("a", 1.0, 2)]);
         // A checkpoint that claims segment 1 retired (say, a corrupt one), while no
         // archive.json confirms it was ever shipped.
-        let mut checkpoint = store.checkpoint(sensors);
+        let mut checkpoint = store.checkpoint(sensors).unwrap();
         checkpoint.retired_through = 1;
         checkpoint.write().unwrap();
         drop(store);
@@ -808,8 +974,139 @@ mod tests {
             store.seal_if_due().unwrap();
         }
         let one = store.lengths[&segment_name(1)];
-        let victims = store.retire(3, 2 * one, &Sensors::default()).unwrap();
+        let archive = shipped(&store, 3);
+        let confirmed = |n, b, c| archive.confirms(n, b, c);
+        let victims = store
+            .retire(&confirmed, 2 * one, &Sensors::default())
+            .unwrap();
         assert_eq!(victims, vec![dir.join(segment_name(1))]);
+    }
+
+    #[test]
+    fn retention_stops_at_a_segment_whose_file_is_not_what_s3_confirmed() {
+        let dir = temp_dir("retire-mismatch");
+        let mut opts = options(&dir);
+        opts.max_age = Duration::ZERO;
+        let (mut store, _) = Store::open(opts).unwrap();
+        for seq in 1..=3 {
+            append(&mut store, &[reading("a", 1.0, seq)]);
+            store.seal_if_due().unwrap();
+        }
+        let mut archive = shipped(&store, 3);
+        // S3 holds other bytes as segment 2 (say, archive.json from another copy).
+        archive.segments.get_mut(&2).unwrap().crc32 ^= 1;
+        let confirmed = |n, b, c| archive.confirms(n, b, c);
+        let victims = store.retire(&confirmed, 0, &Sensors::default()).unwrap();
+        assert_eq!(
+            victims,
+            vec![dir.join(segment_name(1))],
+            "not 2, nor 3 after it"
+        );
+    }
+
+    /// Retention with keep 0 over four sealed segments, then a restart: the setting of
+    /// the damaged-checkpoint tests. Returns the directory.
+    fn retired_store(name: &str) -> PathBuf {
+        let dir = temp_dir(name);
+        let mut opts = options(&dir);
+        opts.max_age = Duration::ZERO;
+        let (mut store, _) = Store::open(opts.clone()).unwrap();
+        for seq in 1..=4 {
+            append(&mut store, &[reading("a", 1.0, seq)]);
+            store.seal_if_due().unwrap();
+        }
+        drop(store);
+        // A restart first, so that checkpoint.prev.json exists when retention writes.
+        let (mut store, sensors) = Store::open(opts.clone()).unwrap();
+        store.checkpoint(sensors.clone()).unwrap().write().unwrap();
+        let archive = shipped(&store, 2);
+        let victims = store
+            .retire(&|n, b, c| archive.confirms(n, b, c), 0, &sensors)
+            .unwrap();
+        delete_retired(&victims).unwrap();
+        append(&mut store, &[reading("a", 1.0, 5)]);
+        store
+            .checkpoint(store_sensors(&store))
+            .unwrap()
+            .write()
+            .unwrap();
+        dir
+    }
+
+    fn store_sensors(store: &Store) -> Sensors {
+        store.reload().unwrap()
+    }
+
+    fn flip_a_bit(path: &Path) {
+        let mut bytes = fs::read(path).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x04;
+        fs::write(path, bytes).unwrap();
+    }
+
+    #[test]
+    fn a_damaged_checkpoint_gives_way_to_the_previous_one() {
+        let dir = retired_store("damaged-one");
+        flip_a_bit(&dir.join(CHECKPOINT));
+        let (store, sensors) = Store::open(options(&dir)).unwrap();
+        assert_eq!(store.incomplete(), None);
+        assert_eq!(sensors["a"].count, 5, "retired readings still counted");
+        assert_eq!(sensors["a"].last_seq, 5, "seqs 1..=5 stay duplicates");
+    }
+
+    #[test]
+    fn with_both_checkpoints_damaged_after_retention_readings_are_refused() {
+        let dir = retired_store("damaged-both");
+        flip_a_bit(&dir.join(CHECKPOINT));
+        flip_a_bit(&dir.join(CHECKPOINT_PREV));
+        let (store, _) = Store::open(options(&dir)).unwrap();
+        let why = store.incomplete().expect("incomplete").to_owned();
+        assert!(why.contains("segments up to 2 are gone"), "{why}");
+        assert_eq!(store.metrics().unavailable(), Some(why));
+        assert!(
+            store.checkpoint(Sensors::default()).is_none(),
+            "no checkpoint of it"
+        );
+        let mut report = Vec::new();
+        let problems = crate::server::recovery::verify(&dir, &mut report)
+            .unwrap()
+            .problems;
+        let report = String::from_utf8(report).unwrap();
+        assert!(problems >= 3, "{report}");
+        assert!(report.contains("would refuse readings"), "{report}");
+    }
+
+    #[test]
+    fn a_checkpoint_whose_body_was_edited_is_not_believed() {
+        let dir = retired_store("edited");
+        let path = dir.join(CHECKPOINT);
+        let text = fs::read_to_string(&path).unwrap();
+        let edited = text.replacen("\"count\":5", "\"count\":1500", 1);
+        assert_ne!(text, edited);
+        fs::write(&path, edited).unwrap();
+        let (_store, sensors) = Store::open(options(&dir)).unwrap();
+        assert_eq!(
+            sensors["a"].count, 5,
+            "the previous checkpoint, plus replay"
+        );
+    }
+
+    #[test]
+    fn a_segment_missing_from_the_middle_makes_the_store_refuse_readings() {
+        let dir = temp_dir("gap");
+        let mut opts = options(&dir);
+        opts.max_age = Duration::ZERO;
+        let (mut store, sensors) = Store::open(opts.clone()).unwrap();
+        for seq in 1..=3 {
+            append(&mut store, &[reading("a", 1.0, seq)]);
+            store.seal_if_due().unwrap();
+        }
+        store.checkpoint(sensors).unwrap().write().unwrap();
+        drop(store);
+        fs::remove_file(dir.join(segment_name(2))).unwrap();
+        let (store, _) = Store::open(opts).unwrap();
+        let why = store.incomplete().expect("incomplete");
+        assert!(why.contains("segments 2 are gone"), "{why}");
     }
 
     #[test]
@@ -823,7 +1120,7 @@ mod tests {
             let mut s = SensorStats::first("temperature", 2.0, 2, None);
             s.count = 100;
             sensors.insert("a".into(), s);
-            store.checkpoint(sensors).write().unwrap();
+            store.checkpoint(sensors).unwrap().write().unwrap();
         }
         let (_store, sensors) = Store::open(options(&dir)).unwrap();
         assert_eq!(sensors["a"].count, 100, "intact: the checkpoint is used");
@@ -849,7 +1146,7 @@ mod tests {
             "{report}"
         );
         assert!(
-            report.contains("checkpoint.json does not match segment-0000000001.jsonl"),
+            report.contains("checkpoint.json: it does not match segment-0000000001.jsonl"),
             "{report}"
         );
     }
