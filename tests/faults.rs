@@ -6,68 +6,9 @@
 mod common;
 use common::*;
 use std::io::{ErrorKind, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
-}
-
-/// A small tmpfs mounted for one test (root only), unmounted when dropped.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(dir).expect("mount point");
-        let ok = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size}"),
-                "sensorhub-test",
-            ])
-            .arg(dir)
-            .status()
-            .expect("mount")
-            .success();
-        assert!(ok, "mount tmpfs on {}", dir.display());
-        Tmpfs(dir.to_owned())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
-/// Fills the file system holding `dir` with one file; returns its path.
-fn fill(dir: &Path) -> PathBuf {
-    let path = dir.join("filler");
-    let mut file = std::fs::File::create(&path).expect("filler");
-    let chunk = vec![0u8; 64 * 1024];
-    let mut small = vec![0u8; 512];
-    loop {
-        match file.write(&chunk) {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(28) => break, // ENOSPC
-            Err(e) => panic!("filling: {e}"),
-        }
-    }
-    // The last few blocks.
-    while file.write(&small).is_ok() {
-        small.truncate(small.len().max(2) / 2);
-        if small.len() == 1 {
-            break;
-        }
-    }
-    path
-}
 
 fn read_line(c: &mut std::net::TcpStream) -> String {
     let mut line = Vec::new();
@@ -320,7 +261,7 @@ fn corruption_inside_what_the_checkpoint_covers_is_found_and_not_counted() {
     );
     assert!(report.contains("not a valid record"), "{report}");
     assert!(
-        report.contains("checkpoint.json does not match segment-0000000001.jsonl"),
+        report.contains("checkpoint.json: it does not match segment-0000000001.jsonl"),
         "{report}"
     );
 
@@ -340,7 +281,7 @@ fn corruption_inside_what_the_checkpoint_covers_is_found_and_not_counted() {
     );
     let log = std::fs::read_to_string(dir.with_extension("server.log")).expect("log");
     assert!(
-        log.contains("checkpoint.json does not match segment-0000000001.jsonl"),
+        log.contains("checkpoint.json: it does not match segment-0000000001.jsonl"),
         "{log}"
     );
     // A resent reading that only a corrupt line held is stored again, not `duplicate`.

@@ -2,6 +2,8 @@
 //! Every wait is bounded; a helper that times out panics with what it was waiting for.
 #![allow(dead_code)] // each test file uses a different part of the harness
 
+pub mod s3;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -34,6 +36,65 @@ pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+}
+
+/// A small tmpfs mounted for one test (root only), unmounted when dropped.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    pub fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).expect("mount point");
+        let ok = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "sensorhub-test",
+            ])
+            .arg(dir)
+            .status()
+            .expect("mount")
+            .success();
+        assert!(ok, "mount tmpfs on {}", dir.display());
+        Tmpfs(dir.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Fills the file system holding `dir` with one file; returns its path.
+pub fn fill(dir: &Path) -> PathBuf {
+    let path = dir.join("filler");
+    let mut file = std::fs::File::create(&path).expect("filler");
+    let chunk = vec![0u8; 64 * 1024];
+    let mut small = vec![0u8; 512];
+    loop {
+        match file.write(&chunk) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(28) => break, // ENOSPC
+            Err(e) => panic!("filling: {e}"),
+        }
+    }
+    // The last few blocks.
+    while file.write(&small).is_ok() {
+        small.truncate(small.len().max(2) / 2);
+        if small.len() == 1 {
+            break;
+        }
+    }
+    path
 }
 
 /// A running `sensor-server`, killed when dropped.
@@ -268,6 +329,17 @@ impl Conn {
         assert!(n > 0, "connection closed while a reply was expected");
         assert!(line.ends_with('\n'), "reply without newline: {line:?}");
         line.pop();
+        line
+    }
+
+    /// The next reply, waiting up to `limit` for it (a store that cannot write holds
+    /// replies for as long as that lasts).
+    pub fn reply_within(&mut self, limit: Duration) -> String {
+        self.stream.set_read_timeout(Some(limit)).expect("timeout");
+        let line = self.reply();
+        self.stream
+            .set_read_timeout(Some(PATIENCE))
+            .expect("timeout");
         line
     }
 
