@@ -175,7 +175,7 @@ adopt_volumes() {
     mount_device "$(device_of "$volume" "$device")" "$dir"
     host=$(cat "$root/$dir/host-id" 2>/dev/null || echo "adopted-$volume")
     if "$root/usr/local/bin/sensor-server" ship --data-dir "$root/$dir" --archive "$archive" \
-        --host-id "$host" --archive-stop-timeout "$archive_stop_timeout" \
+        --host-id "$host" --deadline "$archive_stop_timeout" \
         ${SENSORHUB_S3_ENDPOINT:+--archive-endpoint "$SENSORHUB_S3_ENDPOINT"}; then
       unmount_device "$dir"
       aws ec2 detach-volume "${region_args[@]}" --volume-id "$volume" --instance-id "$instance" >/dev/null

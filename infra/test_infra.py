@@ -405,7 +405,11 @@ def test_orphaned_volumes_in_this_az_are_shipped_and_deleted_others_left(moto, t
                        SENSORHUB_FAKE_VOLUMES=str(devices))
     assert result.returncode == 0, result.stderr
     assert f"shipped everything {orphan} held (host i-deadbeef)" in result.stderr
-    key = "fleet/readings/dt=2026-12-01/host=i-deadbeef/segment-0000000001.jsonl.gz"
+    # The key names the store id `ship` gave the store (its first: the dead one had none).
+    keys = aws_json(moto, "s3api", "list-objects-v2", "--bucket", "readings", "--prefix",
+                    "fleet/readings/dt=2026-12-01/host=i-deadbeef/segment-0000000001-")["Contents"]
+    assert len(keys) == 1, keys
+    key = keys[0]["Key"]
     aws(moto, "s3api", "get-object", "--bucket", "readings", "--key", key, str(tmp_path / "o.gz"))
     assert gzip.decompress((tmp_path / "o.gz").read_bytes()).decode() == lines
     left = volume_ids(moto)

@@ -156,7 +156,7 @@ in
         prefix = mkOption {
           type = types.str;
           default = "sensorhub";
-          description = "Key prefix: objects are PREFIX/readings/dt=YYYY-MM-DD/host=HOST/segment-N.jsonl.gz.";
+          description = "Key prefix: objects are PREFIX/readings/dt=YYYY-MM-DD/host=HOST/segment-N-STOREID.jsonl.gz.";
         };
         endpoint = mkOption {
           type = types.nullOr types.str;

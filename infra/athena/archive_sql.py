@@ -1,7 +1,7 @@
 """Runs the repo's Athena SQL, unchanged, in DuckDB over a local copy of the archive.
 
 The local copy has the bucket's layout: ROOT/readings/dt=YYYY-MM-DD/host=HOST/
-segment-NNNNNNNNNN.jsonl.gz. The view `readings` has the Glue table's columns and
+segment-NNNNNNNNNN-STOREID.jsonl.gz. The view `readings` has the Glue table's columns and
 types (partition columns as strings, as Athena's projection gives them), so the same
 SQL text runs on both engines.
 

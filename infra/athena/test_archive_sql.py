@@ -11,7 +11,7 @@ import archive_sql  # noqa: E402
 
 
 def segment(root, day, host, number, records):
-    path = root / "readings" / f"dt={day}" / f"host={host}" / f"segment-{number:010}.jsonl.gz"
+    path = root / "readings" / f"dt={day}" / f"host={host}" / f"segment-{number:010}-0123456789abcdef.jsonl.gz"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode()))
 
