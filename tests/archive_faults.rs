@@ -318,6 +318,28 @@ mod s3 {
     }
 
     #[test]
+    fn a_segment_corrupted_on_disk_is_not_shipped_as_the_readings() {
+        let dir = temp_dir("corrupt-segment");
+        let mut s3 = S3::down();
+        let server = archived_server(&dir, &s3, &["--keep-shipped-bytes", "0"]);
+        seal_batches(&server, &dir, 1);
+        let segment = dir.join("segment-0000000001.jsonl");
+        let mut bytes = std::fs::read(&segment).expect("segment");
+        bytes[10] ^= 0x20;
+        std::fs::write(&segment, bytes).expect("corrupt");
+        s3.start();
+        wait_for("the corruption reported", SHIPPING, || {
+            log_of(&dir).contains("is not what was stored")
+        });
+        assert_eq!(
+            server.metric("sensorhub_archive_segments_shipped_total"),
+            0.0
+        );
+        assert!(s3.keys().is_empty());
+        assert!(segment.exists(), "never retired");
+    }
+
+    #[test]
     fn a_damaged_checkpoint_after_retention_never_reopens_stored_seqs() {
         let dir = temp_dir("damaged-checkpoint");
         let s3 = S3::up();

@@ -26,7 +26,7 @@
 
 use crate::server::aws_cli::{self, CliError, CliOutput};
 use crate::server::files::{ARCHIVE_STATE, ArchiveState, ShippedSegment, segment_name};
-use crate::server::store::{StoreMetrics, unix_millis};
+use crate::server::store::{SealedCrcs, StoreMetrics, unix_millis};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use flate2::Compression;
@@ -268,6 +268,8 @@ pub struct Source {
     pub dir: PathBuf,
     pub store_id: String,
     pub metrics: Arc<StoreMetrics>,
+    /// What each sealed segment held when it was stored.
+    pub sealed: Arc<SealedCrcs>,
     /// Segments up to this were retired (or never existed): nothing to ship there.
     pub retired_through: u64,
 }
@@ -485,6 +487,16 @@ impl Shipper {
             Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
         };
         let crc32 = crc32fast::hash(&bytes);
+        if let Some(stored) = self.source.sealed.get(number)
+            && stored != crc32
+        {
+            return Err(format!(
+                "{} is not what was stored (CRC-32 {crc32:08x}, stored {stored:08x}): \
+                 corrupt on disk, and not shipped as if it were the readings; \
+                 `sensor-server verify` lists the damaged lines",
+                path.display()
+            ));
+        }
         let first_ms = first_recv_ms(&bytes).unwrap_or_else(|| modified_ms(&path));
         let key = object_key(&self.config, &self.source.store_id, number, first_ms);
         let body = gzip(&bytes).map_err(|e| format!("gzip: {e}"))?;

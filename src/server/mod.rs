@@ -107,6 +107,7 @@ fn start_archive(
         dir,
         store_id: store.id().to_owned(),
         metrics: store.metrics(),
+        sealed: store.sealed_crcs(),
         retired_through: store.retired_through(),
     };
     let archive = Archive::start(config, source, confirmed.clone(), bucket)

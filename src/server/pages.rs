@@ -163,6 +163,11 @@ fn store_metrics(e: &mut Exposition, store: &StoreMetrics) {
         "Shipped segments deleted by retention since start.",
         store.retired_segments.load(Relaxed),
     );
+    e.gauge(
+        "sensorhub_store_corrupt_files",
+        "Store files whose stored bytes changed on disk (found after start); never shipped.",
+        store.corrupt_files.load(Relaxed) as f64,
+    );
 }
 
 fn archive_metrics(e: &mut Exposition, a: &ArchiveMetrics) {

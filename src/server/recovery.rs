@@ -93,6 +93,9 @@ pub(crate) struct Recovered {
     /// deleted them) and no usable checkpoint counts their readings. Readings must then
     /// be refused, or seqs already stored would be accepted again.
     pub(crate) incomplete: Option<String>,
+    /// What the checkpoint covers of the files, not read at start-up: for
+    /// `check_covered_later`.
+    pub(crate) unchecked: BTreeMap<String, Covered>,
 }
 
 /// Rebuilds statistics: cuts torn tails, picks the newest checkpoint that still matches
@@ -106,18 +109,26 @@ pub(crate) fn recover(dir: &Path, store_id: &str, archive: &ArchiveState) -> io:
     }
     let (gone_through, gaps) = missing_segments(&lengths);
     let mut rejected = Vec::new();
+    let mut rejected_files = Vec::new();
     let mut chosen = None;
     for name in [CHECKPOINT, CHECKPOINT_PREV] {
         match read_checkpoint(dir, name) {
             CheckpointRead::Absent => {}
-            CheckpointRead::Damaged(why) => rejected.push(why),
+            CheckpointRead::Damaged(why) => {
+                rejected.push(why);
+                rejected_files.push(name);
+            }
             CheckpointRead::Found(c) => {
-                match judge(dir, &c, &lengths, archive, store_id, gone_through, &gaps)? {
-                    Ok(crcs) => {
-                        chosen = Some((name, c, crcs));
+                let judged = judge(dir, &c, &lengths, archive, store_id, gone_through, &gaps)?;
+                match judged.and_then(|on_disk| Ok((trust_covered(&on_disk)?, on_disk))) {
+                    Ok((crcs, on_disk)) => {
+                        chosen = Some((name, c, crcs, on_disk));
                         break;
                     }
-                    Err(why) => rejected.push(format!("{name}: {why}")),
+                    Err(why) => {
+                        rejected.push(format!("{name}: {why}"));
+                        rejected_files.push(name);
+                    }
                 }
             }
         }
@@ -150,12 +161,22 @@ pub(crate) fn recover(dir: &Path, store_id: &str, archive: &ArchiveState) -> io:
             None
         }
     };
-    if let Some(why) = &incomplete {
-        error!("store: {why}");
+    match &incomplete {
+        Some(why) => error!("store: {why}"),
+        // A checkpoint found wrong is never considered again (the bytes a checkpoint
+        // covers are not read at start, so one that fits the files later, say once
+        // start-up has made a missing segment, would be believed), but kept to look at.
+        None => {
+            for name in rejected_files {
+                let aside = format!("{name}.rejected");
+                warn!("store: {name} moved to {aside}");
+                fs::rename(dir.join(name), dir.join(aside))?;
+            }
+        }
     }
-    let (checkpoint, mut crcs) = match chosen {
-        Some((_, c, crcs)) => (Some(c), crcs),
-        None => (None, BTreeMap::new()),
+    let (checkpoint, mut crcs, unchecked) = match chosen {
+        Some((_, c, crcs, on_disk)) => (Some(c), crcs, on_disk),
+        None => (None, BTreeMap::new(), BTreeMap::new()),
     };
     let retired_through = checkpoint
         .as_ref()
@@ -190,6 +211,8 @@ pub(crate) fn recover(dir: &Path, store_id: &str, archive: &ArchiveState) -> io:
         )?;
         crcs.insert(name.clone(), crc);
     }
+    let mut unchecked = unchecked;
+    unchecked.retain(|name, _| lengths.contains_key(name));
     Ok(Recovered {
         lengths,
         crcs,
@@ -197,6 +220,7 @@ pub(crate) fn recover(dir: &Path, store_id: &str, archive: &ArchiveState) -> io:
         retired_through,
         replayed,
         incomplete,
+        unchecked,
     })
 }
 
@@ -234,8 +258,8 @@ fn gone_description(gone_through: u64, gaps: &[u64]) -> String {
 /// Whether checkpoint `c` may be trusted with these files: it is this store's, covers
 /// no more of any file than is there, counts every segment that is gone (up to
 /// `gone_through`) in full (so archive.json must confirm those), and every byte it
-/// covers still has the CRC-32 it recorded. Returns the covered bytes' CRC-32s (to be
-/// continued), or why not.
+/// covers still has the CRC-32 it recorded. Returns what it covers of the files on
+/// disk, or why not. The covered bytes are not read here (`check_covered` does that).
 fn judge(
     dir: &Path,
     c: &Checkpoint,
@@ -244,7 +268,7 @@ fn judge(
     store_id: &str,
     gone_through: u64,
     gaps: &[u64],
-) -> io::Result<Result<BTreeMap<String, Hasher>, String>> {
+) -> io::Result<Result<BTreeMap<String, Covered>, String>> {
     if !c.store_id.is_empty() && c.store_id != store_id {
         return Ok(Err(format!(
             "it belongs to store {}, not to this one ({store_id})",
@@ -296,7 +320,62 @@ fn judge(
             c.retired_through
         )));
     }
-    check_covered(dir, &on_disk)
+    Ok(Ok(on_disk))
+}
+
+/// The CRC-32 state of the covered bytes as the checkpoint recorded it, to be continued
+/// by appends, without reading them: start-up time must not grow with the store. The
+/// bytes are checked after start (`check_covered_later`) and by `verify`.
+fn trust_covered(files: &BTreeMap<String, Covered>) -> Result<BTreeMap<String, Hasher>, String> {
+    files
+        .iter()
+        .map(|(name, covered)| match *covered {
+            Covered::Checked { len, crc32 } => {
+                Ok((name.clone(), Hasher::new_with_initial_len(crc32, len)))
+            }
+            Covered::Unchecked(_) => {
+                Err("it was written by an older version and has no checksums".to_owned())
+            }
+        })
+        .collect()
+}
+
+/// Reads, on a thread of its own, the bytes the start-up checkpoint covers and checks
+/// each file's CRC-32. A file whose covered bytes changed (bit rot, a restore gone
+/// wrong) is logged as an error and counted (`on_corrupt`): the statistics keep what was
+/// acknowledged (replaying the damaged lines would accept their seqs again), the
+/// shipper refuses to ship it, and `sensor-server verify` lists its damaged lines.
+pub(crate) fn check_covered_later(
+    dir: PathBuf,
+    files: BTreeMap<String, Covered>,
+    on_corrupt: impl Fn() + Send + 'static,
+) -> io::Result<()> {
+    let check = move || {
+        for (name, covered) in files {
+            let Covered::Checked { len, crc32 } = covered else {
+                continue;
+            };
+            match crc_of_prefix(&dir.join(&name), len) {
+                Ok(crc) if crc.clone().finalize() == crc32 => {}
+                Ok(_) => {
+                    on_corrupt();
+                    error!(
+                        "store: {}: its first {len} bytes changed since they were stored \
+                         (corruption on disk); the statistics keep what was acknowledged, \
+                         it is not shipped; `sensor-server verify` lists the damaged lines",
+                        dir.join(&name).display()
+                    );
+                }
+                // Retention may have deleted it since start-up.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => warn!("store: cannot check {name}: {e}"),
+            }
+        }
+    };
+    std::thread::Builder::new()
+        .name("store-check".into())
+        .spawn(check)
+        .map(drop)
 }
 
 /// Whether segment `n` (`name`, `len` bytes), left behind by a retention a crash
@@ -596,8 +675,13 @@ pub fn verify(dir: &Path, out: &mut dyn std::io::Write) -> io::Result<Report> {
             CheckpointRead::Absent => {}
             CheckpointRead::Damaged(why) => report(format!("{}: {why}", dir.display()))?,
             CheckpointRead::Found(c) => {
-                match judge(dir, &c, &lengths, &archive, &store_id, gone_through, &gaps)? {
-                    Ok(_) => usable = true,
+                let judged =
+                    match judge(dir, &c, &lengths, &archive, &store_id, gone_through, &gaps)? {
+                        Ok(on_disk) => check_covered(dir, &on_disk)?.map(drop),
+                        Err(why) => Err(why),
+                    };
+                match judged {
+                    Ok(()) => usable = true,
                     // An older checkpoint need not fit what retention did since.
                     Err(_) if name == CHECKPOINT_PREV => {}
                     Err(why) => report(format!("{}: {why}", dir.join(name).display()))?,

@@ -28,7 +28,7 @@ use crate::server::files::{
     segment_number, sync_dir,
 };
 use crate::server::metrics::{Histogram, LATENCY_BUCKETS};
-use crate::server::recovery::{Recovered, load, probe_writable, recover};
+use crate::server::recovery::{self, Recovered, load, probe_writable, recover};
 use log::{info, warn};
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -67,6 +67,8 @@ pub struct StoreMetrics {
     pub retired_segments: AtomicU64,
     /// Appends that failed (disk full, I/O error); each was undone and is retried.
     pub write_failures: AtomicU64,
+    /// Files whose stored bytes changed on disk, found after start-up.
+    pub corrupt_files: AtomicU64,
     /// Why the store cannot take writes now (`/healthz` says it); `None` while it can.
     pub unavailable: Mutex<Option<String>>,
 }
@@ -85,6 +87,23 @@ impl StoreMetrics {
             .unavailable
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = why;
+    }
+}
+
+/// The CRC-32 of every sealed segment's bytes as they were stored, by number: the
+/// shipper ships a segment only while its file still has them (corruption on disk must
+/// not reach the archive as if it were the readings).
+#[derive(Debug, Default)]
+pub struct SealedCrcs(Mutex<BTreeMap<u64, u32>>);
+
+impl SealedCrcs {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, u32>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The stored CRC-32 of segment `number`, if it is sealed and not retired.
+    pub fn get(&self, number: u64) -> Option<u32> {
+        self.lock().get(&number).copied()
     }
 }
 
@@ -115,6 +134,7 @@ pub struct Store {
     /// `archive.json` as checked at start-up, until the shipper takes it.
     archive: Option<ArchiveState>,
     store_id: String,
+    sealed_crcs: Arc<SealedCrcs>,
     metrics: Arc<StoreMetrics>,
     /// The data directory, opened and locked for as long as the store is open.
     _lock: File,
@@ -128,8 +148,16 @@ impl Store {
         probe_writable(&options.dir)?;
         let dir = &options.dir;
         let store_id = files::store_id(dir)?;
-        let archive =
-            files::read_archive_state(dir)?.unwrap_or_else(|| ArchiveState::new(&store_id));
+        let archive = match files::read_archive_state(dir)? {
+            Some(archive) if !archive.store_id.is_empty() && archive.store_id != store_id => {
+                // Never believed, not even by recovery: it could confirm segments of
+                // this store as shipped that are not.
+                set_foreign_archive_aside(dir, &archive.store_id, &store_id);
+                ArchiveState::new(&store_id)
+            }
+            Some(archive) => archive,
+            None => ArchiveState::new(&store_id),
+        };
         let started = Instant::now();
         let recovered = recover(dir, &store_id, &archive)?;
         info!(
@@ -146,6 +174,7 @@ impl Store {
             sensors,
             mut retired_through,
             incomplete,
+            unchecked,
             ..
         } = recovered;
         // Numbers the archive holds are never used again, even when their files are
@@ -178,6 +207,7 @@ impl Store {
             sealed_through: AtomicU64::new(active_number - 1),
             retired_segments: AtomicU64::new(0),
             write_failures: AtomicU64::new(0),
+            corrupt_files: AtomicU64::new(0),
             unavailable: Mutex::new(incomplete.clone()),
         });
         let mut store = Store {
@@ -194,9 +224,21 @@ impl Store {
             incomplete,
             archive: None,
             store_id,
+            sealed_crcs: Arc::new(SealedCrcs::default()),
             metrics,
             _lock: lock,
         };
+        let sealed: BTreeMap<u64, u32> = store
+            .lengths
+            .keys()
+            .filter_map(|name| Some((segment_number(name)?, store.crc32_of(name))))
+            .filter(|&(n, _)| n < store.active_number)
+            .collect();
+        *store.sealed_crcs.lock() = sealed;
+        let metrics = store.metrics.clone();
+        recovery::check_covered_later(store.options.dir.clone(), unchecked, move || {
+            metrics.corrupt_files.fetch_add(1, Relaxed);
+        })?;
         store.archive = Some(store.check_archive(archive));
         if jumped && let Some(checkpoint) = store.checkpoint(sensors.clone()) {
             // Without it, the next start would find segments below the first one gone
@@ -213,7 +255,6 @@ impl Store {
     /// shipped segment whose file is not what S3 confirmed (or that has no record), so
     /// that segment ships again and is never deleted as shipped.
     fn check_archive(&self, mut archive: ArchiveState) -> ArchiveState {
-        let dir = &self.options.dir;
         if archive.store_id.is_empty() {
             // Version 1 kept only the watermark: the files below it are taken as shipped.
             archive.store_id = self.store_id.clone();
@@ -234,20 +275,6 @@ impl Store {
                     _ => {}
                 }
             }
-        }
-        if archive.store_id != self.store_id {
-            let aside = dir.join(format!("{ARCHIVE_STATE}.foreign"));
-            warn!(
-                "store: {ARCHIVE_STATE} belongs to store {}, not to this one ({}); moved it to {} \
-                 and shipping every segment on disk",
-                archive.store_id,
-                self.store_id,
-                aside.display()
-            );
-            if let Err(e) = fs::rename(dir.join(ARCHIVE_STATE), &aside) {
-                warn!("store: cannot move {ARCHIVE_STATE} aside ({e}); it is ignored");
-            }
-            return ArchiveState::new(&self.store_id);
         }
         let mismatch = self.lengths.iter().find_map(|(name, &bytes)| {
             let n = segment_number(name)?;
@@ -280,6 +307,12 @@ impl Store {
     /// The data directory.
     pub fn dir(&self) -> &Path {
         &self.options.dir
+    }
+
+    /// The stored CRC-32s of the sealed segments, kept current as segments seal and
+    /// retire.
+    pub fn sealed_crcs(&self) -> Arc<SealedCrcs> {
+        self.sealed_crcs.clone()
     }
 
     /// This store's id (`store-id`).
@@ -484,6 +517,7 @@ impl Store {
         self.crcs.retain(|name, _| kept.contains_key(name));
         self.lengths = kept;
         self.retired_through = retired_through;
+        self.sealed_crcs.lock().retain(|&n, _| n > retired_through);
         self.metrics
             .retired_segments
             .fetch_add(victims.len() as u64, Relaxed);
@@ -505,6 +539,10 @@ impl Store {
             .open(self.options.dir.join(&name))?;
         let number = self.active_number + 1;
         info!("store: sealed {}, starting {name}", self.active_name);
+        let sealed_crc = self.crc32_of(&self.active_name);
+        self.sealed_crcs
+            .lock()
+            .insert(self.active_number, sealed_crc);
         let sealed = std::mem::replace(&mut self.active, Arc::new(file));
         self.unsynced.push(sealed);
         self.dir_unsynced = true;
@@ -535,6 +573,19 @@ impl Store {
         self.metrics
             .segments
             .store(self.lengths.len() as u64, Relaxed);
+    }
+}
+
+/// Moves `archive.json` of store `foreign` aside as `archive.json.foreign`.
+fn set_foreign_archive_aside(dir: &Path, foreign: &str, this: &str) {
+    let aside = dir.join(format!("{ARCHIVE_STATE}.foreign"));
+    warn!(
+        "store: {ARCHIVE_STATE} belongs to store {foreign}, not to this one ({this}); moved it \
+         to {} and shipping every segment on disk",
+        aside.display()
+    );
+    if let Err(e) = fs::rename(dir.join(ARCHIVE_STATE), &aside) {
+        warn!("store: cannot move {ARCHIVE_STATE} aside ({e}); it is ignored");
     }
 }
 
@@ -1110,31 +1161,49 @@ mod tests {
     }
 
     #[test]
-    fn covered_bytes_that_changed_make_start_up_replay_everything() {
+    fn covered_bytes_that_changed_are_found_after_start_up_and_never_shipped() {
         let dir = temp_dir("crc");
         {
             let (mut store, mut sensors) = Store::open(options(&dir)).unwrap();
             append(&mut store, &[reading("a", 1.0, 1), reading("a", 2.0, 2)]);
-            // A checkpoint claiming more than the records give: used only while the
-            // bytes it covers are intact.
+            // A checkpoint claiming more than the records give: start-up uses it
+            // without reading the bytes it covers.
             let mut s = SensorStats::first("temperature", 2.0, 2, None);
             s.count = 100;
             sensors.insert("a".into(), s);
             store.checkpoint(sensors).unwrap().write().unwrap();
         }
-        let (_store, sensors) = Store::open(options(&dir)).unwrap();
+        let (store, sensors) = Store::open(options(&dir)).unwrap();
         assert_eq!(sensors["a"].count, 100, "intact: the checkpoint is used");
-        drop(_store);
+        let stored_crc = store
+            .sealed_crcs()
+            .get(1)
+            .expect("segment 1 sealed at start-up");
+        drop(store);
         // Garbage over the first record, same length: the lengths alone still match.
         let seg = dir.join(segment_name(1));
         let mut bytes = fs::read(&seg).unwrap();
         bytes[..10].copy_from_slice(b"##########");
         fs::write(&seg, &bytes).unwrap();
-        let (_store, sensors) = Store::open(options(&dir)).unwrap();
+        let (store, sensors) = Store::open(options(&dir)).unwrap();
         assert_eq!(
-            sensors["a"].count, 1,
-            "full replay: only the intact record counts"
+            sensors["a"].count, 100,
+            "the statistics keep what was acknowledged"
         );
+        assert_eq!(
+            store.sealed_crcs().get(1),
+            Some(stored_crc),
+            "the shipper compares with it"
+        );
+        assert_ne!(crc32fast::hash(&bytes), stored_crc);
+        let started = Instant::now();
+        while store.metrics().corrupt_files.load(Relaxed) == 0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the background check"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let mut report = Vec::new();
         let problems = crate::server::recovery::verify(&dir, &mut report)
             .unwrap()
