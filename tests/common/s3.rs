@@ -4,7 +4,7 @@
 use super::*;
 use flate2::read::GzDecoder;
 use std::io::Read;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -36,19 +36,30 @@ pub fn on_path(program: &str) -> PathBuf {
 pub struct S3 {
     child: Option<Child>,
     pub port: u16,
+    /// Holds the port while the S3 is down.
+    reserved: Option<socket2::Socket>,
 }
 
 impl S3 {
-    pub fn free_port() -> u16 {
-        let probe = TcpListener::bind("127.0.0.1:0").expect("bind");
-        probe.local_addr().expect("addr").port()
-    }
-
     /// The endpoint a server is told about, with nothing listening yet (an outage).
+    /// The port stays bound (not listening: connections are refused) until `start`, so
+    /// no other test's S3 can take it meanwhile.
     pub fn down() -> S3 {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        socket
+            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .expect("bind");
+        let port = socket
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .expect("addr")
+            .port();
         S3 {
             child: None,
-            port: S3::free_port(),
+            port,
+            reserved: Some(socket),
         }
     }
 
@@ -59,6 +70,7 @@ impl S3 {
     }
 
     pub fn start(&mut self) {
+        self.reserved = None;
         let child = Command::new(on_path("moto_server"))
             .args(["-H", "127.0.0.1", "-p", &self.port.to_string()])
             .stdout(Stdio::null())
