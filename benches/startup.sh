@@ -2,7 +2,8 @@
 # Start-up time against store size: for each size (GB), writes a store of 64 MiB
 # segments of valid records, starts the server once (it replays everything and writes a
 # checkpoint at its stop), then times a second start, which the checkpoint covers, until
-# the server prints its address. Prints one line per size. Removes what it wrote.
+# the server prints its address. Prints one line per size and server. Removes what it
+# wrote. BASELINE=path/to/an/older/sensor-server times that one on the same stores too.
 #
 #   benches/startup.sh [SIZE_GB ...]        (default: 0.1 1)
 set -euo pipefail
@@ -10,7 +11,6 @@ cd "$(dirname "$0")/.."
 sizes=("${@:-0.1 1}")
 read -r -a sizes <<<"${sizes[*]}"
 cargo build --release --quiet --bin sensor-server
-server=target/release/sensor-server
 work=$(mktemp -d "${TMPDIR:-/tmp}/sensorhub-startup.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
@@ -47,9 +47,13 @@ while written < target:
     segment += 1
 PY
   bytes=$(du -sb "$dir" | cut -f1)
-  replay=$(time_start "$dir")
-  covered=$(time_start "$dir")
-  printf 'store %s GB (%d bytes): first start (replays all) %.2f s; second start (checkpoint covers all) %.2f s\n' \
-    "$gb" "$bytes" "$replay" "$covered"
+  for name in ${BASELINE:+baseline} this; do
+    [[ $name == baseline ]] && server=$BASELINE || server=target/release/sensor-server
+    rm -f "$dir"/checkpoint* "$dir"/store-id "$dir"/archive.json
+    replay=$(time_start "$dir")
+    covered=$(time_start "$dir")
+    printf '%-8s store %s GB (%d bytes): first start (replays all) %.2f s; second start (checkpoint covers all) %.2f s\n' \
+      "$name" "$gb" "$bytes" "$replay" "$covered"
+  done
   rm -rf "$dir"
 done
