@@ -924,6 +924,15 @@ mod tests {
         assert_eq!(store_files(&dir).unwrap().len(), 3);
     }
 
+    /// One reading of sensor `a` per seq, each sealed in a segment of its own (the
+    /// store's `max_age` is zero).
+    fn seal_one_reading_each(store: &mut Store, seqs: std::ops::RangeInclusive<u64>) {
+        for seq in seqs {
+            append(store, &[reading("a", 1.0, seq)]);
+            store.seal_if_due().unwrap();
+        }
+    }
+
     /// archive.json recording segments 1..=`through` as S3 holds them now.
     fn shipped(store: &Store, through: u64) -> ArchiveState {
         let mut state = ArchiveState::new(store.id());
@@ -1020,10 +1029,7 @@ mod tests {
         let mut opts = options(&dir);
         opts.max_age = Duration::ZERO;
         let (mut store, _) = Store::open(opts).unwrap();
-        for seq in 1..=3 {
-            append(&mut store, &[reading("a", 1.0, seq)]);
-            store.seal_if_due().unwrap();
-        }
+        seal_one_reading_each(&mut store, 1..=3);
         let one = store.lengths[&segment_name(1)];
         let archive = shipped(&store, 3);
         let confirmed = |n, b, c| archive.confirms(n, b, c);
@@ -1039,10 +1045,7 @@ mod tests {
         let mut opts = options(&dir);
         opts.max_age = Duration::ZERO;
         let (mut store, _) = Store::open(opts).unwrap();
-        for seq in 1..=3 {
-            append(&mut store, &[reading("a", 1.0, seq)]);
-            store.seal_if_due().unwrap();
-        }
+        seal_one_reading_each(&mut store, 1..=3);
         let mut archive = shipped(&store, 3);
         // S3 holds other bytes as segment 2 (say, archive.json from another copy).
         archive.segments.get_mut(&2).unwrap().crc32 ^= 1;
@@ -1062,10 +1065,7 @@ mod tests {
         let mut opts = options(&dir);
         opts.max_age = Duration::ZERO;
         let (mut store, _) = Store::open(opts.clone()).unwrap();
-        for seq in 1..=4 {
-            append(&mut store, &[reading("a", 1.0, seq)]);
-            store.seal_if_due().unwrap();
-        }
+        seal_one_reading_each(&mut store, 1..=4);
         drop(store);
         // A restart first, so that checkpoint.prev.json exists when retention writes.
         let (mut store, sensors) = Store::open(opts.clone()).unwrap();
@@ -1148,10 +1148,7 @@ mod tests {
         let mut opts = options(&dir);
         opts.max_age = Duration::ZERO;
         let (mut store, sensors) = Store::open(opts.clone()).unwrap();
-        for seq in 1..=3 {
-            append(&mut store, &[reading("a", 1.0, seq)]);
-            store.seal_if_due().unwrap();
-        }
+        seal_one_reading_each(&mut store, 1..=3);
         store.checkpoint(sensors).unwrap().write().unwrap();
         drop(store);
         fs::remove_file(dir.join(segment_name(2))).unwrap();
