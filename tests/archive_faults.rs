@@ -397,39 +397,45 @@ mod s3 {
     }
 
     #[test]
-    fn start_refuses_a_missing_cli_a_missing_bucket_and_a_bad_prefix() {
+    fn start_refuses_a_missing_cli_a_missing_bucket_a_bad_prefix_and_a_garbage_endpoint() {
         let dir = temp_dir("start-checks");
         let s3 = S3::up();
         let endpoint = s3.endpoint();
         let data = dir.to_str().expect("path");
-        let base = [
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            data,
-            "--archive-endpoint",
-            &endpoint,
+        let base = ["--listen", "127.0.0.1:0", "--data-dir", data];
+        let at_s3 = ["--archive-endpoint", endpoint.as_str()];
+        let no_cli = [
+            "--archive",
+            "s3://sensorhub-archive/x",
+            "--archive-cli",
+            "/nonexistent/aws",
         ];
-        let cases: [(&[&str], &str); 3] = [
+        let cases: [(Vec<&str>, &str); 4] = [
+            ([&at_s3[..], &no_cli].concat(), "AWS CLI"),
             (
-                &[
-                    "--archive",
-                    "s3://sensorhub-archive/x",
-                    "--archive-cli",
-                    "/nonexistent/aws",
-                ],
-                "AWS CLI",
-            ),
-            (
-                &["--archive", "s3://no-such-bucket-here/x"],
+                [&at_s3[..], &["--archive", "s3://no-such-bucket-here/x"]].concat(),
                 "does not exist",
             ),
             (
-                &["--archive", "s3://sensorhub-archive/../../etc"],
+                [
+                    &at_s3[..],
+                    &["--archive", "s3://sensorhub-archive/../../etc"],
+                ]
+                .concat(),
                 "not a plain S3 prefix",
+            ),
+            (
+                vec![
+                    "--archive",
+                    "s3://sensorhub-archive/x",
+                    "--archive-endpoint",
+                    "garbage",
+                ],
+                "must be a URL",
             ),
         ];
         for (args, expected) in cases {
+            let args = &args[..];
             let out = server_command(&[&base[..], args].concat());
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");

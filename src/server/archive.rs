@@ -124,6 +124,21 @@ pub fn check_host_id(host: &str) -> Result<(), String> {
     }
 }
 
+/// Checks an S3 endpoint override: `http://` or `https://`, a host, nothing else odd
+/// (the CLI would only fail on it at the first upload).
+pub fn check_endpoint(endpoint: &str) -> Result<(), String> {
+    let host = endpoint
+        .strip_prefix("http://")
+        .or_else(|| endpoint.strip_prefix("https://"))
+        .map(|rest| rest.split('/').next().unwrap_or_default());
+    match host {
+        Some(host) if !host.is_empty() && !host.contains(char::is_whitespace) => Ok(()),
+        _ => Err(format!(
+            "archive endpoint {endpoint:?} must be a URL like http://127.0.0.1:9000 or https://s3.example.com"
+        )),
+    }
+}
+
 /// The machine's hostname, the default host id.
 pub fn hostname() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname")
@@ -817,6 +832,17 @@ mod tests {
             parse_s3_url("s3://my-bucket/year=2026/(raw)").unwrap().1,
             "year=2026/(raw)"
         );
+        assert!(check_endpoint("http://127.0.0.1:5000").is_ok());
+        assert!(check_endpoint("https://s3.eu-west-1.amazonaws.com/").is_ok());
+        for bad in [
+            "127.0.0.1:5000",
+            "http://",
+            "ftp://x",
+            "http://a b",
+            "garbage",
+        ] {
+            assert!(check_endpoint(bad).is_err(), "{bad}");
+        }
         assert!(check_host_id("ip-10-0-1-23.ec2.internal").is_ok());
         assert!(check_host_id("").is_err());
         assert!(check_host_id("a/b").is_err());

@@ -217,6 +217,9 @@ fn archive_config(args: &ArchiveArgs) -> Result<Option<ArchiveConfig>, String> {
     let (bucket, prefix) = archive::parse_s3_url(url)?;
     let host = args.host_id.clone().unwrap_or_else(archive::hostname);
     archive::check_host_id(&host)?;
+    if let Some(endpoint) = &args.archive_endpoint {
+        archive::check_endpoint(endpoint)?;
+    }
     Ok(Some(ArchiveConfig {
         bucket,
         prefix,
