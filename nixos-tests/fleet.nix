@@ -1,6 +1,6 @@
 # The fleet as NixOS VMs: `servera` and `serverb` (the NixOS module, archiving to S3)
 # behind `balancer` (services.haproxy, the NLB's local stand-in) in the server subnet
-# with `s3` (MinIO), the two simulated sensors in the client subnet connecting to the
+# with `s3` (moto_server, as the namespace run uses), the two simulated sensors in the client subnet connecting to the
 # balancer, `router` between the subnets. The steps and the verdict are
 # scenario.run_fleet, shared with the network-namespace run (netns.py --fleet), whose
 # verdict comes from the repo's Athena SQL run by DuckDB over the downloaded bucket.
@@ -17,15 +17,16 @@ let
   s3Port = toString topology.s3_port;
   s3Endpoint = "http://${hosts.s3.address}:${s3Port}";
 
-  # Test-only credentials, shared by MinIO and the servers' AWS CLI.
+  # Test-only credentials for the servers' and the driver's AWS CLI (moto takes any).
   credentials = {
     user = "sensorhub";
     password = "sensorhub-test-secret";
   };
-  minioCredentials = pkgs.writeText "minio-credentials" ''
-    MINIO_ROOT_USER=${credentials.user}
-    MINIO_ROOT_PASSWORD=${credentials.password}
-  '';
+  # The S3 stand-in: moto_server, the one the namespace run (netns.py --fleet) and the
+  # tests use, so both drivers see the same S3. Not MinIO: nixpkgs marks it insecure
+  # (knownVulnerabilities; abandoned upstream), and a test node cannot permit it.
+  # moto_server needs flask and flask-cors beside moto (its "server" extra).
+  motoServer = pkgs.python3.withPackages (p: [ p.moto p.flask p.flask-cors ]);
   awsEnvironment = pkgs.writeText "aws-environment" ''
     AWS_ACCESS_KEY_ID=${credentials.user}
     AWS_SECRET_ACCESS_KEY=${credentials.password}
@@ -89,10 +90,14 @@ pkgs.testers.runNixOSTest {
 
     s3 = {
       virtualisation.vlans = [ 1 ];
-      services.minio = {
-        enable = true;
-        listenAddress = ":${s3Port}";
-        rootCredentialsFile = minioCredentials;
+      systemd.services.moto-s3 = {
+        description = "moto_server, the S3 stand-in";
+        wantedBy = [ "multi-user.target" ];
+        after = [ "network.target" ];
+        serviceConfig = {
+          ExecStart = "${motoServer}/bin/moto_server -H 0.0.0.0 -p ${s3Port}";
+          DynamicUser = true;
+        };
       };
       networking.firewall.allowedTCPPorts = [ topology.s3_port ];
       environment.systemPackages = [ pkgs.awscli2 ];
@@ -141,7 +146,7 @@ pkgs.testers.runNixOSTest {
         interval_ms = scenario.TOPOLOGY["interval_ms"]
 
         def start_s3(self):
-            s3.wait_for_unit("minio.service")
+            s3.wait_for_unit("moto-s3.service")
             s3.wait_for_open_port(${s3Port})
             s3.wait_until_succeeds(f"{aws} s3api create-bucket --bucket {layout['bucket']}")
 
