@@ -100,7 +100,7 @@
             clippy
             rustfmt
             rust-analyzer
-            cfn-lint
+            python3Packages.cfn-lint # nixpkgs has no top-level cfn-lint
             awscli2
             jq
             nixpkgs-fmt
