@@ -5,6 +5,25 @@ mod common;
 use common::*;
 use std::process::Command;
 
+/// What `--version` may name as the commit: a 40-hex commit, that commit followed by
+/// `-dirty` (a Nix build of a work tree with uncommitted changes: `self.dirtyRev`; the
+/// binary is not exactly that commit, and says so), or `unknown` (no git, no Nix).
+fn is_commit_label(label: &str) -> bool {
+    let sha = label.strip_suffix("-dirty").unwrap_or(label);
+    label == "unknown" || (sha.len() == 40 && sha.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+#[test]
+fn a_commit_label_is_a_commit_a_dirty_commit_or_unknown() {
+    let sha = "0123456789abcdef0123456789abcdef01234567";
+    assert!(is_commit_label(sha));
+    assert!(is_commit_label(&format!("{sha}-dirty")));
+    assert!(is_commit_label("unknown"));
+    assert!(!is_commit_label("0123456-dirty"));
+    assert!(!is_commit_label(&format!("{sha}-modified")));
+    assert!(!is_commit_label("-dirty"));
+}
+
 fn version(binary: &str) -> String {
     let out = Command::new(binary).arg("--version").output().expect("run");
     assert!(out.status.success());
@@ -21,11 +40,12 @@ fn version_names_the_source_commit() {
             .trim_end()
             .trim_start_matches(&expected)
             .trim_end_matches(')');
-        assert!(
-            commit == "unknown"
-                || (commit.len() == 40 && commit.bytes().all(|b| b.is_ascii_hexdigit())),
-            "{text}"
-        );
+        assert!(is_commit_label(commit), "{text}");
+        // The Nix build sets SENSORHUB_COMMIT (`self.rev or self.dirtyRev`) for the build
+        // and its tests alike: the binary names exactly that.
+        if let Some(given) = std::env::var_os("SENSORHUB_COMMIT") {
+            assert_eq!(commit, given.to_string_lossy(), "{text}");
+        }
     }
     // Built in a git checkout (as here and in CI), it is that checkout's HEAD.
     if let Ok(out) = Command::new("git").args(["rev-parse", "HEAD"]).output()
