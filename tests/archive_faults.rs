@@ -192,6 +192,24 @@ mod s3 {
     }
 
     #[test]
+    fn a_cli_too_old_for_conditional_writes_still_ships() {
+        let dir = temp_dir("old-cli");
+        let s3 = S3::up();
+        // What the AWS CLI before conditional writes answers an option it lacks.
+        let cli = cli_wrapper(
+            &dir,
+            "if [[ $* == *--if-none-match* ]]; then echo 'usage: aws [options]' >&2; \
+             echo 'Unknown options: --if-none-match, *' >&2; exit 252; fi",
+        );
+        let server = archived_server(&dir, &s3, &["--archive-cli", cli.to_str().expect("path")]);
+        store_readings(&server, 1..=10);
+        wait_for("shipped", SHIPPING, || shipped_everything(&server));
+        assert_eq!(server.metric("sensorhub_archive_failures_total"), 0.0);
+        assert!(log_of(&dir).contains("too old for S3's conditional writes"));
+        assert_each_once(&s3, &dir, 1..=10);
+    }
+
+    #[test]
     fn a_cli_flooding_stderr_still_ships() {
         let dir = temp_dir("flooding-cli");
         let s3 = S3::up();

@@ -382,6 +382,7 @@ impl Archive {
             confirmed,
             metrics: metrics.clone(),
             stop: stop.clone(),
+            unconditional: false,
         };
         let thread = std::thread::Builder::new()
             .name("archive".into())
@@ -431,6 +432,9 @@ struct Shipper {
     confirmed: Arc<Confirmed>,
     metrics: Arc<ArchiveMetrics>,
     stop: Arc<Stop>,
+    /// The CLI rejected `--if-none-match` (one from before S3's conditional writes,
+    /// August 2024): uploads go without it.
+    unconditional: bool,
 }
 
 /// The base64 SHA-256 S3 reports, and the length, of one object.
@@ -558,8 +562,10 @@ impl Shipper {
             .args(["--body", "/dev/stdin"])
             .args(["--content-type", "application/gzip"])
             .args(["--checksum-algorithm", "SHA256"])
-            .args(["--checksum-sha256", checksum])
-            .args(["--if-none-match", "*"]);
+            .args(["--checksum-sha256", checksum]);
+        if !self.unconditional {
+            command.args(["--if-none-match", "*"]);
+        }
         let out = self.run_cli(command, Stdio::from(stdin), self.config.upload_timeout)?;
         if out.status.success() {
             return match serde_json::from_slice::<ObjectInfo>(&out.stdout) {
@@ -579,6 +585,17 @@ impl Shipper {
                 self.config.bucket
             );
             return Ok(());
+        }
+        if !self.unconditional && why.contains("Unknown options") && why.contains("if-none-match") {
+            warn!(
+                "archive: the AWS CLI {} is too old for S3's conditional writes \
+                 (--if-none-match); uploading without them: the store id in every key and \
+                 the head-object check still keep other objects from being taken for ours. \
+                 Update it to keep S3 from ever replacing an object.",
+                self.config.cli.display()
+            );
+            self.unconditional = true;
+            return self.put_object(key, body, checksum);
         }
         Err(format!("AWS CLI put-object {}: {why}", out.status))
     }
