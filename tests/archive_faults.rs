@@ -412,6 +412,76 @@ mod s3 {
             "no answer while the statistics are incomplete"
         );
         assert_each_once(&s3, &dir, 1..=30);
+        drop(server);
+
+        // The way out: the gone segments fetched back from the archive.
+        let rebuild = |dir: &Path| {
+            server_command(&[
+                "rebuild",
+                "--data-dir",
+                dir.to_str().expect("path"),
+                "--archive",
+                "s3://sensorhub-archive/fleet",
+                "--archive-endpoint",
+                &s3.endpoint(),
+            ])
+        };
+        let out = rebuild(&dir);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let server = archived_server(&dir, &s3, &["--keep-shipped-bytes", "0"]);
+        assert_eq!(server.get("/healthz").0, 200);
+        assert_eq!(server.sensors()["a"]["count"], 30);
+        let mut c = server.connect();
+        c.send(reading("a", "temperature", 20.5, 5));
+        assert_eq!(c.reply(), r#"{"seq":5,"status":"duplicate"}"#);
+        c.send(reading("a", "temperature", 20.5, 31));
+        assert_eq!(c.reply(), r#"{"seq":31,"status":"ok"}"#);
+    }
+
+    #[test]
+    fn rebuild_fetches_a_segment_gone_from_the_middle_back_from_the_archive() {
+        let dir = temp_dir("rebuild-gap");
+        let s3 = S3::up();
+        let mut server = archived_server(&dir, &s3, &[]);
+        seal_batches(&server, &dir, 3);
+        wait_for("shipped", SHIPPING, || {
+            server.metric("sensorhub_archive_segments_shipped_total") >= 3.0
+        });
+        server.signal("TERM");
+        assert!(server.wait_exit(PATIENCE).success());
+        std::fs::remove_file(dir.join("segment-0000000002.jsonl")).expect("rm");
+        for name in ["checkpoint.json", "checkpoint.prev.json"] {
+            let _ = std::fs::remove_file(dir.join(name));
+        }
+        let out = server_command(&[
+            "rebuild",
+            "--data-dir",
+            dir.to_str().expect("path"),
+            "--archive",
+            "s3://sensorhub-archive/fleet",
+            "--archive-endpoint",
+            &s3.endpoint(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let server = archived_server(&dir, &s3, &[]);
+        assert_eq!(server.get("/healthz").0, 200);
+        assert_eq!(server.sensors()["a"]["count"], 30);
+        let mut c = server.connect();
+        c.send(reading("a", "temperature", 20.5, 15));
+        assert_eq!(c.reply(), r#"{"seq":15,"status":"duplicate"}"#);
+        c.send(reading("a", "temperature", 20.5, 31));
+        assert_eq!(c.reply(), r#"{"seq":31,"status":"ok"}"#);
+        wait_for("nothing left to ship", SHIPPING, || {
+            server.metric("sensorhub_archive_pending_segments") == 0.0
+        });
     }
 
     #[test]

@@ -1,5 +1,5 @@
 use clap::Parser;
-use sensorhub::server::config::{ServerConfig, ShipConfig, VerifyConfig};
+use sensorhub::server::config::{RebuildConfig, ServerConfig, ShipConfig, VerifyConfig};
 
 fn main() {
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
@@ -10,6 +10,12 @@ fn main() {
             let config = ShipConfig::parse_from(args);
             sensorhub::init_logging(config.log_level);
             sensorhub::server::ship(config)
+        }
+        "rebuild" => {
+            args.remove(1);
+            let config = RebuildConfig::parse_from(args);
+            sensorhub::init_logging(config.log_level);
+            sensorhub::server::rebuild(config)
         }
         "verify" => {
             args.remove(1);

@@ -226,6 +226,11 @@ impl Confirmed {
         self.version.load(Relaxed)
     }
 
+    /// True when S3 holds segment `number` (whatever its file holds now).
+    fn holds(&self, number: u64) -> bool {
+        self.lock().segments.contains_key(&number)
+    }
+
     /// Every segment up to this is in S3.
     pub fn through(&self) -> u64 {
         self.lock().shipped_through
@@ -494,6 +499,11 @@ impl Shipper {
         let path = self.source.dir.join(&name);
         let bytes = match fs::read(&path) {
             Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound && self.confirmed.holds(number) => {
+                // Gone from the middle and restored from S3 by `sensor-server rebuild`.
+                info!("archive: {name} is gone from the store and recorded as in S3");
+                return Ok(());
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 // Never passed over: its readings were acknowledged, and retention must
                 // not take the watermark past it for a file put back later.
@@ -736,6 +746,96 @@ fn remove_upload_leftovers(dir: &Path) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The archived segments of one store, fetched back from S3 (`sensor-server rebuild`).
+pub struct Fetcher {
+    config: ArchiveConfig,
+    /// Segment number -> object key, for every object of the store under the prefix.
+    keys: BTreeMap<u64, String>,
+    scratch: PathBuf,
+}
+
+impl Fetcher {
+    /// Lists the objects of store `store_id` under the archive's prefix (any host);
+    /// fetched segments go through `scratch`.
+    pub fn list(
+        config: ArchiveConfig,
+        store_id: &str,
+        scratch: PathBuf,
+    ) -> Result<Fetcher, String> {
+        let readings = if config.prefix.is_empty() {
+            "readings/".to_owned()
+        } else {
+            format!("{}/readings/", config.prefix)
+        };
+        let mut command = cli_command(&config);
+        command
+            .args(["s3api", "list-objects-v2", "--bucket", &config.bucket])
+            .args(["--prefix", &readings, "--query", "Contents[].Key"]);
+        let deadline = Instant::now() + config.upload_timeout;
+        let out = aws_cli::run(command, Stdio::null(), || deadline)
+            .map_err(|e| format!("listing the archive: the AWS CLI: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("listing the archive: {}", out.error_line()));
+        }
+        let listed: Option<Vec<String>> = serde_json::from_slice(&out.stdout)
+            .map_err(|e| format!("listing the archive: unreadable answer ({e})"))?;
+        let suffix = format!("-{store_id}.jsonl.gz");
+        let keys = listed
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|key| {
+                let name = key.rsplit('/').next()?.strip_suffix(&suffix)?;
+                let number = name.strip_prefix("segment-")?.parse().ok()?;
+                Some((number, key))
+            })
+            .collect();
+        Ok(Fetcher {
+            config,
+            keys,
+            scratch,
+        })
+    }
+
+    /// Segment `number`'s bytes as S3 holds them (its checksum checked on the way), in a
+    /// file, and its key.
+    pub fn fetch(&self, number: u64) -> io::Result<(PathBuf, String)> {
+        let key = self.keys.get(&number).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "{} is gone from the store and not in s3://{}/{}",
+                    segment_name(number),
+                    self.config.bucket,
+                    self.config.prefix
+                ),
+            )
+        })?;
+        let gz = self.scratch.join("download.gz");
+        let mut command = cli_command(&self.config);
+        command
+            .args(["s3api", "get-object", "--bucket", &self.config.bucket])
+            .args(["--key", key, "--checksum-mode", "ENABLED"])
+            .arg(&gz);
+        let deadline = Instant::now() + self.config.upload_timeout;
+        let out = aws_cli::run(command, Stdio::null(), || deadline)
+            .map_err(|e| io::Error::other(format!("fetching {key}: the AWS CLI: {e}")))?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "fetching {key}: {}",
+                out.error_line()
+            )));
+        }
+        let path = self.scratch.join(segment_name(number));
+        let mut segment = File::create(&path)?;
+        io::copy(
+            &mut flate2::read::GzDecoder::new(File::open(&gz)?),
+            &mut segment,
+        )?;
+        let _ = fs::remove_file(&gz);
+        Ok((path, key.clone()))
+    }
 }
 
 /// gzip with a fixed header (no name, mtime 0), so one segment always gives one object.

@@ -131,6 +131,26 @@ pub struct ShipConfig {
     pub log_level: log::LevelFilter,
 }
 
+/// `sensor-server rebuild`: makes a store whose statistics are incomplete (segments
+/// gone and no usable checkpoint counting them: the server refuses readings and says so)
+/// whole again from the archive: every gone segment is fetched back from S3 and
+/// replayed with the files on disk, and a checkpoint counting all of them is written.
+/// Run it with no server on the store; exits 0 once the next start is complete.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "sensor-server rebuild", version = env!("SENSORHUB_VERSION"), about)]
+pub struct RebuildConfig {
+    /// Directory holding the store.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+
+    #[command(flatten)]
+    pub archive: ArchiveArgs,
+
+    /// Log level: error, warn, info, debug, trace or off.
+    #[arg(long, default_value = "info")]
+    pub log_level: log::LevelFilter,
+}
+
 /// `sensor-server verify`: reads a store without changing it and reports every corrupt
 /// or torn line (file and byte offset) and any checkpoint that does not match the
 /// files; exits 0 when clean, 1 otherwise.

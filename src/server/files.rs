@@ -365,13 +365,13 @@ impl ArchiveState {
         }
     }
 
-    /// True when S3 holds exactly this segment: `bytes` long with this CRC-32.
+    /// True when S3 holds exactly this segment: `bytes` long with this CRC-32. (A record
+    /// is only ever made from S3's confirmation; one above the watermark comes from
+    /// `sensor-server rebuild`, for a segment gone from the middle of the store.)
     pub fn confirms(&self, number: u64, bytes: u64, crc32: u32) -> bool {
-        number <= self.shipped_through
-            && self
-                .segments
-                .get(&number)
-                .is_some_and(|s| s.bytes == bytes && s.crc32 == crc32)
+        self.segments
+            .get(&number)
+            .is_some_and(|s| s.bytes == bytes && s.crc32 == crc32)
     }
 
     /// Writes it atomically into `dir`.

@@ -19,7 +19,7 @@ pub mod store;
 pub mod worker;
 
 use crate::server::completion::{Job, Notifier, completion_channel};
-use crate::server::config::{ArchiveArgs, Fsync, ServerConfig, ShipConfig};
+use crate::server::config::{ArchiveArgs, Fsync, RebuildConfig, ServerConfig, ShipConfig};
 use crate::server::db::{Db, Retention, run_committer};
 use crate::server::event_loop::{EventLoop, Limits, LoopParts, WAKER};
 use crate::server::store::{Sensors, Store, StoreOptions};
@@ -207,6 +207,40 @@ pub fn ship(config: ShipConfig) -> Result<(), String> {
             config.deadline
         )),
     }
+}
+
+/// `sensor-server rebuild`: fetches the segments an incomplete store lost back from the
+/// archive and writes the checkpoint that counts them.
+pub fn rebuild(config: RebuildConfig) -> Result<(), String> {
+    let archive_config = archive_config(&config.archive)?
+        .ok_or("rebuild needs --archive s3://BUCKET/PREFIX, where the store shipped")?;
+    recovery::check_is_store(&config.data_dir).map_err(|e| format!("cannot rebuild: {e}"))?;
+    let (mut store, _) = open_store(&config.data_dir, u64::MAX, Duration::MAX)?;
+    if store.incomplete().is_none() {
+        info!("the store's statistics are complete: nothing to rebuild");
+        return Ok(());
+    }
+    if archive::check_start(&archive_config)? == archive::Bucket::Silent {
+        return Err(format!(
+            "archive bucket {} does not answer",
+            archive_config.bucket
+        ));
+    }
+    let scratch = std::env::temp_dir().join(format!("sensorhub-rebuild-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
+    let rebuilt =
+        archive::Fetcher::list(archive_config, store.id(), scratch.clone()).and_then(|fetcher| {
+            store
+                .rebuild(&mut |n| fetcher.fetch(n))
+                .map_err(|e| e.to_string())
+        });
+    let _ = std::fs::remove_dir_all(&scratch);
+    let sensors = rebuilt.map_err(|e| format!("cannot rebuild: {e}"))?;
+    info!(
+        "rebuilt: {} sensors; the next start is complete",
+        sensors.len()
+    );
+    Ok(())
 }
 
 /// The archive settings, checked, when `--archive` is given.

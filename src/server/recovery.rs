@@ -142,8 +142,8 @@ pub(crate) fn recover(dir: &Path, store_id: &str, archive: &ArchiveState) -> io:
         }
         None if gone_through > 0 || !gaps.is_empty() => Some(format!(
             "{} gone and no usable checkpoint counts their readings ({}); refusing \
-             readings so that none stored before is accepted again: put the files back, \
-             or restore a checkpoint.json of this store",
+             readings so that none stored before is accepted again: run `sensor-server \
+             rebuild` (it fetches them back from the archive), or put the files back",
             gone_description(gone_through, &gaps),
             if rejected.is_empty() {
                 "there is none".to_owned()
@@ -551,7 +551,7 @@ impl std::fmt::Display for Problem<'_> {
 /// Adds every valid record of `path` between byte `from` and `to` to `sensors`,
 /// continuing `crc` over those bytes; invalid lines go to `report` and are skipped,
 /// never removed.
-fn replay(
+pub(crate) fn replay(
     path: &Path,
     from: u64,
     to: u64,
@@ -692,7 +692,7 @@ pub fn verify(dir: &Path, out: &mut dyn std::io::Write) -> io::Result<Report> {
     if !usable && (gone_through > 0 || !gaps.is_empty()) {
         report(format!(
             "{}: {} gone and no usable checkpoint counts them: the server would refuse \
-             readings until they are back",
+             readings until they are back or `sensor-server rebuild` fetched them from the archive",
             dir.display(),
             gone_description(gone_through, &gaps)
         ))?;
