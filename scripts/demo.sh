@@ -24,7 +24,9 @@ data=${SENSORHUB_DEMO_DATA:-./demo-data}
 logs=$(mktemp -d)
 pids=()
 
+# Stops everything; exits with `$1` (0 after Ctrl-C, the failure's status otherwise).
 stop() {
+  local status=${1:-0}
   trap - INT TERM EXIT
   echo
   echo "stopping: clients first (they wait for their last answers), then the server"
@@ -32,15 +34,18 @@ stop() {
   for pid in "${pids[@]:1}"; do wait "$pid" 2>/dev/null || true; done
   kill -TERM "${pids[0]}" 2>/dev/null || true
   wait "${pids[0]}" 2>/dev/null || true
-  echo "client summaries:"
-  for c in client1-temperature client2-humidity; do
-    printf '  %s: %s\n' "$c" "$(grep '^sent' "$logs/${c%%-*}.out" 2>/dev/null || echo 'no summary')"
-  done
+  if [[ ${#pids[@]} -gt 1 ]]; then
+    echo "client summaries:"
+    for c in client1-temperature client2-humidity; do
+      printf '  %s: %s\n' "$c" "$(grep '^sent' "$logs/${c%%-*}.out" 2>/dev/null || echo 'no summary')"
+    done
+  fi
   echo "store kept in $data ($(cat "$data"/*.jsonl 2>/dev/null | wc -l) readings)"
   rm -rf "$logs"
-  exit 0
+  exit "$status"
 }
-trap stop INT TERM EXIT
+trap 'stop 0' INT TERM
+trap 'stop $?' EXIT
 
 # Each process gets its own session, so Ctrl-C reaches only this script, which then
 # stops the clients before the server.
@@ -49,7 +54,13 @@ setsid "$bin/sensor-server" --listen "127.0.0.1:$port" --http-listen "127.0.0.1:
 pids+=($!)
 for _ in $(seq 100); do
   grep -q '^http on' "$logs/server.out" 2>/dev/null && break
-  kill -0 "${pids[0]}" 2>/dev/null || { cat "$logs/server.err"; exit 1; }
+  if ! kill -0 "${pids[0]}" 2>/dev/null; then
+    cat "$logs/server.err" >&2
+    if grep -q 'Address already in use' "$logs/server.err"; then
+      echo "demo: a port is taken; try: $0 --port $((port + 1)) --http-port $((http_port + 1))" >&2
+    fi
+    exit 1
+  fi
   sleep 0.05
 done
 cat "$logs/server.out"
