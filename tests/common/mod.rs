@@ -38,13 +38,6 @@ pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
-pub fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
-}
-
 /// A small tmpfs mounted for one test (root only), unmounted when dropped.
 pub struct Tmpfs(PathBuf);
 
