@@ -244,11 +244,7 @@ mod s3 {
             30,
             "statistics outlive the files"
         );
-        let mut c = server.connect();
-        c.send(reading("a", "temperature", 20.5, 30));
-        assert_eq!(c.reply(), r#"{"seq":30,"status":"duplicate"}"#);
-        c.send(reading("a", "temperature", 20.5, 31));
-        assert_eq!(c.reply(), r#"{"seq":31,"status":"ok"}"#);
+        assert_duplicate_then_ok(&server, 30, 31);
     }
 
     #[test]

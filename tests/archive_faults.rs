@@ -33,6 +33,24 @@ fn server_command(args: &[&str]) -> Output {
         .expect("run sensor-server")
 }
 
+/// Runs `sensor-server rebuild` on `dir` against `s3` and checks it succeeded.
+fn rebuild(dir: &Path, s3: &S3) {
+    let out = server_command(&[
+        "rebuild",
+        "--data-dir",
+        dir.to_str().expect("path"),
+        "--archive",
+        "s3://sensorhub-archive/fleet",
+        "--archive-endpoint",
+        &s3.endpoint(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// True once no live process has `marker` in its command line.
 fn no_process_named(marker: &str) -> bool {
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -415,31 +433,11 @@ mod s3 {
         drop(server);
 
         // The way out: the gone segments fetched back from the archive.
-        let rebuild = |dir: &Path| {
-            server_command(&[
-                "rebuild",
-                "--data-dir",
-                dir.to_str().expect("path"),
-                "--archive",
-                "s3://sensorhub-archive/fleet",
-                "--archive-endpoint",
-                &s3.endpoint(),
-            ])
-        };
-        let out = rebuild(&dir);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        rebuild(&dir, &s3);
         let server = archived_server(&dir, &s3, &["--keep-shipped-bytes", "0"]);
         assert_eq!(server.get("/healthz").0, 200);
         assert_eq!(server.sensors()["a"]["count"], 30);
-        let mut c = server.connect();
-        c.send(reading("a", "temperature", 20.5, 5));
-        assert_eq!(c.reply(), r#"{"seq":5,"status":"duplicate"}"#);
-        c.send(reading("a", "temperature", 20.5, 31));
-        assert_eq!(c.reply(), r#"{"seq":31,"status":"ok"}"#);
+        assert_duplicate_then_ok(&server, 5, 31);
     }
 
     #[test]
@@ -457,28 +455,11 @@ mod s3 {
         for name in ["checkpoint.json", "checkpoint.prev.json"] {
             let _ = std::fs::remove_file(dir.join(name));
         }
-        let out = server_command(&[
-            "rebuild",
-            "--data-dir",
-            dir.to_str().expect("path"),
-            "--archive",
-            "s3://sensorhub-archive/fleet",
-            "--archive-endpoint",
-            &s3.endpoint(),
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        rebuild(&dir, &s3);
         let server = archived_server(&dir, &s3, &[]);
         assert_eq!(server.get("/healthz").0, 200);
         assert_eq!(server.sensors()["a"]["count"], 30);
-        let mut c = server.connect();
-        c.send(reading("a", "temperature", 20.5, 15));
-        assert_eq!(c.reply(), r#"{"seq":15,"status":"duplicate"}"#);
-        c.send(reading("a", "temperature", 20.5, 31));
-        assert_eq!(c.reply(), r#"{"seq":31,"status":"ok"}"#);
+        assert_duplicate_then_ok(&server, 15, 31);
         wait_for("nothing left to ship", SHIPPING, || {
             server.metric("sensorhub_archive_pending_segments") == 0.0
         });

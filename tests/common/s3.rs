@@ -300,6 +300,19 @@ pub fn store_readings(server: &Server, seqs: std::ops::RangeInclusive<u64>) {
     }
 }
 
+/// Seq `stored` of sensor `a` is answered `duplicate` and seq `new` is stored `ok`:
+/// the statistics know what was stored, and nothing more.
+pub fn assert_duplicate_then_ok(server: &Server, stored: u64, new: u64) {
+    let mut c = server.connect();
+    c.send(reading("a", "temperature", 20.5, stored));
+    assert_eq!(
+        c.reply(),
+        format!(r#"{{"seq":{stored},"status":"duplicate"}}"#)
+    );
+    c.send(reading("a", "temperature", 20.5, new));
+    assert_eq!(c.reply(), format!(r#"{{"seq":{new},"status":"ok"}}"#));
+}
+
 pub fn segment_files(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .expect("read dir")
