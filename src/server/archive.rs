@@ -25,7 +25,7 @@
 //! for the static aarch64 build). It is not trusted: see `aws_cli.rs`.
 
 use crate::server::aws_cli::{self, CliError, CliOutput};
-use crate::server::files::{ARCHIVE_STATE, ArchiveState, ShippedSegment, segment_name};
+use crate::server::files::{ARCHIVE_STATE, ArchiveState, ShippedSegment, segment_name, sha256_hex};
 use crate::server::store::{SealedCrcs, StoreMetrics, unix_millis};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -535,7 +535,7 @@ impl Shipper {
         let record = ShippedSegment {
             bytes: bytes.len() as u64,
             crc32,
-            sha256: hex(&Sha256::digest(&bytes)),
+            sha256: sha256_hex(&bytes),
             key: key.clone(),
         };
         if let Err(e) = self.confirmed.record(number, record) {
@@ -843,10 +843,6 @@ fn gzip(bytes: &[u8]) -> io::Result<Vec<u8>> {
     let mut encoder = GzEncoder::new(Vec::with_capacity(bytes.len() / 4), Compression::default());
     encoder.write_all(bytes)?;
     encoder.finish()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The `recv` of the segment's first line, if it is a record.

@@ -331,6 +331,15 @@ pub fn read_store_id(dir: &Path) -> io::Result<Option<String>> {
     }
 }
 
+/// The hex SHA-256 of a segment's bytes, as `archive.json` records it.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// What S3 confirmed of one segment: exactly these bytes are stored under `key`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShippedSegment {

@@ -30,7 +30,6 @@ use crate::server::files::{
 use crate::server::metrics::{Histogram, LATENCY_BUCKETS};
 use crate::server::recovery::{self, Recovered, load, probe_writable, recover};
 use log::{info, warn};
-use sha2::Digest;
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -585,10 +584,7 @@ impl Store {
             replayed?;
             if gaps.contains(&n) {
                 let crc32 = crc.finalize();
-                let sha256 = sha2::Sha256::digest(&bytes)
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect();
+                let sha256 = files::sha256_hex(&bytes);
                 archive.segments.insert(
                     n,
                     ShippedSegment {
