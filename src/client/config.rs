@@ -69,8 +69,9 @@ pub struct ClientConfig {
     #[arg(long)]
     pub quiet: bool,
 
-    /// Append "SENSOR SEQ STATUS" for every answered reading to this file.
-    #[arg(long)]
+    /// Append "SENSOR SEQ STATUS" for every answered reading to this file (also from
+    /// $SENSOR_CLIENT_RECORD, which a systemd drop-in can set without repeating ExecStart).
+    #[arg(long, env = "SENSOR_CLIENT_RECORD")]
     pub record: Option<std::path::PathBuf>,
 
     /// Log level: error, warn, info, debug, trace or off.
