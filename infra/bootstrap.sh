@@ -6,19 +6,27 @@
 #                --server-sha256 H --client-sha256 H
 #                [--server HOST:PORT --sensor ID --kind KIND --interval-ms N]   (client)
 #                [--archive s3://BUCKET/PREFIX --group ASG --hook NAME]          (server)
+#                [--target-group ARN --adopt-interval SECONDS]                   (server)
 #                [--region R --stack S --resource LOGICAL_ID]   (health check + signal)
 #                [--log-group-prefix /sensorhub/STACK]          (CloudWatch agent)
 #     Downloads the static binaries, verifies their SHA-256 (a mismatch installs
-#     nothing); on a server: mounts the data volume (formatting it when new), adopts the
-#     stack's orphaned data volumes in this AZ, installs the lifecycle watcher; writes
-#     hardened systemd units, starts them, waits until healthy, signals CloudFormation.
-#     Any failure signals FAILURE at once, with the reason in the log.
+#     nothing); on a server: mounts the data volume (formatting it when new), writes
+#     hardened systemd units and starts the server first; once it is healthy locally
+#     and (with --target-group) the load balancer reports it healthy, signals SUCCESS.
+#     Only then the optional steps, none of which can fail the bootstrap: orphaned
+#     volume adoption (a timer, every --adopt-interval seconds, default 300) and the
+#     CloudWatch agent (retried). A failure before the signal signals FAILURE at once,
+#     with the reason in the log. Units log to the journal; with --log-group-prefix,
+#     sensorhub-logs.service copies their lines to /var/log/sensorhub/ROLE.log for the
+#     CloudWatch agent (which reads files, not the journal).
 #
 #   bootstrap.sh adopt-volumes --stack S --archive s3://B/P [--region R]
 #     Every available data volume of the stack in this instance's AZ (a server that died
 #     without stopping): attach, mount, `sensor-server ship` under its own host id,
-#     then unmount, detach and delete it. A volume that cannot be shipped completely is
-#     detached and kept for the next try.
+#     then unmount, detach and delete it. A volume that cannot be attached, mounted or
+#     shipped completely is detached and kept for the next try; one volume's failure
+#     does not stop the others. Then publishes the stack's count of available data
+#     volumes (all AZs) as the metric sensorhub/OrphanedDataVolumes (alarmed on).
 #
 #   bootstrap.sh lifecycle-watch --group ASG --hook NAME [--region R]
 #     Waits until Auto Scaling marks this instance for termination (IMDS
@@ -65,6 +73,7 @@ fi
 role="" bucket="" prefix="" arch="" server_sha="" client_sha=""
 server="" sensor="" kind="temperature" interval_ms=1000
 region="" stack="" resource="" archive="" group="" hook="" log_prefix=""
+target_group="" adopt_interval=300
 while [[ $# -gt 0 ]]; do
   [[ $# -ge 2 ]] || die "$1 needs a value"
   case $1 in
@@ -85,6 +94,8 @@ while [[ $# -gt 0 ]]; do
     --group) group=$2 ;;
     --hook) hook=$2 ;;
     --log-group-prefix) log_prefix=$2 ;;
+    --target-group) target_group=$2 ;;
+    --adopt-interval) adopt_interval=$2 ;;
     *) die "unknown argument $1" ;;
   esac
   shift 2
@@ -120,16 +131,20 @@ device_of() {
   return 1
 }
 
-# Mounts `device` at `dir` (a directory stands in for it in tests).
+# Mounts `device` at `dir` (a directory stands in for it in tests); `format` formats a
+# device without a file system first (only this server's own new volume: an adopted
+# one is never formatted, whatever blkid says).
 mount_device() {
-  local device=$1 dir=$2
+  local device=$1 dir=$2 format=${3:-}
   if [[ -n ${SENSORHUB_FAKE_VOLUMES:-} ]]; then
     mkdir -p "$(dirname "$root/$dir")"
     ln -sfn "$device" "$root/$dir"
     return
   fi
   mkdir -p "$dir"
-  blkid "$device" >/dev/null || mkfs.xfs -q -L sensorhub "$device"
+  if [[ $format == format ]] && ! blkid "$device" >/dev/null; then
+    mkfs.xfs -q -L sensorhub "$device"
+  fi
   mount "$device" "$dir"
 }
 
@@ -151,9 +166,46 @@ wait_volume() {
   return 1
 }
 
+# One orphaned volume at `device`: attach, mount, ship, unmount, detach, delete. Returns
+# non-zero (after putting the volume back as it found it, as far as it can) on any
+# failure; the caller goes on with the next volume.
+adopt_one() {
+  local volume=$1 device=$2 instance=$3 dir host
+  log "adopting orphaned data volume $volume"
+  if ! aws ec2 attach-volume "${region_args[@]}" --volume-id "$volume" \
+      --instance-id "$instance" --device "$device" >/dev/null \
+      || ! wait_volume "$volume" in-use; then
+    log "could not attach $volume (another server adopting it?); leaving it"
+    return 1
+  fi
+  dir=/var/lib/sensorhub-adopted/$volume
+  local path shipped=false
+  if path=$(device_of "$volume" "$device") && mount_device "$path" "$dir"; then
+    host=$(cat "$root/$dir/host-id" 2>/dev/null || echo "adopted-$volume")
+    if "$root/usr/local/bin/sensor-server" ship --data-dir "$root/$dir" --archive "$archive" \
+        --host-id "$host" --deadline "$archive_stop_timeout" \
+        ${SENSORHUB_S3_ENDPOINT:+--archive-endpoint "$SENSORHUB_S3_ENDPOINT"}; then
+      shipped=true
+    fi
+    unmount_device "$dir" || log "could not unmount $dir"
+  else
+    log "$volume did not appear as a device or would not mount"
+  fi
+  aws ec2 detach-volume "${region_args[@]}" --volume-id "$volume" --instance-id "$instance" >/dev/null \
+    || log "could not detach $volume"
+  if ! $shipped; then
+    log "could not ship everything $volume holds; detached it for the next try"
+    return 1
+  fi
+  wait_volume "$volume" available || { log "$volume did not detach in time; the next run deletes it"; return 1; }
+  aws ec2 delete-volume "${region_args[@]}" --volume-id "$volume" \
+    || { log "could not delete $volume (shipped; the next run ships nothing and deletes it)"; return 1; }
+  log "shipped everything $volume held (host $host) and deleted it"
+}
+
 adopt_volumes() {
   [[ -n $stack && -n $archive ]] || die "adopt-volumes needs --stack and --archive"
-  local instance az volumes volume letter=g dir host
+  local instance az volumes volume letter=g failed=0
   instance=$(imds instance-id)
   az=$(imds placement/availability-zone)
   volumes=$(aws ec2 describe-volumes "${region_args[@]}" \
@@ -162,32 +214,21 @@ adopt_volumes() {
     --query 'Volumes[].VolumeId' --output text)
   for volume in $volumes; do
     [[ $volume == None ]] && continue
-    log "adopting orphaned data volume $volume"
-    local device=/dev/sd$letter
+    adopt_one "$volume" "/dev/sd$letter" "$instance" || failed=$((failed + 1))
     letter=$(echo "$letter" | tr 'g-o' 'h-p')
-    if ! aws ec2 attach-volume "${region_args[@]}" --volume-id "$volume" \
-        --instance-id "$instance" --device "$device" >/dev/null \
-        || ! wait_volume "$volume" in-use; then
-      log "could not attach $volume (another server adopting it?); leaving it"
-      continue
-    fi
-    dir=/var/lib/sensorhub-adopted/$volume
-    mount_device "$(device_of "$volume" "$device")" "$dir"
-    host=$(cat "$root/$dir/host-id" 2>/dev/null || echo "adopted-$volume")
-    if "$root/usr/local/bin/sensor-server" ship --data-dir "$root/$dir" --archive "$archive" \
-        --host-id "$host" --deadline "$archive_stop_timeout" \
-        ${SENSORHUB_S3_ENDPOINT:+--archive-endpoint "$SENSORHUB_S3_ENDPOINT"}; then
-      unmount_device "$dir"
-      aws ec2 detach-volume "${region_args[@]}" --volume-id "$volume" --instance-id "$instance" >/dev/null
-      wait_volume "$volume" available || die "$volume did not detach"
-      aws ec2 delete-volume "${region_args[@]}" --volume-id "$volume"
-      log "shipped everything $volume held (host $host) and deleted it"
-    else
-      log "could not ship everything $volume holds; detaching it for the next try"
-      unmount_device "$dir"
-      aws ec2 detach-volume "${region_args[@]}" --volume-id "$volume" --instance-id "$instance" >/dev/null || true
-    fi
   done
+  # The fleet-level signal that outlives any one server: how many of the stack's data
+  # volumes wait, in any AZ (alarmed when it stays above 0).
+  local orphans
+  if orphans=$(aws ec2 describe-volumes "${region_args[@]}" \
+      --filters "Name=tag:sensorhub:stack,Values=$stack" Name=status,Values=available \
+      --query 'length(Volumes)' --output text); then
+    aws cloudwatch put-metric-data "${region_args[@]}" --namespace sensorhub \
+      --metric-name OrphanedDataVolumes --dimensions "Stack=$stack" --value "$orphans" \
+      || log "could not publish OrphanedDataVolumes=$orphans"
+    log "the stack has $orphans available data volume(s)"
+  fi
+  [[ $failed -eq 0 ]] || log "$failed volume(s) left for the next run"
 }
 
 # This server's own data volume (the launch template's /dev/sdf): mounted where the
@@ -200,7 +241,7 @@ mount_data_volume() {
     --query 'Volumes[0].VolumeId' --output text)
   [[ $volume == vol-* ]] || die "no data volume attached at /dev/sdf"
   install -d -m 0700 "$root/var/lib/private"
-  mount_device "$(device_of "$volume" /dev/sdf)" "$store_mount"
+  mount_device "$(device_of "$volume" /dev/sdf)" "$store_mount" format
   [[ -s $root/$store_mount/host-id ]] || echo "$instance" >"$root/$store_mount/host-id"
   [[ -n ${SENSORHUB_FAKE_VOLUMES:-} ]] && return
   local uuid
@@ -226,15 +267,11 @@ lifecycle_watch() {
   if [[ -n ${SENSORHUB_STOP:-} ]]; then
     bash -c "$SENSORHUB_STOP"
   else
-    # Same dynamic user as the server (User=sensorhub in both units), so no privilege
-    # is needed to signal it; it exits 0 and Restart=on-failure leaves it stopped.
-    local pid
-    pid=$(systemctl show -P MainPID sensorhub-server.service)
-    [[ $pid == 0 ]] || kill -TERM "$pid"
-    for _ in $(seq $((archive_stop_timeout + 60))); do
-      [[ $(systemctl show -P MainPID sensorhub-server.service) == 0 ]] && break
-      sleep 1
-    done
+    # SIGTERM, then waits (TimeoutStopSec covers the shipping) until it has exited; it
+    # exits 0 and stays stopped. The watcher is root without capabilities for this: a
+    # unit with PrivateUsers= cannot reach systemd ("Transport endpoint is not
+    # connected", seen in the EC2 twin).
+    systemctl stop sensorhub-server.service
   fi
   complete_lifecycle
   log "lifecycle action completed: the instance may terminate"
@@ -279,12 +316,14 @@ UMask=0077
 EOF
 }
 
-write_unit() { # name description exec_start extra hardened
+write_unit() { # name description exec_start extra hardened(yes|root|no)
   {
     printf '[Unit]\nDescription=%s\nWants=network-online.target\nAfter=network-online.target\n' "$2"
     [[ $1 == sensorhub-server.service ]] && printf 'RequiresMountsFor=%s\n' "$store_mount"
     printf '\n[Service]\nExecStart=%s\n%s\n' "$3" "$4"
     [[ $5 == yes ]] && hardening
+    # root: the same sandbox, as root without capabilities in the host's user namespace.
+    [[ $5 == root ]] && hardening | grep -vE "^(DynamicUser|PrivateUsers)="
     printf '\n[Install]\nWantedBy=multi-user.target\n'
   } >"$root/etc/systemd/system/$1"
 }
@@ -296,7 +335,8 @@ write_agent_config() {
   install -d "$dir"
   local metrics=""
   if [[ $service == server ]]; then
-    cat >"$dir/sensorhub-prometheus.yaml" <<'EOF'
+    # `host` (the instance id) tells the servers apart on the dashboard.
+    cat >"$dir/sensorhub-prometheus.yaml" <<EOF
 global:
   scrape_interval: 30s
   scrape_timeout: 10s
@@ -304,6 +344,7 @@ scrape_configs:
   - job_name: sensorhub
     static_configs:
       - targets: ["127.0.0.1:9000"]
+        labels: {host: "$(imds instance-id)"}
 EOF
     metrics=$(cat <<EOF
 ,
@@ -314,10 +355,14 @@ EOF
         "emf_processor": {
           "metric_namespace": "sensorhub",
           "metric_declaration": [{
-            "source_labels": ["job"], "label_matcher": "^sensorhub\$", "dimensions": [["job"]],
+            "source_labels": ["job"], "label_matcher": "^sensorhub\$", "dimensions": [["job"], ["job", "host"]],
             "metric_selectors": ["^sensorhub_store_records_total\$", "^sensorhub_archive_lag_seconds\$",
-              "^sensorhub_archive_pending_segments\$", "^sensorhub_archive_failures_total\$",
-              "^sensorhub_connections_open\$"]
+              "^sensorhub_archive_pending_segments\$", "^sensorhub_archive_pending_bytes\$",
+              "^sensorhub_archive_failures_total\$", "^sensorhub_connections_open\$"]
+          }, {
+            "source_labels": ["job"], "label_matcher": "^sensorhub\$",
+            "dimensions": [["job", "status"], ["job", "host", "status"]],
+            "metric_selectors": ["^sensorhub_readings_total\$"]
           }]
         }
       }
@@ -380,12 +425,13 @@ install_all() {
   install -m 0755 "${BASH_SOURCE[0]}" "$root$self_copy"
   rm -rf "$work"
 
-  # 3. Data, units.
+  # 3. Data, units. Every unit logs to the journal: a unit's StandardOutput=append:FILE
+  # is opened before systemd creates its LogsDirectory (systemd issue 27591, in 252 as
+  # AL2023 ships it), so on a fresh instance it exits 209/STDOUT.
   local units
   if [[ $role == server ]]; then
     [[ -n $archive ]] || die "a server needs --archive"
     mount_data_volume
-    if [[ -n $stack ]]; then adopt_volumes; else log "no --stack: no orphaned volumes to look for"; fi
     local host_id
     host_id=$(cat "$root/$store_mount/host-id")
     write_unit sensorhub-server.service "sensorhub ingest server" \
@@ -394,9 +440,6 @@ install_all() {
 Restart=on-failure
 RestartSec=1s
 StateDirectory=sensorhub
-LogsDirectory=sensorhub
-StandardOutput=append:/var/log/sensorhub/server.log
-StandardError=append:/var/log/sensorhub/server.log
 Environment=HOME=/var/lib/sensorhub
 LimitNOFILE=$limit_nofile
 TimeoutStopSec=$((archive_stop_timeout + 30))s" yes
@@ -404,58 +447,117 @@ TimeoutStopSec=$((archive_stop_timeout + 30))s" yes
     if [[ -n $group && -n $hook ]]; then
       write_unit sensorhub-lifecycle.service "sensorhub: drain before Auto Scaling terminates this instance" \
         "/bin/bash $self_copy lifecycle-watch --group $group --hook $hook ${region:+--region $region}" \
-        "User=sensorhub
-Restart=on-failure
+        "Restart=on-failure
 RestartSec=5s
-Environment=HOME=/tmp" yes
+Environment=HOME=/tmp" root
       units+=(sensorhub-lifecycle.service)
+    fi
+    if [[ -n $stack ]]; then
+      # Adoption needs root (attach, mount) and is not hardened; it runs after the
+      # server, never in the way of its start, and again every --adopt-interval.
+      write_unit sensorhub-adopt.service "sensorhub: ship and delete the stack's orphaned data volumes in this AZ" \
+        "/bin/bash $self_copy adopt-volumes --stack $stack --archive $archive ${region:+--region $region}" \
+        "Type=oneshot
+TimeoutStartSec=$((archive_stop_timeout * 4))s" no
+      sed -i '/^\[Install\]/,$d' "$root/etc/systemd/system/sensorhub-adopt.service"
+      printf '[Unit]\nDescription=sensorhub: adopt orphaned data volumes every %ss\n\n[Timer]\nOnActiveSec=0\nOnUnitInactiveSec=%ss\n\n[Install]\nWantedBy=timers.target\n' \
+        "$adopt_interval" "$adopt_interval" >"$root/etc/systemd/system/sensorhub-adopt.timer"
+    else
+      log "no --stack: no orphaned volumes to look for"
     fi
   else
     write_unit sensorhub-client.service "sensorhub simulated sensor $sensor" \
       "/usr/local/bin/sensor-client --server $server --sensor $sensor --kind $kind --interval-ms $interval_ms" \
       "Restart=always
 RestartSec=1s
-StateDirectory=sensorhub-client
-LogsDirectory=sensorhub
-StandardOutput=append:/var/log/sensorhub/client.log
-StandardError=append:/var/log/sensorhub/client.log" yes
+StateDirectory=sensorhub-client" yes
     units=(sensorhub-client.service)
   fi
-  [[ -n $log_prefix ]] && write_agent_config "$role"
+  if [[ -n $log_prefix ]]; then
+    write_agent_config "$role"
+    # The CloudWatch agent reads files: this copies the units' journal lines to one,
+    # resuming where it stopped (--cursor-file). Root, like the agent; the directory
+    # exists before the unit starts, so its output file can be opened.
+    install -d -m 0755 "$root/var/log/sensorhub"
+    write_unit sensorhub-logs.service "sensorhub: the units' journal as a file for the CloudWatch agent" \
+      "/bin/sh -c 'exec journalctl --follow --no-tail --cursor-file=/var/lib/sensorhub-logs/cursor -o short-iso -u sensorhub-server.service -u sensorhub-lifecycle.service -u sensorhub-adopt.service -u sensorhub-client.service >>/var/log/sensorhub/$role.log'" \
+      "Restart=always
+RestartSec=5s
+StateDirectory=sensorhub-logs" no
+    units+=(sensorhub-logs.service)
+  fi
   log "installed $root/usr/local/bin/sensor-{server,client} and ${units[*]}"
 
-  # 4. Start.
+  # 4. Start: the service first, nothing optional before it.
   if [[ -n ${SENSORHUB_START:-} ]]; then
     UNIT=${units[0]} bash -c "$SENSORHUB_START"
   else
     systemctl daemon-reload
     systemctl enable --now "${units[@]}"
-    if [[ -n $log_prefix ]]; then
-      dnf install -y -q amazon-cloudwatch-agent
-      /opt/aws/amazon-cloudwatch-agent/bin/amazon-cloudwatch-agent-ctl -a fetch-config -m ec2 \
-        -c file:/opt/aws/amazon-cloudwatch-agent/etc/sensorhub.json -s
-    fi
   fi
 
-  # 5. Healthy? Then tell CloudFormation.
-  [[ -n $stack ]] || { log "no --stack: not waiting for health, not signalling"; exit 0; }
-  local what
-  if [[ $role == server ]]; then
-    check() { curl -sf http://127.0.0.1:9000/healthz | grep -qx ok; }
-    what="the server's /healthz"
+  # 5. Healthy here, and (a server) in the load balancer's eyes? Then tell CloudFormation.
+  if [[ -z $stack ]]; then
+    log "no --stack: not waiting for health, not signalling"
   else
-    check() { grep -q "first reading acknowledged" "$root/var/log/sensorhub/client.log"; }
-    what="$sensor's first acknowledged reading"
-  fi
-  for _ in $(seq 180); do
-    if check; then
-      log "$what: up"
-      signal SUCCESS
-      exit 0
+    local what
+    if [[ $role == server ]]; then
+      check() { curl -sf http://127.0.0.1:9000/healthz | grep -qx ok; }
+      what="the server's /healthz"
+    else
+      check() { journalctl -u sensorhub-client.service -o cat --no-pager 2>/dev/null \
+                  | grep -q "first reading acknowledged"; }
+      what="$sensor's first acknowledged reading"
     fi
-    sleep 1
+    wait_until "$what" 300 check
+    if [[ $role == server && -n $target_group ]]; then
+      local instance
+      instance=$(imds instance-id)
+      target_healthy() {
+        [[ $(aws elbv2 describe-target-health "${region_args[@]}" --target-group-arn "$target_group" \
+             --targets "Id=$instance" --query 'TargetHealthDescriptions[0].TargetHealth.State' \
+             --output text) == healthy ]]
+      }
+      # Registration and two health checks 10 s apart take a minute or more; within the
+      # group's CreationPolicy/PauseTime of 15 minutes.
+      wait_until "the load balancer's health check of $instance" 780 target_healthy
+    fi
+    signal SUCCESS
+  fi
+  trap - EXIT
+
+  # 6. Optional steps: retried, logged, never failing the bootstrap after its signal.
+  if [[ -z ${SENSORHUB_START:-} ]]; then
+    if [[ -f $root/etc/systemd/system/sensorhub-adopt.timer ]]; then
+      systemctl enable --now sensorhub-adopt.timer || log "WARNING: could not start the adoption timer"
+    fi
+    if [[ -n $log_prefix ]] && ! command -v dnf >/dev/null; then
+      log "WARNING: no dnf (not Amazon Linux): CloudWatch agent not installed"
+    elif [[ -n $log_prefix ]]; then
+      local try
+      for try in 1 2 3 4 5; do
+        if dnf install -y -q amazon-cloudwatch-agent \
+            && /opt/aws/amazon-cloudwatch-agent/bin/amazon-cloudwatch-agent-ctl -a fetch-config -m ec2 \
+                 -c file:/opt/aws/amazon-cloudwatch-agent/etc/sensorhub.json -s; then
+          log "CloudWatch agent running"
+          break
+        fi
+        log "WARNING: CloudWatch agent install failed (try $try of 5)"
+        [[ $try -lt 5 ]] && sleep $((try * 10))
+      done
+    fi
+  fi
+  log "done"
+}
+
+# Waits until `check` succeeds, up to `seconds`; dies saying what did not come up.
+wait_until() {
+  local what=$1 seconds=$2 check=$3 start=$SECONDS
+  while ! $check; do
+    (( SECONDS - start < seconds )) || die "$what did not come up within $seconds s"
+    sleep 2
   done
-  die "$what did not come up within 180 s"
+  log "$what: up after $((SECONDS - start)) s"
 }
 
 case $command in
