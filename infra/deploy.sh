@@ -17,6 +17,8 @@
 #                   [--replace-failed]  delete a stack whose first create failed
 #                                       (ROLLBACK_COMPLETE) and create it again
 #                   [--server-count N] [--alarm-topic ARN]
+#                   [--adoption-interval SECONDS]  how often servers look for dead servers'
+#                                       data volumes (default 300)
 #                   [--interval-ms N] [--allow-dirty] [--dry-run]
 #
 # Idempotent: the same binaries upload to the same keys and deploy the same parameters,
@@ -32,8 +34,10 @@ say() { echo "== $*"; }
 bucket="" stack="" region=${AWS_REGION:-${AWS_DEFAULT_REGION:-}} arch=x86_64 dist=""
 release="" repo=""
 dry_run=false allow_dirty=false refresh_ami=false replace_failed=false
-interval_ms=1000 builder=auto server_count=2 alarm_topic=""
-# Plain bash 3.2 from here on (macOS deploys with --dist).
+interval_ms=1000 builder=auto server_count=2 alarm_topic="" adoption_interval=300
+# Plain bash 3.2 from here on (macOS deploys with --dist): no associative arrays, and an
+# array that may be empty is expanded as ${a[@]+"${a[@]}"} (bash < 4.4 calls a plain
+# "${a[@]}" of an empty array unbound under set -u).
 while [[ $# -gt 0 ]]; do
   case $1 in
     --refresh-ami|--replace-failed|--dry-run|--allow-dirty|-h|--help) ;;
@@ -51,11 +55,12 @@ while [[ $# -gt 0 ]]; do
     --builder) builder=$2; shift 2 ;;
     --server-count) server_count=$2; shift 2 ;;
     --alarm-topic) alarm_topic=$2; shift 2 ;;
+    --adoption-interval) adoption_interval=$2; shift 2 ;;
     --refresh-ami) refresh_ami=true; shift ;;
     --replace-failed) replace_failed=true; shift ;;
     --dry-run) dry_run=true; shift ;;
     --allow-dirty) allow_dirty=true; shift ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
 done
@@ -74,11 +79,11 @@ if [[ -z $dist && -z $release ]] && ! $allow_dirty && [[ -n $(git status --porce
 fi
 region_args=()
 [[ -n $region ]] && region_args=(--region "$region")
-cfn() { aws cloudformation "${region_args[@]}" "$@"; }
+cfn() { aws cloudformation ${region_args[@]+"${region_args[@]}"} "$@"; }
 if ! $dry_run; then
-  aws sts get-caller-identity "${region_args[@]}" >/dev/null 2>&1 \
+  aws sts get-caller-identity ${region_args[@]+"${region_args[@]}"} >/dev/null 2>&1 \
     || die "no usable AWS credentials (aws configure, or AWS_PROFILE / AWS_ACCESS_KEY_ID)"
-  aws s3api head-bucket --bucket "$bucket" "${region_args[@]}" >/dev/null 2>&1 \
+  aws s3api head-bucket --bucket "$bucket" ${region_args[@]+"${region_args[@]}"} >/dev/null 2>&1 \
     || die "bucket $bucket does not exist or is not yours (create it: aws s3 mb s3://$bucket)"
 fi
 
@@ -219,9 +224,9 @@ if ! $dry_run && [[ $status != NONE ]] && ! $refresh_ami; then
   fi
 fi
 if [[ -z $image_id ]] && ! $dry_run; then
-  image_id=$(aws ssm get-parameter "${region_args[@]}" --name "$ami_parameter" \
+  image_id=$(aws ssm get-parameter ${region_args[@]+"${region_args[@]}"} --name "$ami_parameter" \
     --query Parameter.Value --output text) || die "cannot resolve $ami_parameter"
-  image_arch=$(aws ec2 describe-images "${region_args[@]}" --image-ids "$image_id" \
+  image_arch=$(aws ec2 describe-images ${region_args[@]+"${region_args[@]}"} --image-ids "$image_id" \
     --query 'Images[0].Architecture' --output text) || die "cannot describe $image_id"
   [[ $image_arch == "$arch" ]] || die "$ami_parameter gave $image_id, an $image_arch image, not $arch"
   say "AMI $image_id ($image_arch) from $ami_parameter"
@@ -232,17 +237,17 @@ uploads=(
   "$bin_dir/sensor-client s3://$bucket/$prefix/$target_dir/sensor-client"
   "$bootstrap s3://$bucket/$prefix/bootstrap.sh"
 )
-deploy=(aws cloudformation deploy "${region_args[@]}" --stack-name "$stack"
+deploy=(aws cloudformation deploy ${region_args[@]+"${region_args[@]}"} --stack-name "$stack"
   --template-file "$template" --capabilities CAPABILITY_IAM --no-fail-on-empty-changeset
   --parameter-overrides "ArtifactBucket=$bucket" "ArtifactPrefix=$prefix" "Architecture=$arch"
   "ImageId=${image_id:-<resolved from $ami_parameter>}" "ImageArchitecture=${image_arch:-$arch}"
   "ServerSha256=$server_sha" "ClientSha256=$client_sha" "BootstrapSha256=$bootstrap_sha"
   "ServerCount=$server_count" "ReadingIntervalMs=$interval_ms"
-  "AlarmTopicArn=$alarm_topic")
+  "AlarmTopicArn=$alarm_topic" "AdoptionIntervalSeconds=$adoption_interval")
 
 if $dry_run; then
   say "dry run: would run"
-  for u in "${uploads[@]}"; do echo "aws s3 cp ${region_args[*]} $u"; done
+  for u in "${uploads[@]}"; do echo "aws s3 cp ${region_args[*]:-} $u"; done
   printf '%q ' "${deploy[@]}"; echo
   exit 0
 fi
@@ -250,7 +255,7 @@ fi
 say "uploading to s3://$bucket/$prefix/"
 for u in "${uploads[@]}"; do
   # shellcheck disable=SC2086 # "source destination" pairs
-  aws s3 cp --only-show-errors "${region_args[@]}" $u
+  aws s3 cp --only-show-errors ${region_args[@]+"${region_args[@]}"} $u
 done
 
 say "deploying stack $stack (waits until every new instance reports healthy)"
