@@ -4,13 +4,14 @@ on 127.0.0.1, and the units they write checked by systemd-analyze. Run by .ci/ru
 its venv: `pytest infra/test_infra.py`. Needs the static binaries in dist/
 (scripts/build-static.sh).
 
-moto is run in this process so that one of its gaps can be closed: its CloudFormation
-model of AWS::ElasticLoadBalancingV2::LoadBalancer ignores `Type` (every balancer
-becomes an ALB, which refuses our TCP listener). Known moto limits these tests live
-with: it does not verify x-amz-checksum-sha256, does not register
-LifecycleHookSpecificationList, and updates only resources whose template text changed
-(so a parameter-only update makes no new launch template version there; the template
-checks below show that one would)."""
+moto runs in this process, with the EC2 twin's stand-ins for what it lacks
+(infra/twin/local_aws.py: the NLB's type, SignalResource, CompleteLifecycleAction,
+target health). Known moto limits these tests live with: it does not verify
+x-amz-checksum-sha256, does not register LifecycleHookSpecificationList, and updates
+only resources whose template text changed (so a parameter-only update makes no new
+launch template version there; the template checks below show that one would). What
+only a boot shows (unit start order, the balancer's health, EBS attachment) is the
+twin's: infra/twin/twin.py."""
 
 import gzip
 import hashlib
@@ -21,12 +22,16 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "twin"))
+import local_aws  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DIST = REPO / "dist" / "x86_64"
@@ -36,7 +41,7 @@ BUCKET = "sensorhub-artifacts"
 PREFIX = "sensorhub/test"
 REGION = "us-east-1"
 STACK = "fleet-test"
-COMPLETED = []  # CompleteLifecycleAction calls moto received
+LOCAL = None  # the local AWS of the `moto` fixture
 
 
 def sha256(path):
@@ -73,49 +78,16 @@ def template():
 
 @pytest.fixture(scope="module")
 def moto():
-    """moto on a free loopback port (in this process), with credentials for it in the
-    env and the artifacts uploaded."""
-    from moto.elbv2 import models as elbv2
-    from moto.server import ThreadedMotoServer
-
-    def create_balancer(cls, resource_name, cloudformation_json, account_id, region_name,
-                        **kwargs):
-        p = cloudformation_json["Properties"]
-        return elbv2.elbv2_backends[account_id][region_name].create_load_balancer(
-            resource_name, p.get("SecurityGroups"), p.get("Subnets"),
-            scheme=p.get("Scheme", "internet-facing"), loadbalancer_type=p.get("Type"))
-    elbv2.FakeLoadBalancer.create_from_cloudformation_json = classmethod(create_balancer)
-
-    # moto has no CompleteLifecycleAction: this one checks the hook exists and records
-    # the call.
-    from moto.autoscaling.responses import AutoScalingResponse
-    from moto.core.responses import EmptyResult
-
-    def complete_lifecycle_action(self):
-        group = self._get_param("AutoScalingGroupName")
-        hook = self._get_param("LifecycleHookName")
-        hooks = self.autoscaling_backend.describe_lifecycle_hooks(
-            as_name=group, lifecycle_hook_names=[hook])
-        assert hooks, f"no lifecycle hook {hook} on {group}"
-        COMPLETED.append((group, hook, self._get_param("InstanceId"),
-                          self._get_param("LifecycleActionResult")))
-        return EmptyResult()
-    AutoScalingResponse.complete_lifecycle_action = complete_lifecycle_action
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-               AWS_DEFAULT_REGION=REGION, AWS_ENDPOINT_URL=endpoint,
-               AWS_EC2_METADATA_DISABLED="true")
+    """The twin's local AWS (moto with its stand-ins, infra/twin/local_aws.py) on a free
+    loopback port, with credentials for it in the env and the artifacts uploaded."""
+    global LOCAL
+    LOCAL = local_aws.Aws()
+    env = LOCAL.env(os.environ, REGION)
     aws(env, "s3", "mb", f"s3://{BUCKET}")
     for tool in ("sensor-server", "sensor-client"):
         aws(env, "s3", "cp", str(DIST / tool), f"s3://{BUCKET}/{PREFIX}/x86_64/{tool}")
     yield env
-    server.stop()
+    LOCAL.stop()
 
 
 def aws(env, *args):
@@ -227,6 +199,148 @@ def test_the_template_declares_a_fleet_that_rolls_and_keeps_its_data():
         assert "trap 'fail $LINENO' ERR" in text and "--status FAILURE" in text
 
 
+def test_a_server_signals_only_once_the_balancer_routes_to_it_and_sensors_wait_for_servers():
+    """Issue 16, item 3: the signal follows DescribeTargetHealth (allowed to the role),
+    and the sensor groups are created after the server group has signalled."""
+    r = template()["Resources"]
+    user_data = json.dumps(r["ServerLaunchTemplate"]["Properties"]["LaunchTemplateData"]["UserData"])
+    assert "--target-group ${ServerTargets}" in user_data
+    statements = r["ServerRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]
+    assert any(s["Action"] == "elasticloadbalancing:DescribeTargetHealth" for s in statements)
+    for client in ("Client1Group", "Client2Group"):
+        assert "ServerGroup" in r[client]["DependsOn"]
+    text = BOOTSTRAP.read_text()
+    assert text.index("wait_until \"the load balancer's health check") < text.index("    signal SUCCESS")
+
+
+def test_adoption_runs_on_a_timer_on_every_server_and_an_alarm_watches_for_orphans():
+    """Issue 16, item 2: a volume freed after the replacement booted is still adopted,
+    and a volume nobody adopts raises an alarm that no dying server can silence."""
+    t = template()
+    r = t["Resources"]
+    user_data = json.dumps(r["ServerLaunchTemplate"]["Properties"]["LaunchTemplateData"]["UserData"])
+    assert "--adopt-interval ${AdoptionIntervalSeconds}" in user_data
+    assert t["Parameters"]["AdoptionIntervalSeconds"]["Default"] == 300
+    alarm = r["OrphanedDataVolumesAlarm"]["Properties"]
+    assert (alarm["Namespace"], alarm["MetricName"]) == ("sensorhub", "OrphanedDataVolumes")
+    assert alarm["TreatMissingData"] == "breaching"
+    assert "--metric-name OrphanedDataVolumes" in BOOTSTRAP.read_text()
+
+
+def test_both_buckets_outlive_the_stack():
+    """Issue 16, item 5: delete-stack keeps the archive (and would fail on a non-empty
+    bucket otherwise)."""
+    r = template()["Resources"]
+    buckets = [name for name, v in r.items() if v["Type"] == "AWS::S3::Bucket"]
+    assert sorted(buckets) == ["QueryResultsBucket", "ReadingsBucket"]
+    for name in buckets:
+        assert r[name]["DeletionPolicy"] == "Retain", name
+        assert r[name]["UpdateReplacePolicy"] == "Retain", name
+
+
+def test_no_storage_class_transition_that_s3_would_skip():
+    """Issue 16, item 6: S3 does not transition objects under 128 KiB, and a gzipped
+    segment is a few KB: no transition rule that would never act."""
+    for name, resource in template()["Resources"].items():
+        if resource["Type"] != "AWS::S3::Bucket":
+            continue
+        for rule in resource["Properties"].get("LifecycleConfiguration", {}).get("Rules", []):
+            assert "Transitions" not in rule and "Transition" not in rule, (name, rule["Id"])
+
+
+def test_deploy_expands_no_possibly_empty_array_bare_for_bash_3_2():
+    """Issue 16, item 7: macOS's bash 3.2 calls "${a[@]}" of an empty array unbound
+    under set -u. Every array expansion in deploy.sh is guarded (${a[@]+"${a[@]}"} or
+    ${a[*]:-}) unless the array is always filled where it is used. (Lint, not a run:
+    no bash 3.2 package reaches this machine.)"""
+    text = re.sub(r"^\s*#.*$", "", (REPO / "infra/deploy.sh").read_text(), flags=re.M)
+    always_filled = {"uploads", "deploy"}
+    guarded = re.sub(r'\$\{(\w+)\[@\]\+"\$\{\1\[@\]\}"\}', "", text)
+    guarded = re.sub(r"\$\{(\w+)\[\*\]:-\}", "", guarded)
+    bare = {name for name in re.findall(r"\$\{(\w+)\[[@*]\]\}", guarded)} - always_filled
+    assert not bare, f"unguarded array expansions in deploy.sh: {sorted(bare)}"
+    # And the guard works on this bash as it does on 3.2: no error, no empty word.
+    out = subprocess.run(["bash", "-uc", 'a=(); printf "<%s>" x ${a[@]+"${a[@]}"}; echo ${a[*]:-}'],
+                         capture_output=True, text=True, check=True).stdout
+    assert out == "<x>\n"
+
+
+def test_units_log_to_the_journal_and_a_root_unit_feeds_the_agent_its_files(moto, tmp_path):
+    """Issue 16, item 1: StandardOutput=append:FILE is opened before LogsDirectory= is
+    created (systemd 252), so no unit may log to a file of its own; the agent's files
+    come from sensorhub-logs.service, whose directory bootstrap makes first."""
+    assert bootstrap(moto, tmp_path / "client", *install_args("client")).returncode == 0
+    install_server(moto, tmp_path / "server")
+    for root, role in ((tmp_path / "client", "client"), (tmp_path / "server", "server")):
+        units = root / "etc/systemd/system"
+        for unit in units.glob("sensorhub-*"):
+            text = unit.read_text()
+            assert "append:" not in text and "LogsDirectory" not in text, unit.name
+        assert (root / "var/log/sensorhub").is_dir()
+        logs = (units / "sensorhub-logs.service").read_text()
+        assert f">>/var/log/sensorhub/{role}.log" in logs and "--cursor-file=" in logs
+        agent = json.loads((root / "opt/aws/amazon-cloudwatch-agent/etc/sensorhub.json").read_text())
+        files = [f["file_path"] for f in agent["logs"]["logs_collected"]["files"]["collect_list"]]
+        assert f"/var/log/sensorhub/{role}.log" in files
+
+
+def test_the_dashboard_shows_what_the_servers_export_and_the_agent_forwards(moto, tmp_path):
+    """Every sensorhub metric on the dashboard is exported by /metrics (a real server
+    asked) and forwarded by the agent's metric_declaration, with the dimensions the
+    dashboard searches for."""
+    body = template()["Resources"]["Dashboard"]["Properties"]["DashboardBody"]["Sub"][0]
+    shown = set(re.findall(r'MetricName=\\"(sensorhub_\w+)\\"', body))
+    shown |= set(re.findall(r'\["sensorhub", "(sensorhub_\w+)"', body))
+    assert {"sensorhub_store_records_total", "sensorhub_readings_total",
+            "sensorhub_archive_lag_seconds", "sensorhub_archive_pending_bytes"} <= shown
+    assert '"AWS/NetworkELB", "HealthyHostCount"' in body and '"CWAgent", "disk_used_percent"' in body
+    # Forwarded by the agent.
+    config = re.search(r'"metric_declaration": (\[.*?\n          \}\])', BOOTSTRAP.read_text(), re.S)[1]
+    declarations = json.loads(config.replace("\\$", "$"))
+    forwarded = {sel.strip("^$"): d["dimensions"] for d in declarations for sel in d["metric_selectors"]}
+    for name in shown:
+        assert name in forwarded, f"{name} is on the dashboard but the agent does not forward it"
+        wanted = ["job", "host", "status"] if name == "sensorhub_readings_total" else ["job", "host"]
+        assert wanted in forwarded[name], (name, forwarded[name])
+    # Exported by a server that archives (as on EC2).
+    aws(moto, "s3", "mb", "s3://dashboard-archive")
+    port, http_port = free_ports(2)
+    server = subprocess.Popen([str(DIST / "sensor-server"), "--listen", f"127.0.0.1:{port}",
+                               "--http-listen", f"127.0.0.1:{http_port}",
+                               "--data-dir", str(tmp_path / "data"),
+                               "--archive", "s3://dashboard-archive/sensorhub",
+                               "--archive-endpoint", moto["AWS_ENDPOINT_URL"]],
+                              env=moto, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", http_port), timeout=5) as c:
+                    c.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+                    text = b""
+                    while chunk := c.recv(65536):
+                        text += chunk
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not answer /metrics"
+                time.sleep(0.1)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    exported = set(re.findall(r"^# TYPE (\w+) ", text.decode(), re.M))
+    assert set(forwarded) <= exported, set(forwarded) - exported
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
 def test_security_groups_use_inline_rules_only():
     r = template()["Resources"]
     kinds = {v["Type"] for v in r.values()}
@@ -305,9 +419,14 @@ def test_a_server_mounts_its_data_volume_archives_and_watches_its_lifecycle(moto
     assert "LimitNOFILE=11024" in unit
     watcher = (tmp_path / "etc/systemd/system/sensorhub-lifecycle.service").read_text()
     assert "lifecycle-watch --group t-servers --hook drain" in watcher
-    for text in (unit, watcher):
-        assert "User=sensorhub" in text, "the watcher may signal the server: same dynamic user"
-        assert directives(text) == directives((REPO / "deploy/systemd/hardening.conf").read_text())
+    shared = directives((REPO / "deploy/systemd/hardening.conf").read_text())
+    assert "User=sensorhub" in unit and directives(unit) == shared
+    # The watcher stops the server with systemctl: root without capabilities, outside a
+    # private user namespace (from which systemd cannot be reached), otherwise the same.
+    assert "User=" not in watcher
+    assert directives(watcher) == [d for d in shared
+                                   if not d.startswith(("DynamicUser=", "PrivateUsers="))]
+    assert "CapabilityBoundingSet=" in directives(watcher)
     agent = json.loads((tmp_path / "opt/aws/amazon-cloudwatch-agent/etc/sensorhub.json").read_text())
     prometheus = agent["logs"]["metrics_collected"]["prometheus"]
     selectors = prometheus["emf_processor"]["metric_declaration"][0]["metric_selectors"]
@@ -354,6 +473,8 @@ def test_every_unit_verifies_and_scores_well_in_systemd_analyze(moto, tmp_path):
         assert match, security.stdout + security.stderr
         scores[unit] = float(match.group(1))
         print(f"systemd-analyze security {unit}: {match.group(1)} {match.group(2)}")
+    # The watcher runs as root (without capabilities) to call systemctl.
+    assert scores.pop("sensorhub-lifecycle.service") <= 3.0, scores
     assert all(score <= 1.5 for score in scores.values()), scores
 
 
@@ -415,6 +536,12 @@ def test_orphaned_volumes_in_this_az_are_shipped_and_deleted_others_left(moto, t
     left = volume_ids(moto)
     assert orphan not in left, "shipped, then deleted"
     assert {elsewhere, foreign, busy} <= left
+    # The fleet-level count that outlives any one server (OrphanedDataVolumesAlarm):
+    # `elsewhere` still waits, in another AZ.
+    assert "the stack has 1 available data volume(s)" in result.stderr
+    metrics = aws_json(moto, "cloudwatch", "list-metrics", "--namespace", "sensorhub",
+                       "--metric-name", "OrphanedDataVolumes")["Metrics"]
+    assert {"Name": "Stack", "Value": STACK} in metrics[0]["Dimensions"]
 
 
 def test_an_orphan_that_cannot_be_shipped_is_kept_for_the_next_try(moto, tmp_path):
@@ -432,7 +559,7 @@ def test_an_orphan_that_cannot_be_shipped_is_kept_for_the_next_try(moto, tmp_pat
                        SENSORHUB_FAKE_VOLUMES=str(devices), SENSORHUB_S3_ENDPOINT=dead,
                        SENSORHUB_SHIP_TIMEOUT="2")
     assert result.returncode == 0, result.stderr
-    assert "detaching it for the next try" in result.stderr
+    assert "detached it for the next try" in result.stderr
     state = aws(moto, "ec2", "describe-volumes", "--volume-ids", orphan,
                 "--query", "Volumes[0].State", "--output", "text").strip()
     assert state == "available"
@@ -495,7 +622,7 @@ def test_termination_stops_the_server_then_completes_the_lifecycle_action(moto, 
     assert FakeImds.asks >= 3, "it waited for the termination"
     assert stopped.exists(), "the server was stopped first"
     assert "lifecycle action completed" in result.stderr
-    assert COMPLETED == [("t-servers", "drain", me, "CONTINUE")]
+    assert [a[1:] for a in LOCAL.lifecycle_actions] == [("t-servers", "drain", me, "CONTINUE")]
 
 
 # --- deploy.sh ------------------------------------------------------------------------------
