@@ -173,7 +173,6 @@ class Imds:
     def __init__(self, instance, port=0):
         self.instance = instance
         self.tokens = {}
-        self.requests = 0
         imds = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -188,7 +187,6 @@ class Imds:
                 self.wfile.write(body)
 
             def do_PUT(self):
-                imds.requests += 1
                 if self.path != "/latest/api/token":
                     return self.reply(404)
                 ttl = self.headers.get("X-aws-ec2-metadata-token-ttl-seconds", "")
@@ -203,7 +201,6 @@ class Imds:
                 self.wfile.write(token.encode())
 
             def do_GET(self):
-                imds.requests += 1
                 token = self.headers.get("X-aws-ec2-metadata-token", "")
                 if imds.tokens.get(token, 0) < time.monotonic():
                     return self.reply(401)

@@ -187,6 +187,15 @@ backend servers
 
 # --- instances -----------------------------------------------------------------------------
 
+def nvme_disk(volume, disk):
+    """(device id, -drive spec, -device spec) of an EBS volume as Nitro shows it: an
+    NVMe disk whose serial is the volume id without its dash."""
+    serial = volume.replace("-", "")
+    device = "d" + serial
+    return (device, f"if=none,id={device},file={disk},format=raw",
+            f"nvme,drive={device},serial={serial},id={device}")
+
+
 class Instance(qemu.Vm):
     """One EC2 instance: a qemu VM of the twin image with its own IMDS, its data
     volumes as NVMe disks whose serial is the volume id."""
@@ -231,9 +240,8 @@ class Instance(qemu.Vm):
             "-monitor", f"unix:{self.monitor},server=on,wait=off",
         ]
         for volume in volumes:  # attached at launch: there at boot, as on Nitro
-            device = "d" + volume.replace("-", "")
-            command += ["-drive", f"if=none,id={device},file={twin.volume_disk(volume)},format=raw",
-                        "-device", f"nvme,drive={device},serial={volume.replace('-', '')},id={device}"]
+            device, drive, nvme = nvme_disk(volume, twin.volume_disk(volume))
+            command += ["-drive", drive, "-device", nvme]
             self.plugged[volume] = device
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
                                          stderr=open(self.work / "qemu.log", "w"))
@@ -249,13 +257,14 @@ class Instance(qemu.Vm):
                 self.run("true", timeout=3)
                 return True
             except (AssertionError, OSError):
+                self.shell.close()
                 return False
         wait_for(f"{self.role}'s shell", connected, BOOT_LIMIT, interval=1)
 
     def plug(self, volume, disk):
-        device = "d" + volume.replace("-", "")
-        self.monitor_command(f"drive_add 0 if=none,id={device},file={disk},format=raw")
-        self.monitor_command(f"device_add nvme,drive={device},serial={volume.replace('-', '')},id={device}")
+        device, drive, nvme = nvme_disk(volume, disk)
+        self.monitor_command(f"drive_add 0 {drive}")
+        self.monitor_command(f"device_add {nvme}")
         self.plugged[volume] = device
 
     def unplug(self, volume):
@@ -288,7 +297,6 @@ class Twin:
                                aws_access_key_id="testing", aws_secret_access_key="testing")
         self.balancer = None
         self.stop_ebs = threading.Event()
-        self.errors = []
 
     def aws_cli(self, *args):
         result = subprocess.run(["aws", *args], env=self.env, capture_output=True, text=True,
@@ -366,8 +374,7 @@ class Twin:
         while not self.stop_ebs.wait(0.5):
             try:
                 volumes = self.ec2.describe_volumes()["Volumes"]
-            except Exception as e:  # a stopping moto; the next round says
-                self.errors.append(f"ebs: {e}")
+            except Exception:  # noqa: BLE001  a moto busy or stopping: the next round
                 continue
             attached = {}
             for v in volumes:
