@@ -53,7 +53,11 @@ fuzz_target!(|data: &[u8]| {
                 break;
             }
         }
-        assert!(input.len() <= max + 1, "buffered {} bytes of one line", input.len());
+        assert!(
+            input.len() <= max + 1,
+            "buffered {} bytes of one line",
+            input.len()
+        );
     }
     assert_eq!((got, overlong), model(stream, max));
 });

@@ -14,7 +14,9 @@ use sensorhub::wire::reply::{Status, write_reply};
 fn output(verdict: &Verdict) -> (Vec<u8>, Vec<u8>) {
     let (mut reply, mut record) = (Vec::new(), Vec::new());
     match verdict {
-        Verdict::Error { seq, message } => write_reply(&mut reply, *seq, Status::Error, Some(message)),
+        Verdict::Error { seq, message } => {
+            write_reply(&mut reply, *seq, Status::Error, Some(message))
+        }
         Verdict::Rejected { seq, message } => {
             write_reply(&mut reply, Some(seq), Status::Rejected, Some(message))
         }
@@ -29,6 +31,11 @@ fn output(verdict: &Verdict) -> (Vec<u8>, Vec<u8>) {
 fuzz_target!(|line: &[u8]| {
     let fast = parse_line(line);
     let oracle = json::parse_line(line);
-    assert_eq!(fast, oracle, "verdicts differ on {:?}", String::from_utf8_lossy(line));
+    assert_eq!(
+        fast,
+        oracle,
+        "verdicts differ on {:?}",
+        String::from_utf8_lossy(line)
+    );
     assert_eq!(output(&fast), output(&oracle));
 });

@@ -14,9 +14,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sensorhub::server::files::read_archive_state;
-use sensorhub::server::recovery::verify;
-use sensorhub::server::store::{Store, StoreOptions};
+use sensorhub::server::store::files::read_archive_state;
+use sensorhub::server::store::recovery::verify;
+use sensorhub::server::store::segments::{Store, StoreOptions};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -101,7 +101,10 @@ fuzz_target!(|input: &[u8]| {
                 a.confirms(number, whole.len() as u64, crc32fast::hash(whole))
                     || (a.store_id.is_empty() && number <= a.shipped_through)
             });
-            assert!(held, "start-up deleted segment {number}, which S3 does not hold");
+            assert!(
+                held,
+                "start-up deleted segment {number}, which S3 does not hold"
+            );
         }
     }
     let after = verify(&dir, &mut std::io::sink()).expect("verify");

@@ -1,30 +1,19 @@
 //! Wiring of `sensor-server`: recover the store, start the committer and the workers,
 //! bind the listeners, run the event loop, then stop everything in order.
 
-pub mod accept;
 pub mod archive;
-pub mod aws_cli;
-pub mod completion;
 pub mod config;
-pub mod connection;
-pub mod db;
-pub mod event_loop;
-pub mod files;
 pub mod http;
-pub mod metrics;
-pub mod pages;
-pub mod recovery;
-pub mod stats;
+pub mod ingest;
 pub mod store;
-pub mod worker;
 
-use crate::server::completion::{Job, Notifier, completion_channel};
 use crate::server::config::{ArchiveArgs, Fsync, RebuildConfig, ServerConfig, ShipConfig};
-use crate::server::db::{Db, Retention, run_committer};
-use crate::server::event_loop::{EventLoop, Limits, LoopParts, WAKER};
-use crate::server::store::{Sensors, Store, StoreOptions};
-use crate::server::worker::spawn_pool;
-use archive::{Archive, ArchiveConfig, Confirmed, Source};
+use crate::server::ingest::completion::{Job, Notifier, completion_channel};
+use crate::server::ingest::event_loop::{EventLoop, Limits, LoopParts, WAKER};
+use crate::server::ingest::worker::spawn_pool;
+use crate::server::store::ledger::{Db, Retention, run_committer};
+use crate::server::store::segments::{Sensors, Store, StoreOptions};
+use archive::shipper::{self, Archive, ArchiveConfig, Confirmed, Source};
 use log::info;
 use mio::net::TcpListener;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -35,6 +24,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
+use store::recovery;
 
 /// Batches that may wait for one worker; past it the loop stops reading the connections
 /// pinned to that worker (backpressure).
@@ -100,7 +90,7 @@ fn start_archive(
     config: ArchiveConfig,
     store: &mut Store,
 ) -> Result<(Archive, Arc<Confirmed>), String> {
-    let bucket = archive::check_start(&config).map_err(|e| format!("archive: {e}"))?;
+    let bucket = shipper::check_start(&config).map_err(|e| format!("archive: {e}"))?;
     let dir = store.dir().to_path_buf();
     let confirmed = Arc::new(Confirmed::new(&dir, store.take_archive_state()));
     let source = Source {
@@ -220,7 +210,7 @@ pub fn rebuild(config: RebuildConfig) -> Result<(), String> {
         info!("the store's statistics are complete: nothing to rebuild");
         return Ok(());
     }
-    if archive::check_start(&archive_config)? == archive::Bucket::Silent {
+    if shipper::check_start(&archive_config)? == shipper::Bucket::Silent {
         return Err(format!(
             "archive bucket {} does not answer",
             archive_config.bucket
@@ -229,7 +219,7 @@ pub fn rebuild(config: RebuildConfig) -> Result<(), String> {
     let scratch = std::env::temp_dir().join(format!("sensorhub-rebuild-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
     let rebuilt =
-        archive::Fetcher::list(archive_config, store.id(), scratch.clone()).and_then(|fetcher| {
+        shipper::Fetcher::list(archive_config, store.id(), scratch.clone()).and_then(|fetcher| {
             store
                 .rebuild(&mut |n| fetcher.fetch(n))
                 .map_err(|e| e.to_string())
@@ -248,11 +238,11 @@ fn archive_config(args: &ArchiveArgs) -> Result<Option<ArchiveConfig>, String> {
     let Some(url) = &args.archive else {
         return Ok(None);
     };
-    let (bucket, prefix) = archive::parse_s3_url(url)?;
-    let host = args.host_id.clone().unwrap_or_else(archive::hostname);
-    archive::check_host_id(&host)?;
+    let (bucket, prefix) = shipper::parse_s3_url(url)?;
+    let host = args.host_id.clone().unwrap_or_else(shipper::hostname);
+    shipper::check_host_id(&host)?;
     if let Some(endpoint) = &args.archive_endpoint {
-        archive::check_endpoint(endpoint)?;
+        shipper::check_endpoint(endpoint)?;
     }
     Ok(Some(ArchiveConfig {
         bucket,

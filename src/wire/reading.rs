@@ -3,7 +3,7 @@
 //! Everything here is pure (no I/O, no shared state) so that the validation table of
 //! `docs/protocol.md` can be tested line by line. The order of checks is part of the
 //! contract: UTF-8, JSON, object, member types (`error`), rules (`rejected`); duplicates
-//! are decided later against the store's state (see `server/db.rs`), because they depend
+//! are decided later against the store's state (see `server/store/ledger.rs`), because they depend
 //! on what is durable. Two parsers reach the member types (`fast.rs`, `json.rs`); the
 //! rules here are one function both go through.
 

@@ -8,8 +8,8 @@
 //! a connection that cannot be served gets `503` rather than silence, so a load
 //! balancer's health check keeps its answer under a flood or a slowloris attack.
 
-use crate::server::accept::{self, Reserve, Shed};
-use crate::server::completion::ConnId;
+use crate::server::ingest::accept::{self, Reserve, Shed};
+use crate::server::ingest::completion::ConnId;
 use log::warn;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry};

@@ -24,10 +24,10 @@
 //! (`MAX_IN_FLIGHT` batches), so a `Vec` scan is the right structure.
 
 use crate::net::{Fill, Outbox, read_some};
-pub use crate::server::completion::ConnId;
-use crate::server::completion::{BufferPool, Completion, Job};
-use crate::server::metrics::LoopStats;
-use crate::server::store::unix_millis;
+use crate::server::http::metrics::LoopStats;
+pub use crate::server::ingest::completion::ConnId;
+use crate::server::ingest::completion::{BufferPool, Completion, Job};
+use crate::server::store::segments::unix_millis;
 use crate::wire::framing;
 use crate::wire::reply::{OVERLONG_REPLY, Status};
 use crossbeam_channel::{Sender, TrySendError};

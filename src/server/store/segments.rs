@@ -23,12 +23,12 @@
 //! one store; unlike a lock file, a directory cannot be deleted out from under its
 //! holder while it holds files.
 
-use crate::server::files::{
+use crate::server::http::metrics::{Histogram, LATENCY_BUCKETS};
+use crate::server::store::files::{
     self, ARCHIVE_STATE, ArchiveState, Checkpoint, Covered, ShippedSegment, segment_name,
     segment_number, sync_dir,
 };
-use crate::server::metrics::{Histogram, LATENCY_BUCKETS};
-use crate::server::recovery::{self, Recovered, load, probe_writable, recover};
+use crate::server::store::recovery::{self, Recovered, load, probe_writable, recover};
 use log::{info, warn};
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -38,7 +38,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-pub use crate::server::stats::Sensors;
+pub use crate::server::store::stats::Sensors;
 
 /// How the store is opened.
 #[derive(Debug, Clone)]
@@ -816,9 +816,9 @@ fn open_segment(dir: &Path, number: u64) -> io::Result<(File, String, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::files::{CHECKPOINT, CHECKPOINT_PREV, delete_retired};
-    use crate::server::recovery::store_files;
-    use crate::server::stats::SensorStats;
+    use crate::server::store::files::{CHECKPOINT, CHECKPOINT_PREV, delete_retired};
+    use crate::server::store::recovery::store_files;
+    use crate::server::store::stats::SensorStats;
     use crate::wire::reading::Reading;
     use crate::wire::record::{RecvStamp, encode_record};
     use std::borrow::Cow;
@@ -1219,7 +1219,7 @@ mod tests {
             "no checkpoint of it"
         );
         let mut report = Vec::new();
-        let problems = crate::server::recovery::verify(&dir, &mut report)
+        let problems = crate::server::store::recovery::verify(&dir, &mut report)
             .unwrap()
             .problems;
         let report = String::from_utf8(report).unwrap();
@@ -1302,7 +1302,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         let mut report = Vec::new();
-        let problems = crate::server::recovery::verify(&dir, &mut report)
+        let problems = crate::server::store::recovery::verify(&dir, &mut report)
             .unwrap()
             .problems;
         let report = String::from_utf8(report).unwrap();
@@ -1326,7 +1326,7 @@ mod tests {
         }
         let mut out = Vec::new();
         assert_eq!(
-            crate::server::recovery::verify(&dir, &mut out)
+            crate::server::store::recovery::verify(&dir, &mut out)
                 .unwrap()
                 .problems,
             0
@@ -1337,7 +1337,7 @@ mod tests {
         file.write_all(b"{\"sensor\":\"a\",\"ki").unwrap();
         let mut out = Vec::new();
         assert_eq!(
-            crate::server::recovery::verify(&dir, &mut out)
+            crate::server::store::recovery::verify(&dir, &mut out)
                 .unwrap()
                 .problems,
             1

@@ -3,12 +3,12 @@
 //! store the server could not write. `store.rs` holds the running store, `files.rs` the
 //! formats on disk.
 
-use crate::server::files::{
+use crate::server::store::files::{
     ARCHIVE_STATE, ArchiveState, CHECKPOINT, CHECKPOINT_PREV, Checkpoint, CheckpointRead, Covered,
     STORE_ID, delete_retired, read_archive_state, read_checkpoint, read_store_id, segment_name,
     segment_number,
 };
-use crate::server::stats::{self, Counted, Sensors};
+use crate::server::store::stats::{self, Counted, Sensors};
 use crc32fast::Hasher;
 use log::{error, warn};
 use serde::Deserialize;

@@ -2,12 +2,12 @@
 //! sensors document. Kept apart from `http.rs` (connections and requests) and from the
 //! event loop, which only gathers the figures.
 
-use crate::server::archive::ArchiveMetrics;
-use crate::server::db::Db;
-use crate::server::http::{Route, response};
-use crate::server::metrics::{Exposition, LoopStats};
-use crate::server::stats::SensorView;
-use crate::server::store::StoreMetrics;
+use crate::server::archive::shipper::ArchiveMetrics;
+use crate::server::http::metrics::{Exposition, LoopStats};
+use crate::server::http::port::{Route, response};
+use crate::server::store::ledger::Db;
+use crate::server::store::segments::StoreMetrics;
+use crate::server::store::stats::SensorView;
 use crate::wire::reply::Status;
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;

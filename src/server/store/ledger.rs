@@ -16,11 +16,11 @@
 //! later, so it refers to durable data. That is what makes `duplicate` safe: the reading
 //! it refers to was written earlier, hence is on disk when the `duplicate` leaves.
 
-use crate::server::archive::Confirmed;
-use crate::server::completion::{Completion, Notifier};
-use crate::server::files::{delete_retired, ensure_reserve};
-use crate::server::stats::{self, Counted};
-use crate::server::store::{Sensors, Store, StoreMetrics};
+use crate::server::archive::shipper::Confirmed;
+use crate::server::ingest::completion::{Completion, Notifier};
+use crate::server::store::files::{delete_retired, ensure_reserve};
+use crate::server::store::segments::{Sensors, Store, StoreMetrics};
+use crate::server::store::stats::{self, Counted};
 use crate::wire::reading::Reading;
 use crate::wire::record::{RecvStamp, encode_record};
 use log::{error, info, warn};

@@ -24,9 +24,11 @@
 //! or TLS stack in this binary (the official Rust SDK would add both, and a C toolchain
 //! for the static aarch64 build). It is not trusted: see `aws_cli.rs`.
 
-use crate::server::aws_cli::{self, CliError, CliOutput};
-use crate::server::files::{ARCHIVE_STATE, ArchiveState, ShippedSegment, segment_name, sha256_hex};
-use crate::server::store::{SealedCrcs, StoreMetrics, unix_millis};
+use crate::server::archive::aws_cli::{self, CliError, CliOutput};
+use crate::server::store::files::{
+    ARCHIVE_STATE, ArchiveState, ShippedSegment, segment_name, sha256_hex,
+};
+use crate::server::store::segments::{SealedCrcs, StoreMetrics, unix_millis};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use flate2::Compression;

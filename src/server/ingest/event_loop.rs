@@ -8,15 +8,15 @@
 //! this file decides *when*: on readiness, when its batch completes, when the worker
 //! queue it waits for has room, and on the next pass when its budget ran out.
 
-use crate::server::accept::{self, Reserve, Shed};
-use crate::server::archive::ArchiveMetrics;
-use crate::server::completion::{BufferPool, Completions, Job};
-use crate::server::connection::{ConnId, Connection, Context, Next};
-use crate::server::db::Db;
-use crate::server::http::{HttpPort, Route};
-use crate::server::metrics::LoopStats;
-use crate::server::pages::{self, Figures};
-use crate::server::store::StoreMetrics;
+use crate::server::archive::shipper::ArchiveMetrics;
+use crate::server::http::metrics::LoopStats;
+use crate::server::http::pages::{self, Figures};
+use crate::server::http::port::{HttpPort, Route};
+use crate::server::ingest::accept::{self, Reserve, Shed};
+use crate::server::ingest::completion::{BufferPool, Completions, Job};
+use crate::server::ingest::connection::{ConnId, Connection, Context, Next};
+use crate::server::store::ledger::Db;
+use crate::server::store::segments::StoreMetrics;
 use crate::wire::reply::{BUSY_REPLY, Status};
 use crossbeam_channel::Sender;
 use log::{debug, info, warn};

@@ -6,8 +6,8 @@
 //! and the wake-up of the event loop over hundreds of readings; a worker also takes
 //! whatever batches queued up meanwhile as one *group*, decided under one lock.
 
-use crate::server::completion::{BufferPool, Completion, Job, Notifier};
-use crate::server::db::{Applied, Db};
+use crate::server::ingest::completion::{BufferPool, Completion, Job, Notifier};
+use crate::server::store::ledger::{Applied, Db};
 use crate::wire::framing;
 use crate::wire::reading::{Reading, Verdict, is_blank, parse_line};
 use crate::wire::record::RecvStamp;

@@ -16,7 +16,7 @@
 //! - `space.reserve`: zeros kept so that, on a full disk, retention can still write the
 //!   checkpoint that lets it delete shipped segments.
 
-use crate::server::stats::Sensors;
+use crate::server::store::stats::Sensors;
 use log::{info, warn};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;

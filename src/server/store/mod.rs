@@ -1,0 +1,8 @@
+//! Durability: the ledger of what each sensor has stored, the segment files and the
+//! checkpoint on disk, the committer that makes appends durable, and recovery.
+
+pub mod files;
+pub mod ledger;
+pub mod recovery;
+pub mod segments;
+pub mod stats;
