@@ -11,7 +11,8 @@ use crate::server::config::{ArchiveArgs, Fsync, RebuildConfig, ServerConfig, Shi
 use crate::server::ingest::completion::{Job, Notifier, completion_channel};
 use crate::server::ingest::event_loop::{EventLoop, Limits, LoopParts, WAKER};
 use crate::server::ingest::worker::spawn_pool;
-use crate::server::store::ledger::{Db, Retention, run_committer};
+use crate::server::store::committer::{Retention, run_committer};
+use crate::server::store::db::Db;
 use crate::server::store::segments::{Sensors, Store, StoreOptions};
 use archive::shipper::{self, Archive, ArchiveConfig, Confirmed, Source};
 use log::info;

@@ -5,7 +5,7 @@
 use crate::server::archive::shipper::ArchiveMetrics;
 use crate::server::http::metrics::{Exposition, LoopStats};
 use crate::server::http::port::{Route, response};
-use crate::server::store::ledger::Db;
+use crate::server::store::db::Db;
 use crate::server::store::segments::StoreMetrics;
 use crate::server::store::stats::SensorView;
 use crate::wire::reply::Status;

@@ -15,7 +15,7 @@ use crate::server::http::port::{HttpPort, Route};
 use crate::server::ingest::accept::{self, Reserve, Shed};
 use crate::server::ingest::completion::{BufferPool, Completions, Job};
 use crate::server::ingest::connection::{ConnId, Connection, Context, Next};
-use crate::server::store::ledger::Db;
+use crate::server::store::db::Db;
 use crate::server::store::segments::StoreMetrics;
 use crate::wire::reply::{BUSY_REPLY, Status};
 use crossbeam_channel::Sender;

@@ -7,7 +7,8 @@
 //! whatever batches queued up meanwhile as one *group*, decided under one lock.
 
 use crate::server::ingest::completion::{BufferPool, Completion, Job, Notifier};
-use crate::server::store::ledger::{Applied, Db};
+use crate::server::store::db::Db;
+use crate::server::store::ledger::Applied;
 use crate::wire::framing;
 use crate::wire::reading::{Reading, Verdict, is_blank, parse_line};
 use crate::wire::record::RecvStamp;

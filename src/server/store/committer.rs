@@ -1,0 +1,179 @@
+//! The committer thread: group commit (one `fdatasync` releases every reply waiting
+//! for it), syncs of sealed segments, checkpoints, sealing by age and retention of
+//! shipped segments. Its slow work runs outside the ledger lock.
+
+use crate::server::archive::shipper::Confirmed;
+use crate::server::store::db::{Db, State, stop_process};
+use crate::server::store::files::{delete_retired, ensure_reserve};
+use log::warn;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+/// An fsync failed. The kernel may have dropped the written pages: what the ledger
+/// counts can no longer be trusted, so the process stops; a restart rebuilds the ledger
+/// from what really is on disk and sensors resend the rest. (PostgreSQL takes the same
+/// stance on a failed fsync.) A failed write does not come here: `Db::decide` undoes it
+/// and waits.
+fn fail(e: std::io::Error) -> ! {
+    stop_process(&format!("store fsync failed: {e}"))
+}
+
+/// Deleting shipped segments beyond a local budget (`--keep-shipped-bytes`).
+pub struct Retention {
+    /// What S3 confirmed, segment by segment (recorded by the shipper).
+    pub confirmed: Arc<Confirmed>,
+    /// Shipped segments kept on disk, oldest deleted first past this.
+    pub keep_bytes: u64,
+}
+
+/// Longest the committer sleeps: segment age and retention are checked this often.
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
+
+/// The committer thread's body until `Db::close`: group fsync (with `--fsync always`),
+/// a checkpoint every `checkpoint_every` while readings arrive and at the end, sealing
+/// by age (and at the end), and retention of shipped segments.
+pub fn run_committer(db: &Db, checkpoint_every: Duration, retention: Option<&Retention>) {
+    let mut committer = Committer {
+        db,
+        checkpoint_every,
+        retention,
+        last_checkpoint: Instant::now(),
+        checkpointed_records: db.store_metrics.records.load(Relaxed),
+        retained_version: None,
+    };
+    while committer.round() {}
+}
+
+/// What the committer remembers between rounds.
+struct Committer<'a> {
+    db: &'a Db,
+    checkpoint_every: Duration,
+    retention: Option<&'a Retention>,
+    last_checkpoint: Instant,
+    /// Records counted by the last checkpoint (none is written while nothing changed).
+    checkpointed_records: u64,
+    /// The version of the archive's record retention last acted on.
+    retained_version: Option<u64>,
+}
+
+impl<'a> Committer<'a> {
+    /// One round: what needs the lock under it (sealing, taking the replies and the
+    /// syncs, retention, the checkpoint's snapshot), then the slow part without it.
+    /// False once the server is closing (the round was the last).
+    fn round(&mut self) -> bool {
+        let mut state = self.wait_for_work();
+        let sealed = if state.closing {
+            state.store.seal()
+        } else {
+            state.store.seal_if_due()
+        };
+        if let Err(e) = sealed {
+            // Nothing is lost: the segment stays active and sealing is tried again.
+            warn!("store: cannot seal the active segment yet: {e}");
+        }
+        let mut completions = std::mem::take(&mut state.waiting);
+        let sync = (!completions.is_empty() || state.store.sync_pending())
+            .then(|| state.store.take_sync(!completions.is_empty()));
+        let closing = state.closing;
+        let due = self.checkpoint_due(&state);
+        // Retention first: when it retires segments it writes a checkpoint of the
+        // store as it is now, which then is the checkpoint of this round (an older one
+        // written after it would list the deleted files again).
+        let retired = self.retain(&mut state);
+        // Taken under the lock, so the statistics match the file lengths exactly.
+        let checkpoint = (retired.is_empty() && due)
+            .then(|| {
+                self.checkpointed_records = self.db.store_metrics.records.load(Relaxed);
+                state.store.checkpoint(state.sensors.clone())
+            })
+            .flatten();
+        let retired_through = state.store.retired_through();
+        drop(state);
+
+        if let Some(sync) = sync {
+            if let Err(e) = sync.run() {
+                fail(e);
+            }
+            self.db.notifier.send_all(&mut completions);
+        }
+        if let Some(checkpoint) = checkpoint {
+            // A checkpoint only shortens the next start-up: if it cannot be written
+            // (disk full), the old one stays valid and the next one tries again.
+            match checkpoint.write() {
+                Ok(()) => self.last_checkpoint = Instant::now(),
+                Err(e) => warn!("store: checkpoint not written ({e}); will retry"),
+            }
+        }
+        if !retired.is_empty() {
+            match delete_retired(&retired) {
+                Ok(()) => {
+                    if let Some(r) = self.retention {
+                        r.confirmed.forget_through(retired_through);
+                    }
+                }
+                Err(e) => warn!(
+                    "store: retention could not delete every file ({e}); start-up finishes it"
+                ),
+            }
+            // The space freed makes room for the reserve a full disk will need again.
+            if let Some(dir) = retired[0].parent() {
+                ensure_reserve(dir, 0);
+            }
+        }
+        !closing
+    }
+
+    fn checkpoint_due(&self, state: &State) -> bool {
+        state.closing
+            || (self.last_checkpoint.elapsed() >= self.checkpoint_every
+                && self.db.store_metrics.records.load(Relaxed) != self.checkpointed_records)
+    }
+
+    /// The locked state once there is work: replies waiting for an fsync, a checkpoint
+    /// due, or housekeeping time (sealing by age, retention).
+    fn wait_for_work(&self) -> MutexGuard<'a, State> {
+        let state = self.db.lock();
+        if !state.waiting.is_empty() || self.checkpoint_due(&state) {
+            return state;
+        }
+        let wait = self
+            .checkpoint_every
+            .saturating_sub(self.last_checkpoint.elapsed())
+            .min(state.store.seal_wait().unwrap_or(HOUSEKEEPING))
+            .clamp(Duration::from_millis(50), HOUSEKEEPING);
+        self.db
+            .commit_needed
+            .wait_timeout(state, wait)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0
+    }
+
+    /// Retires shipped segments past the local budget; returns the files to delete once
+    /// the lock is released.
+    fn retain(&mut self, state: &mut State) -> Vec<std::path::PathBuf> {
+        let Some(r) = self.retention else {
+            return Vec::new();
+        };
+        let version = r.confirmed.version();
+        if self.retained_version == Some(version) {
+            return Vec::new();
+        }
+        let State { store, sensors, .. } = state;
+        let confirmed = |number, bytes, crc32| r.confirmed.confirms(number, bytes, crc32);
+        match store.retire(&confirmed, r.keep_bytes, sensors) {
+            Ok(victims) => {
+                self.retained_version = Some(version);
+                if !victims.is_empty() {
+                    self.checkpointed_records = self.db.store_metrics.records.load(Relaxed);
+                    self.last_checkpoint = Instant::now();
+                }
+                victims
+            }
+            Err(e) => {
+                warn!("store: retention postponed (checkpoint: {e})");
+                Vec::new()
+            }
+        }
+    }
+}
