@@ -10,8 +10,11 @@
 //! - `client`: `sensor-client`, which simulates sensors and never loses a reading.
 //! - `net`: socket reads and writes both binaries share.
 
+#![forbid(unsafe_code)]
+#![warn(unreachable_pub)]
+
 pub mod client;
-pub mod net;
+mod net;
 pub mod server;
 pub mod wire;
 

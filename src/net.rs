@@ -5,7 +5,7 @@ use std::io::{self, Read, Write};
 
 /// What one read produced.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Fill {
+pub(crate) enum Fill {
     Data(usize),
     Eof,
     WouldBlock,
@@ -19,7 +19,7 @@ pub enum Fill {
 /// later raises a new edge (tokio makes the same inference). That saves a system call
 /// per wake-up when peers send a line at a time. Once the poller has reported the peer's
 /// FIN (`hup`), reads go on until they return 0, since no new edge will announce it.
-pub fn read_some(
+pub(crate) fn read_some(
     mut stream: impl Read,
     buf: &mut [u8],
     readable: &mut bool,
@@ -49,25 +49,25 @@ pub fn read_some(
 
 /// Bytes queued for a non-blocking socket, of which `written` are sent.
 #[derive(Debug, Default)]
-pub struct Outbox {
+pub(crate) struct Outbox {
     buf: Vec<u8>,
     written: usize,
 }
 
 impl Outbox {
     /// Bytes queued and not yet written.
-    pub fn unsent(&self) -> usize {
+    pub(crate) fn unsent(&self) -> usize {
         self.buf.len() - self.written
     }
 
     /// The queue, to append to.
-    pub fn queue(&mut self) -> &mut Vec<u8> {
+    pub(crate) fn queue(&mut self) -> &mut Vec<u8> {
         &mut self.buf
     }
 
     /// Queues `bytes`; when nothing is queued the buffer itself becomes the queue (no
     /// copy). Returns a spare buffer: the one given up, empty.
-    pub fn adopt(&mut self, mut bytes: Vec<u8>) -> Vec<u8> {
+    pub(crate) fn adopt(&mut self, mut bytes: Vec<u8>) -> Vec<u8> {
         if self.buf.is_empty() {
             std::mem::swap(&mut self.buf, &mut bytes);
         } else {
@@ -78,7 +78,7 @@ impl Outbox {
     }
 
     /// Drops everything queued (the connection is gone).
-    pub fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.buf.clear();
         self.written = 0;
     }
@@ -86,7 +86,11 @@ impl Outbox {
     /// Writes until everything is sent or the socket is full (clearing `*writable`). A
     /// short write is normal: the rest waits for the next writable edge. Returns true
     /// once everything is sent; the emptied buffer stays (see `take_buffer`).
-    pub fn flush(&mut self, mut stream: impl Write, writable: &mut bool) -> io::Result<bool> {
+    pub(crate) fn flush(
+        &mut self,
+        mut stream: impl Write,
+        writable: &mut bool,
+    ) -> io::Result<bool> {
         while *writable && self.written < self.buf.len() {
             match stream.write(&self.buf[self.written..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -104,7 +108,7 @@ impl Outbox {
     }
 
     /// The (empty) buffer, for reuse elsewhere; the outbox then holds no memory.
-    pub fn take_buffer(&mut self) -> Vec<u8> {
+    pub(crate) fn take_buffer(&mut self) -> Vec<u8> {
         self.written = 0;
         std::mem::take(&mut self.buf)
     }

@@ -14,9 +14,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sensorhub::server::store::files::read_archive_state;
-use sensorhub::server::store::recovery::verify;
-use sensorhub::server::store::segments::{Store, StoreOptions};
+use sensorhub::server::{Store, StoreOptions, read_archive_state, verify};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -85,7 +83,6 @@ fuzz_target!(|input: &[u8]| {
 
     let before = verify(&dir, &mut std::io::sink()).expect("verify");
     let first = Store::open(options.clone()).map(|(_, sensors)| sensors);
-    let store_id = std::fs::read_to_string(dir.join("store-id")).unwrap_or_default();
     let mut deleted = false;
     for (i, bytes) in segments.iter().enumerate() {
         let number = i as u64 + 1;

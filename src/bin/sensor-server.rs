@@ -21,10 +21,7 @@ fn main() {
             args.remove(1);
             let config = VerifyConfig::parse_from(args);
             sensorhub::init_logging(log::LevelFilter::Warn);
-            match sensorhub::server::store::recovery::verify(
-                &config.data_dir,
-                &mut std::io::stdout(),
-            ) {
+            match sensorhub::server::verify(&config.data_dir, &mut std::io::stdout()) {
                 Ok(report) if report.problems == 0 => Ok(()),
                 Ok(_) => std::process::exit(1),
                 Err(e) => Err(format!("cannot verify {}: {e}", config.data_dir.display())),

@@ -88,7 +88,7 @@ fn positive_seconds(text: &str) -> Result<f64, String> {
 
 /// Sensor ids and the kind are checked before connecting: a bad name would otherwise
 /// be answered `rejected` for every reading.
-pub fn validate_names(config: &ClientConfig) -> Result<(), String> {
+pub(super) fn validate_names(config: &ClientConfig) -> Result<(), String> {
     if let Some(id) = &config.sensor
         && !valid_sensor(id)
     {

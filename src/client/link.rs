@@ -13,7 +13,7 @@ use std::io;
 use std::time::{Duration, Instant};
 
 /// A generated reading, kept until answered (re-encoded on every send).
-pub struct Pending {
+pub(super) struct Pending {
     pub sensor: u32,
     pub seq: u64,
     pub ts_ms: u64,
@@ -23,7 +23,7 @@ pub struct Pending {
     pub resend: bool,
 }
 
-pub enum LinkState {
+pub(super) enum LinkState {
     /// Waiting for its retry (queued in `Client::retries`).
     Down,
     /// Connecting since the given time.
@@ -32,7 +32,7 @@ pub enum LinkState {
 }
 
 /// One connection and the readings it carries.
-pub struct Link {
+pub(super) struct Link {
     pub state: LinkState,
     pub queue: VecDeque<Pending>,
     /// `queue[..sent]` are written on the current connection and await replies.
@@ -55,13 +55,13 @@ pub struct Link {
 
 /// What `Link::send` did.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Sent {
+pub(super) struct Sent {
     pub first_time: u64,
     pub again: u64,
 }
 
 impl Link {
-    pub fn new(sensors: Vec<usize>) -> Link {
+    pub(super) fn new(sensors: Vec<usize>) -> Link {
         Link {
             state: LinkState::Down,
             queue: VecDeque::new(),
@@ -81,7 +81,7 @@ impl Link {
     /// Forgets the connection: nothing is on the wire any more, and everything queued
     /// will be sent again. Returns the delay before reconnecting (exponential in the
     /// failures so far, between `first` and `max`, times `jitter`).
-    pub fn reset(&mut self, first: Duration, max: Duration, jitter: f64) -> Duration {
+    pub(super) fn reset(&mut self, first: Duration, max: Duration, jitter: f64) -> Duration {
         self.state = LinkState::Down;
         self.sent = 0;
         self.out.clear();
@@ -98,7 +98,7 @@ impl Link {
 
     /// Encodes what the window allows (`id_of` names a reading's sensor) and writes
     /// what the socket takes.
-    pub fn send<'a>(
+    pub(super) fn send<'a>(
         &mut self,
         window: usize,
         kind: &str,
@@ -134,7 +134,7 @@ impl Link {
 
     /// Reads what has arrived and passes every complete reply line to `answer`, in
     /// order; stops at the first error `answer` returns (the connection is then lost).
-    pub fn receive(
+    pub(super) fn receive(
         &mut self,
         mut answer: impl FnMut(&mut Link, &[u8]) -> io::Result<()>,
     ) -> io::Result<()> {

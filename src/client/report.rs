@@ -37,7 +37,7 @@ impl Totals {
 }
 
 /// The totals, reply latencies and the record file.
-pub struct Report {
+pub(super) struct Report {
     pub totals: Totals,
     /// Microseconds from send to reply.
     latency: Histogram<u64>,
@@ -46,7 +46,7 @@ pub struct Report {
 
 impl Report {
     /// `record`: append "SENSOR SEQ STATUS" for every answer to this file.
-    pub fn new(record: Option<&Path>) -> Result<Report, String> {
+    pub(super) fn new(record: Option<&Path>) -> Result<Report, String> {
         let record = match record {
             Some(path) => Some(BufWriter::new(
                 File::options()
@@ -65,7 +65,7 @@ impl Report {
     }
 
     /// Counts one answer to a reading of `sensor` sent `waited` ago.
-    pub fn answer(
+    pub(super) fn answer(
         &mut self,
         status: Status,
         sensor: &str,
@@ -87,7 +87,7 @@ impl Report {
     }
 
     /// Flushes the record file.
-    pub fn finish(&mut self) -> io::Result<()> {
+    pub(super) fn finish(&mut self) -> io::Result<()> {
         match &mut self.record {
             Some(record) => record.flush(),
             None => Ok(()),
@@ -99,7 +99,7 @@ impl Report {
     }
 
     /// The summary scripts read (`sent ... latency p50 ... ms p99 ... ms`).
-    pub fn summary_line(&self) -> String {
+    pub(super) fn summary_line(&self) -> String {
         let t = &self.totals;
         let mut line = format!(
             "sent {} resent {} ok {} duplicate {} rejected {} error {} reconnects {} latency p50 {:.3} ms p99 {:.3} ms",
@@ -123,7 +123,7 @@ impl Report {
     }
 
     /// The benchmark's line: throughput and latency percentiles since `started`.
-    pub fn bench_line(&self, started: Instant) -> String {
+    pub(super) fn bench_line(&self, started: Instant) -> String {
         let secs = started.elapsed().as_secs_f64();
         let answered = self.totals.answered();
         format!(
@@ -138,7 +138,7 @@ impl Report {
 
     /// What a person watching the terminal wants: who, how many stored, how fast, how
     /// many waiting for an answer, how often the connection was lost.
-    pub fn progress_line(
+    pub(super) fn progress_line(
         &self,
         who: &str,
         (since, acked_then): (Instant, u64),

@@ -1,11 +1,16 @@
 //! Wiring of `sensor-server`: recover the store, start the committer and the workers,
 //! bind the listeners, run the event loop, then stop everything in order.
 
-pub mod archive;
+mod archive;
 pub mod config;
-pub mod http;
-pub mod ingest;
-pub mod store;
+mod http;
+mod ingest;
+mod store;
+
+// What the fuzz targets and `sensor-server verify` open of the store.
+pub use store::files::read_archive_state;
+pub use store::recovery::{VerifyReport, verify};
+pub use store::segments::{Store, StoreOptions};
 
 use crate::server::config::{ArchiveArgs, Fsync, RebuildConfig, ServerConfig, ShipConfig};
 use crate::server::ingest::completion::{Job, Notifier, completion_channel};
@@ -13,7 +18,7 @@ use crate::server::ingest::event_loop::{EventLoop, Limits, LoopParts, WAKER};
 use crate::server::ingest::worker::spawn_pool;
 use crate::server::store::committer::{Retention, run_committer};
 use crate::server::store::db::Db;
-use crate::server::store::segments::{Sensors, Store, StoreOptions};
+use crate::server::store::segments::Sensors;
 use archive::shipper::{self, Archive, ArchiveConfig, Confirmed, Source};
 use log::info;
 use mio::net::TcpListener;

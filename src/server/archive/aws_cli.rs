@@ -22,7 +22,7 @@ const WAIT_STEP: Duration = Duration::from_millis(20);
 
 /// What one run gave.
 #[derive(Debug)]
-pub struct CliOutput {
+pub(crate) struct CliOutput {
     pub status: ExitStatus,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
@@ -30,7 +30,7 @@ pub struct CliOutput {
 
 impl CliOutput {
     /// The last non-empty line of stderr, where the AWS CLI puts its error.
-    pub fn error_line(&self) -> String {
+    pub(crate) fn error_line(&self) -> String {
         String::from_utf8_lossy(&self.stderr)
             .lines()
             .rfind(|l| !l.trim().is_empty())
@@ -42,7 +42,7 @@ impl CliOutput {
 
 /// Why a run did not give an output.
 #[derive(Debug)]
-pub enum CliError {
+pub(crate) enum CliError {
     /// It could not be started (missing, not executable).
     Spawn(io::Error),
     /// It ran past its deadline; its process group was killed.
@@ -64,7 +64,7 @@ impl std::fmt::Display for CliError {
 
 /// Runs `command` with `stdin` until it exits or the deadline passes, whichever is
 /// first. `deadline` is asked again while it runs: a stop may bring it forward.
-pub fn run(
+pub(crate) fn run(
     mut command: Command,
     stdin: Stdio,
     deadline: impl Fn() -> Instant,

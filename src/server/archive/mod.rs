@@ -1,4 +1,4 @@
 //! The archive: sealed segments shipped to S3 through the AWS CLI.
 
-pub mod aws_cli;
-pub mod shipper;
+pub(super) mod aws_cli;
+pub(super) mod shipper;

@@ -59,7 +59,7 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Where and how sealed segments are shipped (`--archive` and friends).
 #[derive(Debug, Clone)]
-pub struct ArchiveConfig {
+pub(crate) struct ArchiveConfig {
     pub bucket: String,
     /// Key prefix without leading or trailing `/`; may be empty.
     pub prefix: String,
@@ -79,7 +79,7 @@ pub struct ArchiveConfig {
 /// Parses `s3://BUCKET[/PREFIX]` into bucket and prefix. The prefix must be a plain S3
 /// prefix: `/`-separated parts of S3's safe characters (letters, digits, `!-_.*'()`,
 /// and `=` for Hive-style parts), none empty, `.` or `..`.
-pub fn parse_s3_url(url: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_s3_url(url: &str) -> Result<(String, String), String> {
     let rest = url
         .strip_prefix("s3://")
         .ok_or_else(|| format!("archive {url:?} must look like s3://BUCKET/PREFIX"))?;
@@ -112,7 +112,7 @@ pub fn parse_s3_url(url: &str) -> Result<(String, String), String> {
 }
 
 /// Checks a host id for use in keys and partition values: 1 to 64 of `[A-Za-z0-9._-]`.
-pub fn check_host_id(host: &str) -> Result<(), String> {
+pub(crate) fn check_host_id(host: &str) -> Result<(), String> {
     let ok = (1..=64).contains(&host.len())
         && host
             .bytes()
@@ -128,7 +128,7 @@ pub fn check_host_id(host: &str) -> Result<(), String> {
 
 /// Checks an S3 endpoint override: `http://` or `https://`, a host, nothing else odd
 /// (the CLI would only fail on it at the first upload).
-pub fn check_endpoint(endpoint: &str) -> Result<(), String> {
+pub(crate) fn check_endpoint(endpoint: &str) -> Result<(), String> {
     let host = endpoint
         .strip_prefix("http://")
         .or_else(|| endpoint.strip_prefix("https://"))
@@ -142,7 +142,7 @@ pub fn check_endpoint(endpoint: &str) -> Result<(), String> {
 }
 
 /// The machine's hostname, the default host id.
-pub fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_default()
@@ -150,7 +150,12 @@ pub fn hostname() -> String {
 
 /// The object key of segment `number` of store `store_id` whose first record was
 /// received at `first_ms`.
-pub fn object_key(config: &ArchiveConfig, store_id: &str, number: u64, first_ms: u64) -> String {
+pub(crate) fn object_key(
+    config: &ArchiveConfig,
+    store_id: &str,
+    number: u64,
+    first_ms: u64,
+) -> String {
     let (y, m, d) = civil_date(first_ms);
     let name = segment_name(number);
     let stem = name.strip_suffix(".jsonl").unwrap_or(&name);
@@ -167,7 +172,7 @@ pub fn object_key(config: &ArchiveConfig, store_id: &str, number: u64, first_ms:
 
 /// What `/metrics` shows of the archive.
 #[derive(Debug, Default)]
-pub struct ArchiveMetrics {
+pub(crate) struct ArchiveMetrics {
     pub shipped_segments: AtomicU64,
     /// Segment bytes shipped (before compression).
     pub shipped_bytes: AtomicU64,
@@ -186,7 +191,7 @@ pub struct ArchiveMetrics {
 impl ArchiveMetrics {
     /// Seconds since the oldest unshipped sealed segment was sealed: the archive lag an
     /// alarm watches (0 when everything is shipped).
-    pub fn lag_seconds(&self) -> f64 {
+    pub(crate) fn lag_seconds(&self) -> f64 {
         match self.oldest_pending_ms.load(Relaxed) {
             0 => 0.0,
             at => unix_millis().saturating_sub(at) as f64 / 1000.0,
@@ -198,7 +203,7 @@ impl ArchiveMetrics {
 /// retention, which deletes only what it confirms. The record changes in memory first
 /// and is then saved: on a full disk the save fails, but retention can still free space
 /// for it (a crash before the save only makes the next start check those objects again).
-pub struct Confirmed {
+pub(crate) struct Confirmed {
     dir: PathBuf,
     state: Mutex<ArchiveState>,
     /// Bumped by every record, so retention knows when to look again.
@@ -206,7 +211,7 @@ pub struct Confirmed {
 }
 
 impl Confirmed {
-    pub fn new(dir: &Path, state: ArchiveState) -> Confirmed {
+    pub(crate) fn new(dir: &Path, state: ArchiveState) -> Confirmed {
         Confirmed {
             dir: dir.to_owned(),
             state: Mutex::new(state),
@@ -219,12 +224,12 @@ impl Confirmed {
     }
 
     /// True when S3 holds exactly segment `number`: `bytes` long with this CRC-32.
-    pub fn confirms(&self, number: u64, bytes: u64, crc32: u32) -> bool {
+    pub(crate) fn confirms(&self, number: u64, bytes: u64, crc32: u32) -> bool {
         self.lock().confirms(number, bytes, crc32)
     }
 
     /// Changes whenever a segment is recorded.
-    pub fn version(&self) -> u64 {
+    pub(crate) fn version(&self) -> u64 {
         self.version.load(Relaxed)
     }
 
@@ -234,7 +239,7 @@ impl Confirmed {
     }
 
     /// Every segment up to this is in S3.
-    pub fn through(&self) -> u64 {
+    pub(crate) fn through(&self) -> u64 {
         self.lock().shipped_through
     }
 
@@ -249,7 +254,7 @@ impl Confirmed {
 
     /// Forgets the records of segments retention deleted (up to `number`); saved with
     /// the next record.
-    pub fn forget_through(&self, number: u64) {
+    pub(crate) fn forget_through(&self, number: u64) {
         self.lock().segments.retain(|&n, _| n > number);
     }
 
@@ -286,7 +291,7 @@ impl Stop {
 }
 
 /// The store the shipper ships from.
-pub struct Source {
+pub(crate) struct Source {
     pub dir: PathBuf,
     pub store_id: String,
     pub metrics: Arc<StoreMetrics>,
@@ -298,7 +303,7 @@ pub struct Source {
 
 /// What the start-up check found of the bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Bucket {
+pub(crate) enum Bucket {
     Answers,
     /// It did not answer (an outage, a network still coming up): shipping retries.
     Silent,
@@ -307,7 +312,7 @@ pub enum Bucket {
 /// Checks, before anything is shipped, that the CLI runs and the bucket answers. A
 /// missing CLI, or a bucket S3 says is missing or forbidden, is an error; a bucket that
 /// does not answer is a warning (and `Bucket::Silent`).
-pub fn check_start(config: &ArchiveConfig) -> Result<Bucket, String> {
+pub(crate) fn check_start(config: &ArchiveConfig) -> Result<Bucket, String> {
     let mut version = Command::new(&config.cli);
     version.arg("--version");
     let deadline = Instant::now() + CHECK_TIMEOUT;
@@ -352,7 +357,7 @@ pub fn check_start(config: &ArchiveConfig) -> Result<Bucket, String> {
 }
 
 /// The running shipper.
-pub struct Archive {
+pub(crate) struct Archive {
     pub metrics: Arc<ArchiveMetrics>,
     stop: Arc<Stop>,
     stop_timeout: Duration,
@@ -362,7 +367,7 @@ pub struct Archive {
 impl Archive {
     /// Starts shipping what the store seals, after what `confirmed` records. A bucket
     /// the start-up check found silent counts as a failure, so `/metrics` shows it.
-    pub fn start(
+    pub(crate) fn start(
         config: ArchiveConfig,
         source: Source,
         confirmed: Arc<Confirmed>,
@@ -404,7 +409,7 @@ impl Archive {
 
     /// Ships what is pending (the store has sealed its last segment by now) for up to
     /// the stop timeout, then says what it left; returns how many segments that is.
-    pub fn finish(self) -> u64 {
+    pub(crate) fn finish(self) -> u64 {
         *self
             .stop
             .deadline
@@ -751,7 +756,7 @@ fn remove_upload_leftovers(dir: &Path) -> io::Result<()> {
 }
 
 /// The archived segments of one store, fetched back from S3 (`sensor-server rebuild`).
-pub struct Fetcher {
+pub(crate) struct Fetcher {
     config: ArchiveConfig,
     /// Segment number -> object key, for every object of the store under the prefix.
     keys: BTreeMap<u64, String>,
@@ -761,7 +766,7 @@ pub struct Fetcher {
 impl Fetcher {
     /// Lists the objects of store `store_id` under the archive's prefix (any host);
     /// fetched segments go through `scratch`.
-    pub fn list(
+    pub(crate) fn list(
         config: ArchiveConfig,
         store_id: &str,
         scratch: PathBuf,
@@ -802,7 +807,7 @@ impl Fetcher {
 
     /// Segment `number`'s bytes as S3 holds them (its checksum checked on the way), in a
     /// file, and its key.
-    pub fn fetch(&self, number: u64) -> io::Result<(PathBuf, String)> {
+    pub(crate) fn fetch(&self, number: u64) -> io::Result<(PathBuf, String)> {
         let key = self.keys.get(&number).ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::NotFound,

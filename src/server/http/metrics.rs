@@ -11,13 +11,13 @@ use std::time::Instant;
 
 /// Bucket bounds, in seconds, for latencies from tens of microseconds (a reply with
 /// `--fsync never`) to seconds (a stalled disk).
-pub const LATENCY_BUCKETS: &[f64] = &[
+pub(crate) const LATENCY_BUCKETS: &[f64] = &[
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
     2.5, 5.0,
 ];
 
 /// Counters the event loop owns (it also serves `/metrics`, so no sharing is needed).
-pub struct LoopStats {
+pub(crate) struct LoopStats {
     pub connections_total: u64,
     pub connections_refused: u64,
     pub bytes_received: u64,
@@ -40,7 +40,7 @@ impl Default for LoopStats {
 
 impl LoopStats {
     /// Counts `n` replies of `status` to lines that arrived at `since`.
-    pub fn count_replies(&mut self, status: Status, n: u64, since: Instant) {
+    pub(crate) fn count_replies(&mut self, status: Status, n: u64, since: Instant) {
         if n == 0 {
             return;
         }
@@ -110,7 +110,7 @@ impl Histogram {
 
 /// Builds one exposition document; each metric gets its HELP and TYPE lines.
 #[derive(Default)]
-pub struct Exposition {
+pub(crate) struct Exposition {
     out: String,
 }
 
@@ -119,18 +119,18 @@ impl Exposition {
         let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
     }
 
-    pub fn counter(&mut self, name: &str, help: &str, value: u64) {
+    pub(crate) fn counter(&mut self, name: &str, help: &str, value: u64) {
         self.header(name, "counter", help);
         let _ = writeln!(self.out, "{name} {value}");
     }
 
-    pub fn gauge(&mut self, name: &str, help: &str, value: f64) {
+    pub(crate) fn gauge(&mut self, name: &str, help: &str, value: f64) {
         self.header(name, "gauge", help);
         let _ = writeln!(self.out, "{name} {value}");
     }
 
     /// A counter with one label, one sample per `(label value, count)`.
-    pub fn labelled_counter(
+    pub(crate) fn labelled_counter(
         &mut self,
         name: &str,
         help: &str,
@@ -143,12 +143,12 @@ impl Exposition {
         }
     }
 
-    pub fn histogram(&mut self, name: &str, help: &str, histogram: &Histogram) {
+    pub(crate) fn histogram(&mut self, name: &str, help: &str, histogram: &Histogram) {
         self.header(name, "histogram", help);
         histogram.render(&mut self.out, name);
     }
 
-    pub fn finish(self) -> String {
+    pub(crate) fn finish(self) -> String {
         self.out
     }
 }

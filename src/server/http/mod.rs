@@ -1,5 +1,5 @@
 //! The HTTP side port: `/healthz`, `/metrics`, `/sensors`.
 
-pub mod metrics;
-pub mod pages;
-pub mod port;
+pub(super) mod metrics;
+pub(super) mod pages;
+pub(super) mod port;

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
 
 /// Everything the pages show, gathered by the event loop.
-pub struct Figures<'a> {
+pub(crate) struct Figures<'a> {
     pub loop_stats: &'a LoopStats,
     pub open_connections: usize,
     /// Batches waiting for a worker.
@@ -25,7 +25,7 @@ pub struct Figures<'a> {
 }
 
 /// The complete response to `route`.
-pub fn render(route: Route, f: &Figures) -> Vec<u8> {
+pub(crate) fn render(route: Route, f: &Figures) -> Vec<u8> {
     const TEXT: &str = "text/plain; charset=utf-8";
     match route {
         // A load balancer's health check: a server that cannot store acknowledges
@@ -47,7 +47,7 @@ pub fn render(route: Route, f: &Figures) -> Vec<u8> {
 }
 
 /// The `/sensors` document: every sensor with at least one stored reading, by id.
-pub fn sensors_body(db: &Db) -> Vec<u8> {
+pub(crate) fn sensors_body(db: &Db) -> Vec<u8> {
     db.with_sensors(|sensors| {
         let view: BTreeMap<&str, SensorView> = sensors
             .iter()

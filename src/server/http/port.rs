@@ -18,19 +18,19 @@ use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
 
 /// Largest request head accepted.
-pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
+pub(crate) const MAX_REQUEST_BYTES: usize = 8 * 1024;
 /// Time a peer has to send its whole request head: a health checker sends it at once;
 /// a slowloris peer (a byte a second) is closed.
-pub const HEAD_DEADLINE: Duration = Duration::from_secs(2);
+pub(crate) const HEAD_DEADLINE: Duration = Duration::from_secs(2);
 /// Time a peer has to read the response.
-pub const RESPONSE_DEADLINE: Duration = Duration::from_secs(5);
+pub(crate) const RESPONSE_DEADLINE: Duration = Duration::from_secs(5);
 /// HTTP connections served at once. When all are taken, a new one replaces the one
 /// that has waited longest for its request head (slow peers go first); if every one is
 /// busy writing a response, the new one is answered 503 and closed.
-pub const MAX_HTTP_CONNECTIONS: usize = 256;
+pub(crate) const MAX_HTTP_CONNECTIONS: usize = 256;
 
 /// The answer to a connection that cannot be served now.
-pub fn busy_response() -> Vec<u8> {
+pub(crate) fn busy_response() -> Vec<u8> {
     response(
         503,
         "text/plain; charset=utf-8",
@@ -40,7 +40,7 @@ pub fn busy_response() -> Vec<u8> {
 
 /// What a request asks for.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Route {
+pub(crate) enum Route {
     Healthz,
     Metrics,
     Sensors,
@@ -50,7 +50,7 @@ pub enum Route {
 }
 
 /// Parses a request head; `None` while it is incomplete.
-pub fn route(request: &[u8]) -> Option<Route> {
+pub(crate) fn route(request: &[u8]) -> Option<Route> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut parsed = httparse::Request::new(&mut headers);
     match parsed.parse(request) {
@@ -74,7 +74,7 @@ pub fn route(request: &[u8]) -> Option<Route> {
 }
 
 /// A complete HTTP/1.1 response that closes the connection.
-pub fn response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
+pub(crate) fn response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
@@ -93,7 +93,7 @@ pub fn response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
 }
 
 /// The HTTP side port: its listener and its connections, driven by the event loop.
-pub struct HttpPort {
+pub(crate) struct HttpPort {
     listener: Option<TcpListener>,
     /// Each connection with the generation its token carries.
     conns: Slab<(u32, HttpConn)>,
@@ -101,7 +101,7 @@ pub struct HttpPort {
 }
 
 impl HttpPort {
-    pub fn new(listener: TcpListener) -> HttpPort {
+    pub(crate) fn new(listener: TcpListener) -> HttpPort {
         HttpPort {
             listener: Some(listener),
             conns: Slab::new(),
@@ -110,17 +110,17 @@ impl HttpPort {
     }
 
     /// The listener, for registering it with the poller.
-    pub fn listener_mut(&mut self) -> Option<&mut TcpListener> {
+    pub(crate) fn listener_mut(&mut self) -> Option<&mut TcpListener> {
         self.listener.as_mut()
     }
 
     /// Closes the listener: new connections are refused by the kernel at once.
-    pub fn stop_listening(&mut self) {
+    pub(crate) fn stop_listening(&mut self) {
         self.listener = None;
     }
 
     /// Accepts every waiting connection.
-    pub fn accept(&mut self, registry: &Registry, reserve: &mut Reserve, now: Instant) {
+    pub(crate) fn accept(&mut self, registry: &Registry, reserve: &mut Reserve, now: Instant) {
         loop {
             let Some(listener) = &self.listener else {
                 return;
@@ -177,7 +177,7 @@ impl HttpPort {
     }
 
     /// Reads or writes connection `id` as far as it goes; `render` answers a request.
-    pub fn service(
+    pub(crate) fn service(
         &mut self,
         registry: &Registry,
         id: ConnId,
@@ -200,7 +200,7 @@ impl HttpPort {
     }
 
     /// Closes connections past their deadline (a slow head, a response not read).
-    pub fn close_stale(&mut self, registry: &Registry, now: Instant) {
+    pub(crate) fn close_stale(&mut self, registry: &Registry, now: Instant) {
         let stale: Vec<usize> = self
             .conns
             .iter()

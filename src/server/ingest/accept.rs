@@ -9,12 +9,12 @@ use std::net::Shutdown;
 
 /// A spare descriptor, given up when `accept` hits EMFILE so the waiting connection can
 /// be accepted and told the server is busy instead of spinning on it.
-pub struct Reserve {
+pub(crate) struct Reserve {
     fd: Option<File>,
 }
 
 /// What giving up the reserve achieved.
-pub enum Shed {
+pub(crate) enum Shed {
     /// A waiting peer was answered and closed; it had sent this many bytes.
     Refused(usize),
     BacklogEmpty,
@@ -22,7 +22,7 @@ pub enum Shed {
 }
 
 impl Reserve {
-    pub fn new() -> Reserve {
+    pub(crate) fn new() -> Reserve {
         Reserve {
             fd: File::open("/dev/null").ok(),
         }
@@ -30,7 +30,7 @@ impl Reserve {
 
     /// Out of descriptors: frees the reserve to accept one waiting connection on
     /// `listener`, answers it `reply`, and takes the reserve back.
-    pub fn shed(&mut self, listener: &TcpListener, reply: &[u8]) -> Shed {
+    pub(crate) fn shed(&mut self, listener: &TcpListener, reply: &[u8]) -> Shed {
         if self.fd.take().is_none() {
             return Shed::NoReserve;
         }
@@ -53,7 +53,7 @@ impl Default for Reserve {
 /// how many bytes the peer had sent. A fresh socket's send buffer is empty, so the
 /// short reply fits at once; what the peer sent is read and discarded so that the close
 /// is a FIN, not a reset that could destroy the reply before the peer reads it.
-pub fn refuse(stream: &TcpStream, reply: &[u8]) -> usize {
+pub(crate) fn refuse(stream: &TcpStream, reply: &[u8]) -> usize {
     let _ = (&*stream).write(reply);
     let _ = stream.shutdown(Shutdown::Write);
     let mut sink = [0u8; 4096];
@@ -61,12 +61,12 @@ pub fn refuse(stream: &TcpStream, reply: &[u8]) -> usize {
 }
 
 /// EMFILE (per process) and ENFILE (system-wide).
-pub fn is_out_of_descriptors(e: &io::Error) -> bool {
+pub(crate) fn is_out_of_descriptors(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(24) | Some(23))
 }
 
 /// Errors about one connection that died in the backlog: skip it and keep accepting.
-pub fn is_transient(e: &io::Error) -> bool {
+pub(crate) fn is_transient(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::ConnectionAborted

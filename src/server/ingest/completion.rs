@@ -16,13 +16,13 @@ use std::time::Instant;
 /// changes every time the slot is filled, so a late completion for a closed connection
 /// never reaches its successor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConnId {
+pub(crate) struct ConnId {
     pub index: usize,
     pub generation: u32,
 }
 
 /// Complete lines from one connection, for one worker.
-pub struct Job {
+pub(crate) struct Job {
     pub conn: ConnId,
     /// Position of this batch among the connection's batches, for in-order replies.
     pub batch: u64,
@@ -36,7 +36,7 @@ pub struct Job {
 }
 
 /// The replies to one batch, on their way back to the event loop.
-pub struct Completion {
+pub(crate) struct Completion {
     pub conn: ConnId,
     pub batch: u64,
     pub replies: Vec<u8>,
@@ -47,7 +47,7 @@ pub struct Completion {
 
 impl Completion {
     /// The completion of `job`, its replies to be written into `replies` (empty).
-    pub fn for_job(job: &Job, replies: Vec<u8>) -> Completion {
+    pub(crate) fn for_job(job: &Job, replies: Vec<u8>) -> Completion {
         Completion {
             conn: job.conn,
             batch: job.batch,
@@ -58,7 +58,7 @@ impl Completion {
     }
 
     /// A completion of the same batch that takes this one's reply buffer.
-    pub fn take(&mut self) -> Completion {
+    pub(crate) fn take(&mut self) -> Completion {
         Completion {
             replies: std::mem::take(&mut self.replies),
             counts: std::mem::take(&mut self.counts),
@@ -70,7 +70,7 @@ impl Completion {
 /// Spare buffers (the loop's, and each worker's). Bounded in count and in the size of
 /// what it keeps, so one burst does not pin memory for good.
 #[derive(Default)]
-pub struct BufferPool {
+pub(crate) struct BufferPool {
     free: Vec<Vec<u8>>,
 }
 
@@ -82,12 +82,12 @@ const POOL_BUFFER_BYTES: usize = 32 * 1024;
 
 impl BufferPool {
     /// An empty buffer, recycled if one is free.
-    pub fn take(&mut self) -> Vec<u8> {
+    pub(crate) fn take(&mut self) -> Vec<u8> {
         self.free.pop().unwrap_or_default()
     }
 
     /// Returns a buffer for reuse.
-    pub fn give(&mut self, mut buffer: Vec<u8>) {
+    pub(crate) fn give(&mut self, mut buffer: Vec<u8>) {
         if buffer.capacity() > 0
             && buffer.capacity() <= POOL_BUFFER_BYTES
             && self.free.len() < POOL_BUFFERS
@@ -100,7 +100,7 @@ impl BufferPool {
 
 /// The sending half of the completion channel, shared by workers and the committer.
 #[derive(Clone)]
-pub struct Notifier {
+pub(crate) struct Notifier {
     tx: Sender<Completion>,
     waker: Arc<mio::Waker>,
     /// Set once a wake-up is on its way; the loop clears it before draining.
@@ -108,13 +108,13 @@ pub struct Notifier {
 }
 
 /// The receiving half, owned by the event loop.
-pub struct Completions {
+pub(crate) struct Completions {
     rx: Receiver<Completion>,
     armed: Arc<AtomicBool>,
 }
 
 /// A completion channel whose sends wake `waker`.
-pub fn completion_channel(waker: Arc<mio::Waker>) -> (Notifier, Completions) {
+pub(crate) fn completion_channel(waker: Arc<mio::Waker>) -> (Notifier, Completions) {
     let (tx, rx) = crossbeam_channel::unbounded();
     let armed = Arc::new(AtomicBool::new(false));
     (
@@ -129,7 +129,7 @@ pub fn completion_channel(waker: Arc<mio::Waker>) -> (Notifier, Completions) {
 
 impl Notifier {
     /// Sends every completion of `completions` (emptying it) with one wake-up.
-    pub fn send_all(&self, completions: &mut Vec<Completion>) {
+    pub(crate) fn send_all(&self, completions: &mut Vec<Completion>) {
         if completions.is_empty() {
             return;
         }
@@ -148,7 +148,7 @@ impl Notifier {
 impl Completions {
     /// Everything sent so far. Clearing `armed` first means a send racing with this drain
     /// either is seen by it or wakes the loop again.
-    pub fn drain(&self) -> impl Iterator<Item = Completion> + '_ {
+    pub(crate) fn drain(&self) -> impl Iterator<Item = Completion> + '_ {
         self.armed.store(false, SeqCst);
         self.rx.try_iter()
     }

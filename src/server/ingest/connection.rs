@@ -25,7 +25,7 @@
 
 use crate::net::{Fill, Outbox, read_some};
 use crate::server::http::metrics::LoopStats;
-pub use crate::server::ingest::completion::ConnId;
+pub(crate) use crate::server::ingest::completion::ConnId;
 use crate::server::ingest::completion::{BufferPool, Completion, Job};
 use crate::server::store::segments::unix_millis;
 use crate::wire::framing;
@@ -56,13 +56,13 @@ const HTTP_BIT: usize = 1 << 63;
 const GENERATION_MASK: u32 = 0x7fff_ffff;
 
 impl ConnId {
-    pub fn token(self, http: bool) -> Token {
+    pub(crate) fn token(self, http: bool) -> Token {
         let t = ((self.generation as usize) << 32) | self.index;
         Token(if http { t | HTTP_BIT } else { t })
     }
 
     /// Splits a token into its connection id and whether it is an HTTP connection.
-    pub fn from_token(token: Token) -> (ConnId, bool) {
+    pub(crate) fn from_token(token: Token) -> (ConnId, bool) {
         let t = token.0;
         let id = ConnId {
             index: t & 0xffff_ffff,
@@ -72,7 +72,7 @@ impl ConnId {
     }
 
     /// The generation after `g`, skipping 0.
-    pub fn next_generation(g: u32) -> u32 {
+    pub(crate) fn next_generation(g: u32) -> u32 {
         match g.wrapping_add(1) & GENERATION_MASK {
             0 => 1,
             n => n,
@@ -82,7 +82,7 @@ impl ConnId {
 
 /// Releases items in id order, holding those that arrive early.
 #[derive(Debug)]
-pub struct Reorder<T> {
+pub(crate) struct Reorder<T> {
     next: u64,
     early: Vec<(u64, T)>,
 }
@@ -98,7 +98,7 @@ impl<T> Default for Reorder<T> {
 
 impl<T> Reorder<T> {
     /// Accepts item `id` and passes every item that is now in order to `deliver`.
-    pub fn push(&mut self, id: u64, item: T, mut deliver: impl FnMut(T)) {
+    pub(crate) fn push(&mut self, id: u64, item: T, mut deliver: impl FnMut(T)) {
         if id != self.next {
             self.early.push((id, item));
             return;
@@ -112,14 +112,14 @@ impl<T> Reorder<T> {
     }
 
     /// The id of the next item to deliver.
-    pub fn next(&self) -> u64 {
+    pub(crate) fn next(&self) -> u64 {
         self.next
     }
 }
 
 /// Everything servicing a connection needs besides the connection itself; owned by the
 /// event loop and lent to one connection at a time.
-pub struct Context {
+pub(crate) struct Context {
     /// One queue per worker; a connection always uses `jobs[index % len]`.
     pub jobs: Vec<Sender<Job>>,
     pub stats: LoopStats,
@@ -132,7 +132,7 @@ pub struct Context {
 
 /// What the loop should do with a connection after servicing it.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Next {
+pub(crate) enum Next {
     Wait,
     /// Its read budget ran out with data left: service it again soon.
     Again,
@@ -142,7 +142,7 @@ pub enum Next {
 }
 
 /// A sensor connection.
-pub struct Connection {
+pub(crate) struct Connection {
     stream: TcpStream,
     id: ConnId,
     /// Bytes read but not yet handed to a worker: complete lines, then a partial one.
@@ -172,7 +172,7 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub fn new(stream: TcpStream, id: ConnId, now: Instant) -> Connection {
+    pub(crate) fn new(stream: TcpStream, id: ConnId, now: Instant) -> Connection {
         Connection {
             stream,
             id,
@@ -192,17 +192,17 @@ impl Connection {
         }
     }
 
-    pub fn id(&self) -> ConnId {
+    pub(crate) fn id(&self) -> ConnId {
         self.id
     }
 
     /// The socket, for (de)registering it with the poller.
-    pub fn stream_mut(&mut self) -> &mut TcpStream {
+    pub(crate) fn stream_mut(&mut self) -> &mut TcpStream {
         &mut self.stream
     }
 
     /// Records the readiness a poller event reports (kept until consumed).
-    pub fn on_readiness(&mut self, event: &Event) {
+    pub(crate) fn on_readiness(&mut self, event: &Event) {
         let error = event.is_error();
         if event.is_readable() || event.is_read_closed() || error {
             self.readable = true;
@@ -217,7 +217,7 @@ impl Connection {
 
     /// Queues the replies of a finished batch, in batch order; the spare buffer this
     /// leaves goes back to `ctx.buffers`.
-    pub fn deliver(&mut self, completion: Completion, ctx: &mut Context) {
+    pub(crate) fn deliver(&mut self, completion: Completion, ctx: &mut Context) {
         let Connection {
             output, reorder, ..
         } = self;
@@ -232,7 +232,7 @@ impl Connection {
 
     /// Stops taking input: complete lines already read are still answered, the partial
     /// line after them is dropped without a reply.
-    pub fn stop_input(&mut self) {
+    pub(crate) fn stop_input(&mut self) {
         self.input_closed = true;
         let keep = memchr::memrchr(b'\n', &self.input).map_or(0, |i| i + 1);
         self.input.truncate(keep);
@@ -241,7 +241,7 @@ impl Connection {
     /// Whether the connection should be closed now for lingering past its deadline or
     /// for sending nothing for `idle_timeout`. A connection with work in progress is not
     /// idle: its clock restarts.
-    pub fn expired(&mut self, now: Instant, idle_timeout: Option<Duration>) -> bool {
+    pub(crate) fn expired(&mut self, now: Instant, idle_timeout: Option<Duration>) -> bool {
         if let Some(until) = self.lingering_until {
             return now >= until;
         }
@@ -253,7 +253,7 @@ impl Connection {
     }
 
     /// Moves the connection forward as far as it can go now (see the module doc).
-    pub fn service(&mut self, ctx: &mut Context, now: Instant) -> Next {
+    pub(crate) fn service(&mut self, ctx: &mut Context, now: Instant) -> Next {
         if self.lingering_until.is_some() {
             return self.drain_lingering(ctx);
         }

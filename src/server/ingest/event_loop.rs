@@ -30,10 +30,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-pub const LISTENER: Token = Token(0);
-pub const HTTP_LISTENER: Token = Token(1);
-pub const WAKER: Token = Token(2);
-pub const SIGNALS: Token = Token(3);
+pub(crate) const LISTENER: Token = Token(0);
+pub(crate) const HTTP_LISTENER: Token = Token(1);
+pub(crate) const WAKER: Token = Token(2);
+pub(crate) const SIGNALS: Token = Token(3);
 
 /// How long a stop waits for owed replies before closing what is left.
 const STOP_DRAIN: Duration = Duration::from_secs(8);
@@ -49,7 +49,7 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
 /// Limits from the command line.
 #[derive(Debug, Clone)]
-pub struct Limits {
+pub(crate) struct Limits {
     pub max_connections: usize,
     pub idle_timeout: Option<Duration>,
     pub max_line_bytes: usize,
@@ -57,7 +57,7 @@ pub struct Limits {
 
 /// What the loop is built from; the `Poll`'s registry must already hold the completion
 /// waker at `WAKER`.
-pub struct LoopParts {
+pub(crate) struct LoopParts {
     pub poll: Poll,
     pub listener: TcpListener,
     pub http_listener: Option<TcpListener>,
@@ -69,7 +69,7 @@ pub struct LoopParts {
     pub archive: Option<Arc<ArchiveMetrics>>,
 }
 
-pub struct EventLoop {
+pub(crate) struct EventLoop {
     poll: Poll,
     listener: Option<TcpListener>,
     http: Option<HttpPort>,
@@ -102,7 +102,7 @@ pub struct EventLoop {
 
 impl EventLoop {
     /// Builds the loop and registers the listeners and the stop signals.
-    pub fn new(parts: LoopParts, limits: Limits) -> io::Result<EventLoop> {
+    pub(crate) fn new(parts: LoopParts, limits: Limits) -> io::Result<EventLoop> {
         let LoopParts {
             poll,
             mut listener,
@@ -158,7 +158,7 @@ impl EventLoop {
 
     /// Runs until a stop signal has been handled: every complete line already read is
     /// answered and every connection's write side is shut (or the drain time ran out).
-    pub fn run(mut self) -> io::Result<()> {
+    pub(crate) fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         loop {
             let timeout = self.poll_timeout();

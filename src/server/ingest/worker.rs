@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 
 /// Starts one worker per queue; each runs until its queue is closed. A connection's
 /// batches all go to one queue (see `connection.rs`), so the ledger sees them in order.
-pub fn spawn_pool(
+pub(crate) fn spawn_pool(
     queues: Vec<Receiver<Job>>,
     db: &Arc<Db>,
     notifier: &Notifier,
@@ -52,7 +52,7 @@ const MAX_GROUP: usize = 64;
 /// the steady state allocates nothing (musl's allocator returns large blocks to the
 /// kernel at once; a fresh vector of a group's verdicts cost page faults every time).
 #[derive(Default)]
-pub struct Worker {
+pub(crate) struct Worker {
     /// The batches to process next.
     pub group: Vec<Job>,
     spare: BufferPool,
@@ -70,7 +70,7 @@ impl Worker {
     /// and routes the replies: through the ledger (and the committer) when they depend
     /// on stored data, straight to the loop otherwise. Reply buffers come from the
     /// worker's spares, and the jobs' line buffers go back to them.
-    pub fn process(&mut self, db: &Db, notifier: &Notifier) {
+    pub(crate) fn process(&mut self, db: &Db, notifier: &Notifier) {
         let Worker {
             group: jobs,
             spare,

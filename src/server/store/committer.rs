@@ -5,6 +5,7 @@
 use crate::server::archive::shipper::Confirmed;
 use crate::server::store::db::{Db, State, stop_process};
 use crate::server::store::files::{delete_retired, ensure_reserve};
+use crate::server::store::segments::Retirement;
 use log::warn;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, MutexGuard, PoisonError};
@@ -20,7 +21,7 @@ fn fail(e: std::io::Error) -> ! {
 }
 
 /// Deleting shipped segments beyond a local budget (`--keep-shipped-bytes`).
-pub struct Retention {
+pub(crate) struct Retention {
     /// What S3 confirmed, segment by segment (recorded by the shipper).
     pub confirmed: Arc<Confirmed>,
     /// Shipped segments kept on disk, oldest deleted first past this.
@@ -33,7 +34,7 @@ const HOUSEKEEPING: Duration = Duration::from_secs(1);
 /// The committer thread's body until `Db::close`: group fsync (with `--fsync always`),
 /// a checkpoint every `checkpoint_every` while readings arrive and at the end, sealing
 /// by age (and at the end), and retention of shipped segments.
-pub fn run_committer(db: &Db, checkpoint_every: Duration, retention: Option<&Retention>) {
+pub(crate) fn run_committer(db: &Db, checkpoint_every: Duration, retention: Option<&Retention>) {
     let mut committer = Committer {
         db,
         checkpoint_every,
@@ -77,18 +78,14 @@ impl<'a> Committer<'a> {
             .then(|| state.store.take_sync(!completions.is_empty()));
         let closing = state.closing;
         let due = self.checkpoint_due(&state);
-        // Retention first: when it retires segments it writes a checkpoint of the
-        // store as it is now, which then is the checkpoint of this round (an older one
-        // written after it would list the deleted files again).
-        let retired = self.retain(&mut state);
+        // Retention's checkpoint, when it retires segments, is the checkpoint of this
+        // round: an older one written after it would list the deleted files again.
+        let retirement = self.plan_retirement(&state);
         // Taken under the lock, so the statistics match the file lengths exactly.
-        let checkpoint = (retired.is_empty() && due)
-            .then(|| {
-                self.checkpointed_records = self.db.store_metrics.records.load(Relaxed);
-                state.store.checkpoint(state.sensors.clone())
-            })
+        let checkpoint = due
+            .then(|| state.store.checkpoint(state.sensors.clone()))
             .flatten();
-        let retired_through = state.store.retired_through();
+        let records = self.db.store_metrics.records.load(Relaxed);
         drop(state);
 
         if let Some(sync) = sync {
@@ -97,28 +94,17 @@ impl<'a> Committer<'a> {
             }
             self.db.notifier.send_all(&mut completions);
         }
-        if let Some(checkpoint) = checkpoint {
+        let retired = retirement
+            .is_some_and(|(retirement, version)| self.retire(retirement, version, records));
+        if let Some(checkpoint) = checkpoint.filter(|_| !retired) {
             // A checkpoint only shortens the next start-up: if it cannot be written
             // (disk full), the old one stays valid and the next one tries again.
             match checkpoint.write() {
-                Ok(()) => self.last_checkpoint = Instant::now(),
-                Err(e) => warn!("store: checkpoint not written ({e}); will retry"),
-            }
-        }
-        if !retired.is_empty() {
-            match delete_retired(&retired) {
                 Ok(()) => {
-                    if let Some(r) = self.retention {
-                        r.confirmed.forget_through(retired_through);
-                    }
+                    self.last_checkpoint = Instant::now();
+                    self.checkpointed_records = records;
                 }
-                Err(e) => warn!(
-                    "store: retention could not delete every file ({e}); start-up finishes it"
-                ),
-            }
-            // The space freed makes room for the reserve a full disk will need again.
-            if let Some(dir) = retired[0].parent() {
-                ensure_reserve(dir, 0);
+                Err(e) => warn!("store: checkpoint not written ({e}); will retry"),
             }
         }
         !closing
@@ -149,31 +135,60 @@ impl<'a> Committer<'a> {
             .0
     }
 
-    /// Retires shipped segments past the local budget; returns the files to delete once
-    /// the lock is released.
-    fn retain(&mut self, state: &mut State) -> Vec<std::path::PathBuf> {
-        let Some(r) = self.retention else {
-            return Vec::new();
-        };
+    /// Shipped segments past the local budget, chosen under the lock, with the version
+    /// of the archive's record they were chosen by; `None` if the archive confirmed
+    /// nothing new since the last retirement, or nothing is due.
+    fn plan_retirement(&mut self, state: &State) -> Option<(Retirement, u64)> {
+        let r = self.retention?;
         let version = r.confirmed.version();
         if self.retained_version == Some(version) {
-            return Vec::new();
+            return None;
         }
-        let State { store, sensors, .. } = state;
         let confirmed = |number, bytes, crc32| r.confirmed.confirms(number, bytes, crc32);
-        match store.retire(&confirmed, r.keep_bytes, sensors) {
-            Ok(victims) => {
+        match state
+            .store
+            .plan_retirement(&confirmed, r.keep_bytes, &state.sensors)
+        {
+            Some(retirement) => Some((retirement, version)),
+            None => {
                 self.retained_version = Some(version);
-                if !victims.is_empty() {
-                    self.checkpointed_records = self.db.store_metrics.records.load(Relaxed);
-                    self.last_checkpoint = Instant::now();
+                None
+            }
+        }
+    }
+
+    /// Writes the retirement's checkpoint without the lock (its syncs would stall every
+    /// worker), then has the store forget the segments and deletes their files. If the
+    /// checkpoint cannot be written nothing changes and the next round plans again.
+    /// True if the segments were retired (and its checkpoint written).
+    fn retire(&mut self, retirement: Retirement, version: u64, records: u64) -> bool {
+        if let Err(e) = retirement.write() {
+            warn!("store: retention postponed (checkpoint: {e})");
+            return false;
+        }
+        self.retained_version = Some(version);
+        // The checkpoint counts the records of the snapshot it was planned from.
+        self.checkpointed_records = records;
+        self.last_checkpoint = Instant::now();
+        let (retired, retired_through) = {
+            let mut state = self.db.lock();
+            let retired = state.store.complete_retirement(retirement);
+            (retired, state.store.retired_through())
+        };
+        match delete_retired(&retired) {
+            Ok(()) => {
+                if let Some(r) = self.retention {
+                    r.confirmed.forget_through(retired_through);
                 }
-                victims
             }
             Err(e) => {
-                warn!("store: retention postponed (checkpoint: {e})");
-                Vec::new()
+                warn!("store: retention could not delete every file ({e}); start-up finishes it")
             }
         }
+        // The space freed makes room for the reserve a full disk will need again.
+        if let Some(dir) = retired.first().and_then(|file| file.parent()) {
+            ensure_reserve(dir, 0);
+        }
+        true
     }
 }

@@ -41,7 +41,7 @@ pub(super) struct State {
 }
 
 /// Shared by the workers, the committer and the event loop (for `/sensors`).
-pub struct Db {
+pub(crate) struct Db {
     state: Mutex<State>,
     pub(super) commit_needed: Condvar,
     /// Signalled when writes work again (or the server stops), for workers waiting.
@@ -59,10 +59,10 @@ const RETRY_WRITES: Duration = Duration::from_secs(1);
 /// The store cannot take writes now; the batch was not stored (nothing of it was
 /// acknowledged) and may be offered again.
 #[derive(Debug)]
-pub struct Unwritable;
+pub(crate) struct Unwritable;
 impl Db {
     /// `fsync`: hold replies until an fsync covers them (`--fsync always`).
-    pub fn new(sensors: Sensors, store: Store, notifier: Notifier, fsync: bool) -> Db {
+    pub(crate) fn new(sensors: Sensors, store: Store, notifier: Notifier, fsync: bool) -> Db {
         let store_metrics = store.metrics();
         Db {
             state: Mutex::new(State {
@@ -97,7 +97,7 @@ impl Db {
     /// dropped, the store is reported unavailable, and `Err` asks the caller to offer
     /// the batch again (`wait_writable`). So nothing is acknowledged that is not stored,
     /// and nothing is stored twice.
-    pub fn decide<F: FnOnce(&mut Ledger) -> Vec<Completion>>(
+    pub(crate) fn decide<F: FnOnce(&mut Ledger) -> Vec<Completion>>(
         &self,
         decide: F,
     ) -> Result<(), Unwritable> {
@@ -166,7 +166,7 @@ impl Db {
     /// Waits until a batch refused by `decide` is worth offering again; false once the
     /// server is stopping and the batch should be given up (it was never acknowledged,
     /// so its sensors send it again).
-    pub fn wait_writable(&self) -> bool {
+    pub(crate) fn wait_writable(&self) -> bool {
         let guard = self.lock();
         let _ = self
             .writable
@@ -176,18 +176,18 @@ impl Db {
     }
 
     /// At shutdown: batches the store cannot take are given up instead of retried.
-    pub fn abandon_unwritable(&self) {
+    pub(crate) fn abandon_unwritable(&self) {
         self.abandon.store(true, SeqCst);
         self.writable.notify_all();
     }
 
     /// Calls `f` with every sensor's statistics (for `/sensors` and `/metrics`).
-    pub fn with_sensors<T>(&self, f: impl FnOnce(&Sensors) -> T) -> T {
+    pub(crate) fn with_sensors<T>(&self, f: impl FnOnce(&Sensors) -> T) -> T {
         f(&self.lock().sensors)
     }
 
     /// Asks the committer to release what waits, checkpoint and return.
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         self.lock().closing = true;
         self.commit_needed.notify_one();
     }

@@ -30,8 +30,8 @@ pub(crate) const CHECKPOINT: &str = "checkpoint.json";
 /// The checkpoint `checkpoint.json` replaced: used when the newest one is damaged.
 pub(crate) const CHECKPOINT_PREV: &str = "checkpoint.prev.json";
 /// What S3 confirmed (see the module doc).
-pub const ARCHIVE_STATE: &str = "archive.json";
-pub const STORE_ID: &str = "store-id";
+pub(crate) const ARCHIVE_STATE: &str = "archive.json";
+pub(crate) const STORE_ID: &str = "store-id";
 const RESERVE: &str = "space.reserve";
 /// The smallest space reserve; it grows to twice the largest checkpoint written.
 const MIN_RESERVE: u64 = 256 * 1024;
@@ -80,7 +80,7 @@ pub struct Checkpoint {
 }
 
 /// What reading one checkpoint file gave.
-pub enum CheckpointRead {
+pub(crate) enum CheckpointRead {
     Absent,
     /// Unreadable, cut, or its CRC-32 does not match its body: the reason.
     Damaged(String),
@@ -154,7 +154,7 @@ impl Checkpoint {
 
 /// Reads `name` (`checkpoint.json` or `checkpoint.prev.json`) in `dir`, checking its
 /// CRC-32. Checkpoints of older versions (no envelope) are read as they are.
-pub fn read_checkpoint(dir: &Path, name: &str) -> CheckpointRead {
+pub(crate) fn read_checkpoint(dir: &Path, name: &str) -> CheckpointRead {
     #[derive(Deserialize)]
     struct Envelope<'a> {
         crc32: u32,
@@ -187,7 +187,7 @@ pub fn read_checkpoint(dir: &Path, name: &str) -> CheckpointRead {
 
 /// Replaces `dir/name` with `bytes` so that a crash leaves the old or the new content,
 /// never a mix: a synced temporary file renamed over it, then the directory synced.
-pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+pub(crate) fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
     let tmp = write_synced_tmp(dir, name, bytes)?;
     fs::rename(&tmp, dir.join(name))?;
     sync_dir(dir)
@@ -219,7 +219,7 @@ pub(crate) fn is_disk_full(e: &io::Error) -> bool {
 
 /// Makes sure `space.reserve` holds at least `size` bytes (never less than 256 KiB) of
 /// zeros; on a full disk it stays as it is and the next call tries again.
-pub fn ensure_reserve(dir: &Path, size: u64) {
+pub(crate) fn ensure_reserve(dir: &Path, size: u64) {
     let size = size.max(MIN_RESERVE);
     let path = dir.join(RESERVE);
     let have = fs::metadata(&path).map_or(0, |m| m.len());
@@ -260,7 +260,7 @@ fn release_reserve(dir: &Path) -> bool {
 
 /// Deletes segments that `Store::retire` gave up, once the checkpoint recording that
 /// is written.
-pub fn delete_retired(victims: &[PathBuf]) -> io::Result<()> {
+pub(crate) fn delete_retired(victims: &[PathBuf]) -> io::Result<()> {
     for path in victims {
         match fs::remove_file(path) {
             Ok(()) => info!("store: retention deleted {} (shipped)", path.display()),
@@ -275,12 +275,12 @@ pub fn delete_retired(victims: &[PathBuf]) -> io::Result<()> {
 }
 
 /// The file name of segment `number`.
-pub fn segment_name(number: u64) -> String {
+pub(crate) fn segment_name(number: u64) -> String {
     format!("{SEGMENT_PREFIX}{number:010}.jsonl")
 }
 
 /// The number of a segment's file name; `None` for any other file.
-pub fn segment_number(name: &str) -> Option<u64> {
+pub(crate) fn segment_number(name: &str) -> Option<u64> {
     name.strip_prefix(SEGMENT_PREFIX)?
         .strip_suffix(".jsonl")?
         .parse()
@@ -293,7 +293,7 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
 
 /// The store's id in `dir`, made (16 random hex digits) when there is none yet. A
 /// damaged one is an error: the archive's keys name it.
-pub fn store_id(dir: &Path) -> io::Result<String> {
+pub(crate) fn store_id(dir: &Path) -> io::Result<String> {
     match read_store_id(dir)? {
         Some(id) => Ok(id),
         None => {
@@ -306,7 +306,7 @@ pub fn store_id(dir: &Path) -> io::Result<String> {
 }
 
 /// The store's id in `dir`, if it has one.
-pub fn read_store_id(dir: &Path) -> io::Result<Option<String>> {
+pub(crate) fn read_store_id(dir: &Path) -> io::Result<Option<String>> {
     let text = match fs::read_to_string(dir.join(STORE_ID)) {
         Ok(text) => text,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -332,7 +332,7 @@ pub fn read_store_id(dir: &Path) -> io::Result<Option<String>> {
 }
 
 /// The hex SHA-256 of a segment's bytes, as `archive.json` records it.
-pub fn sha256_hex(bytes: &[u8]) -> String {
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     sha2::Sha256::digest(bytes)
         .iter()

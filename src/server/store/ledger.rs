@@ -8,14 +8,14 @@ use crate::wire::record::{RecvStamp, encode_record};
 
 /// What the ledger made of one valid reading.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Applied {
+pub(crate) enum Applied {
     Stored,
     Duplicate,
     /// The sensor's kind was fixed by its first stored reading; this is the fixed kind.
     KindMismatch(String),
 }
 /// The locked ledger, handed to a worker for the duration of one batch.
-pub struct Ledger<'a> {
+pub(crate) struct Ledger<'a> {
     pub(super) sensors: &'a mut Sensors,
     pub(super) records: &'a mut Vec<u8>,
     pub(super) stored: u64,
@@ -23,7 +23,7 @@ pub struct Ledger<'a> {
 
 impl Ledger<'_> {
     /// Decides a valid reading against what is stored, and stores it if it is new.
-    pub fn apply(&mut self, r: &Reading, recv: &RecvStamp) -> Applied {
+    pub(crate) fn apply(&mut self, r: &Reading, recv: &RecvStamp) -> Applied {
         match stats::count(
             self.sensors,
             &r.sensor,

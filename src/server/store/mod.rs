@@ -1,10 +1,10 @@
 //! Durability: the ledger of what each sensor has stored, the segment files and the
 //! checkpoint on disk, the committer that makes appends durable, and recovery.
 
-pub mod committer;
-pub mod db;
-pub mod files;
-pub mod ledger;
-pub mod recovery;
-pub mod segments;
-pub mod stats;
+pub(super) mod committer;
+pub(super) mod db;
+pub(super) mod files;
+pub(super) mod ledger;
+pub(super) mod recovery;
+pub(super) mod segments;
+pub(super) mod stats;

@@ -498,7 +498,7 @@ pub(crate) fn probe_writable(dir: &Path) -> io::Result<()> {
 
 /// Something wrong in a store file, with where it is.
 #[derive(Debug)]
-pub enum Problem<'a> {
+pub(crate) enum Problem<'a> {
     NotARecord {
         path: &'a Path,
         at: u64,
@@ -614,7 +614,7 @@ fn apply_record(
 
 /// What `verify` found.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Report {
+pub struct VerifyReport {
     /// Corrupt or torn lines, and checkpoint mismatches.
     pub problems: usize,
     /// Valid records, and the statistics they give (what a full replay counts).
@@ -625,7 +625,7 @@ pub struct Report {
 /// `sensor-server verify`: reads the store in `dir` without changing anything and
 /// prints every corrupt or torn line with its file and byte offset, and every way the
 /// checkpoint does not match the files.
-pub fn verify(dir: &Path, out: &mut dyn std::io::Write) -> io::Result<Report> {
+pub fn verify(dir: &Path, out: &mut dyn std::io::Write) -> io::Result<VerifyReport> {
     check_is_store(dir)?;
     let mut problems = 0usize;
     let mut lengths = BTreeMap::new();
@@ -704,7 +704,7 @@ pub fn verify(dir: &Path, out: &mut dyn std::io::Write) -> io::Result<Report> {
         lengths.len(),
         sensors.len()
     )?;
-    Ok(Report {
+    Ok(VerifyReport {
         problems,
         records,
         sensors,
@@ -713,7 +713,7 @@ pub fn verify(dir: &Path, out: &mut dyn std::io::Write) -> io::Result<Report> {
 
 /// Refuses a path that is not a store: missing, not a directory, or a directory with
 /// none of a store's files (a mistyped path must not pass as a clean, empty store).
-pub fn check_is_store(dir: &Path) -> io::Result<()> {
+pub(crate) fn check_is_store(dir: &Path) -> io::Result<()> {
     let refuse = |why: &str| {
         Err(io::Error::new(
             io::ErrorKind::NotFound,

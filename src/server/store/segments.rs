@@ -38,7 +38,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-pub use crate::server::store::stats::Sensors;
+pub(crate) use crate::server::store::stats::Sensors;
 
 /// How the store is opened.
 #[derive(Debug, Clone)]
@@ -478,14 +478,35 @@ impl Store {
     /// (`delete_retired`), which a crash may leave behind without harm. If the
     /// checkpoint cannot be written nothing changes and the next call tries again.
     /// Nothing is retired while the statistics are incomplete.
+    ///
+    /// The committer does the same in three steps, so that the checkpoint's syncs run
+    /// outside the ledger lock: `plan_retirement` (locked), `Retirement::write`
+    /// (unlocked), `complete_retirement` (locked).
+    #[cfg(test)]
     pub fn retire(
         &mut self,
         confirmed: &dyn Fn(u64, u64, u32) -> bool,
         keep_bytes: u64,
         sensors: &Sensors,
     ) -> io::Result<Vec<PathBuf>> {
-        if self.incomplete.is_some() {
+        let Some(retirement) = self.plan_retirement(confirmed, keep_bytes, sensors) else {
             return Ok(Vec::new());
+        };
+        retirement.write()?;
+        Ok(self.complete_retirement(retirement))
+    }
+
+    /// What retiring would do now (see `retire`), or `None` when nothing is due. Only
+    /// reads the store: until `complete_retirement` nothing changes, whatever is
+    /// appended or sealed meanwhile.
+    pub fn plan_retirement(
+        &self,
+        confirmed: &dyn Fn(u64, u64, u32) -> bool,
+        keep_bytes: u64,
+        sensors: &Sensors,
+    ) -> Option<Retirement> {
+        if self.incomplete.is_some() {
+            return None;
         }
         let shipped: Vec<(u64, String, u64)> = self
             .lengths
@@ -507,22 +528,37 @@ impl Store {
             on_disk -= len;
             kept.remove(&name);
             retired_through = retired_through.max(number);
-            victims.push(self.options.dir.join(name));
+            victims.push(name);
         }
-        if victims.is_empty() {
-            return Ok(victims);
+        (!victims.is_empty()).then(|| Retirement {
+            checkpoint: self.checkpoint_of(&kept, sensors.clone(), retired_through),
+            victims,
+            retired_through,
+        })
+    }
+
+    /// Forgets the segments of a retirement whose checkpoint was written; returns their
+    /// files, to delete.
+    pub fn complete_retirement(&mut self, retirement: Retirement) -> Vec<PathBuf> {
+        let Retirement {
+            victims,
+            retired_through,
+            ..
+        } = retirement;
+        for name in &victims {
+            self.crcs.remove(name);
+            self.lengths.remove(name);
         }
-        self.checkpoint_of(&kept, sensors.clone(), retired_through)
-            .write_using_reserve()?;
-        self.crcs.retain(|name, _| kept.contains_key(name));
-        self.lengths = kept;
-        self.retired_through = retired_through;
+        self.retired_through = self.retired_through.max(retired_through);
         self.sealed_crcs.lock().retain(|&n, _| n > retired_through);
         self.metrics
             .retired_segments
             .fetch_add(victims.len() as u64, Relaxed);
         self.publish_sizes();
-        Ok(victims)
+        victims
+            .iter()
+            .map(|name| self.options.dir.join(name))
+            .collect()
     }
 
     /// Makes an incomplete store whole from the archive (`sensor-server rebuild`):
@@ -690,7 +726,7 @@ fn replay_logged(
 }
 
 /// Now as Unix milliseconds (a clock before 1970 reads as 0).
-pub fn unix_millis() -> u64 {
+pub(crate) fn unix_millis() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -708,6 +744,23 @@ fn sync_timed(file: &File, metrics: &StoreMetrics) -> io::Result<()> {
         .fsync_seconds
         .observe(started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// Segments chosen for retirement and the checkpoint that records them as retired,
+/// which must be written (`write`, no lock needed) before the store forgets them
+/// (`Store::complete_retirement`).
+pub struct Retirement {
+    checkpoint: Checkpoint,
+    victims: Vec<String>,
+    retired_through: u64,
+}
+
+impl Retirement {
+    /// Syncs what the checkpoint covers and writes it (using the space reserve on a full
+    /// disk: retention is what frees space).
+    pub fn write(&self) -> io::Result<()> {
+        self.checkpoint.write_using_reserve()
+    }
 }
 
 /// Syncs taken from the store under the ledger lock (`Store::take_sync`) and run

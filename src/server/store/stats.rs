@@ -10,11 +10,11 @@ use std::collections::HashMap;
 /// Every sensor's statistics, keyed by sensor id. Hit once per reading, so the hasher is
 /// foldhash (several times faster than SipHash on short ids); its per-map random seed
 /// keeps colliding ids hard to choose from the network, and ids are at most 64 bytes.
-pub type Sensors = HashMap<String, SensorStats, foldhash::fast::RandomState>;
+pub(crate) type Sensors = HashMap<String, SensorStats, foldhash::fast::RandomState>;
 
 /// What counting one reading did to a sensor's statistics.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Counted {
+pub(crate) enum Counted {
     /// Counted (the sensor's first reading, or a later one).
     Yes,
     /// Not counted: its seq is not above the sensor's last one (the live ledger's
@@ -26,7 +26,7 @@ pub enum Counted {
 
 /// Counts one reading in `sensors`, the one rule the live ledger (`db.rs`) and replay
 /// (`recovery.rs`) share. `only_newer` refuses seqs at or below the sensor's last.
-pub fn count(
+pub(crate) fn count(
     sensors: &mut Sensors,
     sensor: &str,
     kind: &str,
@@ -100,7 +100,7 @@ impl SensorStats {
 /// The `/sensors` view of one sensor, in the field order the contract shows
 /// (`docs/protocol.md`).
 #[derive(Serialize)]
-pub struct SensorView<'a> {
+pub(crate) struct SensorView<'a> {
     pub kind: &'a str,
     pub count: u64,
     pub min: f64,
