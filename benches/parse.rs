@@ -1,12 +1,13 @@
 //! Per-line cost of the two reading parsers, without the network: the fast path
-//! (`wire::reading::parse_line`) against the serde_json path (`wire::json::parse_line`)
+//! (`wire::line::parse_line`) against the serde_json path (`wire::json::parse_line`)
 //! on the line shape `sensor-client` sends. Prints nanoseconds per line; run it under
 //! `perf stat -e instructions` for figures that do not depend on the machine's noise.
 //!
 //!   cargo run --release --example parse-bench [-- fast|json]
 
 use sensorhub::wire::json;
-use sensorhub::wire::reading::{Verdict, parse_line};
+use sensorhub::wire::line::parse_line;
+use sensorhub::wire::reading::Verdict;
 use sensorhub::wire::record::encode_reading;
 use std::hint::black_box;
 use std::time::Instant;

@@ -1,12 +1,13 @@
 //! Differential fuzzing of the two reading parsers: the fast path
-//! (`wire::reading::parse_line`, which falls back to serde_json for anything unusual)
+//! (`wire::line::parse_line`, which falls back to serde_json for anything unusual)
 //! and the serde_json path alone (`wire::json::parse_line`, the oracle). On any bytes
 //! they must reach the same verdict, hence write the same reply and the same record.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use sensorhub::wire::json;
-use sensorhub::wire::reading::{Verdict, parse_line};
+use sensorhub::wire::line::parse_line;
+use sensorhub::wire::reading::Verdict;
 use sensorhub::wire::record::{RecvStamp, encode_record};
 use sensorhub::wire::reply::{Status, write_reply};
 

@@ -83,7 +83,8 @@ impl RandomWalk {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::reading::{Verdict, parse_line};
+    use crate::wire::line::parse_line;
+    use crate::wire::reading::Verdict;
     use crate::wire::record::encode_reading;
 
     #[test]

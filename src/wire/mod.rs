@@ -5,6 +5,7 @@
 mod fast;
 pub mod framing;
 pub mod json;
+pub mod line;
 pub mod reading;
 pub mod record;
 pub mod reply;
