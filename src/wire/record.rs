@@ -2,10 +2,13 @@
 //! sends) and a store record (what the server keeps). Both are written by hand, not by
 //! serde: sensor ids and kinds are restricted to characters that need no JSON escaping
 //! (`reading::valid_sensor`, `valid_kind`), so the bytes can be copied as they are, and
-//! the store keeps the value's number text exactly as the sensor wrote it.
+//! the store keeps the value's number text exactly as the sensor wrote it. Records are
+//! read back (start-up, `verify`, the archive's key) only through `decode_record`.
 
 use super::put;
 use super::reading::Reading;
+use serde::Deserialize;
+use std::fmt;
 
 /// Appends one reading line in the wire format.
 pub fn encode_reading(
@@ -74,5 +77,96 @@ impl RecvStamp {
 
     fn text(&self) -> &[u8] {
         &self.digits[..self.len]
+    }
+}
+
+/// One store record as read back from a segment.
+#[derive(Debug, PartialEq, Deserialize)]
+pub struct Record {
+    pub sensor: String,
+    pub kind: String,
+    pub value: f64,
+    pub seq: u64,
+    #[serde(default)]
+    pub ts: Option<u64>,
+    /// When the server received it, Unix milliseconds.
+    pub recv: u64,
+}
+
+/// A segment line that is not a record: why.
+#[derive(Debug, PartialEq)]
+pub struct NotARecord(pub String);
+
+impl fmt::Display for NotARecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Decodes one store line (its `\n` may be included).
+pub fn decode_record(line: &[u8]) -> Result<Record, NotARecord> {
+    match serde_json::from_slice::<Record>(line) {
+        Ok(r) if r.value.is_finite() => Ok(r),
+        Ok(_) => Err(NotARecord("non-finite value".into())),
+        Err(e) => Err(NotARecord(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::borrow::Cow;
+
+    fn reading(value_text: &'static str, seq: u64, ts: Option<u64>) -> Reading<'static> {
+        Reading {
+            sensor: Cow::Borrowed("a"),
+            kind: Cow::Borrowed("temperature"),
+            value: value_text.parse().expect("a number"),
+            value_text: Cow::Borrowed(value_text),
+            seq,
+            ts,
+        }
+    }
+
+    #[test]
+    fn records_have_exactly_the_stored_fields() {
+        let mut buf = Vec::new();
+        encode_record(&mut buf, &reading("21.5", 3, Some(30)), &RecvStamp::new(99));
+        encode_record(&mut buf, &reading("-1e-7", 4, None), &RecvStamp::new(100));
+        assert_eq!(
+            String::from_utf8(buf).expect("UTF-8"),
+            "{\"sensor\":\"a\",\"kind\":\"temperature\",\"value\":21.5,\"seq\":3,\"ts\":30,\"recv\":99}\n\
+             {\"sensor\":\"a\",\"kind\":\"temperature\",\"value\":-1e-7,\"seq\":4,\"recv\":100}\n"
+        );
+    }
+
+    #[test]
+    fn a_record_reads_back_as_it_was_written() {
+        for (text, ts) in [("21.5", Some(30)), ("-1e-7", None), ("0", Some(0))] {
+            let r = reading(text, 7, ts);
+            let mut line = Vec::new();
+            encode_record(&mut line, &r, &RecvStamp::new(1_764_230_400_123));
+            let decoded = decode_record(&line).expect("a record");
+            assert_eq!(
+                decoded,
+                Record {
+                    sensor: "a".into(),
+                    kind: "temperature".into(),
+                    value: r.value,
+                    seq: 7,
+                    ts,
+                    recv: 1_764_230_400_123,
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn lines_that_are_not_records_say_why() {
+        assert!(decode_record(b"garbage\n").is_err());
+        assert!(decode_record(br#"{"sensor":"a","kind":"k","value":1,"seq":1}"#).is_err());
+        let huge = br#"{"sensor":"a","kind":"k","value":1e999,"seq":1,"recv":2}"#;
+        let why = decode_record(huge).expect_err("not finite").0;
+        assert!(why.contains("out of range"), "{why}");
     }
 }

@@ -29,6 +29,7 @@ use crate::server::store::files::{
     ARCHIVE_STATE, ArchiveState, ShippedSegment, segment_name, sha256_hex,
 };
 use crate::server::store::segments::{SealedCrcs, StoreMetrics, unix_millis};
+use crate::wire::record::decode_record;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use flate2::Compression;
@@ -854,14 +855,8 @@ fn gzip(bytes: &[u8]) -> io::Result<Vec<u8>> {
 
 /// The `recv` of the segment's first line, if it is a record.
 fn first_recv_ms(segment: &[u8]) -> Option<u64> {
-    #[derive(Deserialize)]
-    struct Recv {
-        recv: u64,
-    }
     let end = memchr::memchr(b'\n', segment)?;
-    serde_json::from_slice::<Recv>(&segment[..end])
-        .ok()
-        .map(|r| r.recv)
+    decode_record(&segment[..end]).ok().map(|r| r.recv)
 }
 
 fn modified_ms(path: &Path) -> u64 {

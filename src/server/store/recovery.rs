@@ -9,26 +9,13 @@ use crate::server::store::files::{
     segment_number,
 };
 use crate::server::store::stats::{self, Counted, Sensors};
+use crate::wire::record::{Record, decode_record};
 use crc32fast::Hasher;
 use log::{error, warn};
-use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-
-/// One stored reading, exactly as written to a segment.
-#[derive(Debug, Deserialize)]
-struct Record {
-    sensor: String,
-    kind: String,
-    value: f64,
-    seq: u64,
-    #[serde(default)]
-    ts: Option<u64>,
-    #[allow(dead_code)] // part of the format; not needed to rebuild statistics
-    recv: u64,
-}
 
 /// Every `*.jsonl` regular file directly in `dir`, sorted by name.
 pub(crate) fn store_files(dir: &Path) -> io::Result<Vec<String>> {
@@ -577,18 +564,9 @@ pub(crate) fn replay(
             report(Problem::Torn { path, at, len: n });
             continue;
         }
-        match serde_json::from_slice::<Record>(&line) {
-            Ok(r) if r.value.is_finite() => apply_record(sensors, r, path, at, report),
-            Ok(_) => report(Problem::NotARecord {
-                path,
-                at,
-                why: "non-finite value".into(),
-            }),
-            Err(e) => report(Problem::NotARecord {
-                path,
-                at,
-                why: e.to_string(),
-            }),
+        match decode_record(&line) {
+            Ok(r) => apply_record(sensors, r, path, at, report),
+            Err(e) => report(Problem::NotARecord { path, at, why: e.0 }),
         }
     }
 }

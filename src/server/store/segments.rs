@@ -916,21 +916,6 @@ mod tests {
     }
 
     #[test]
-    fn records_have_exactly_the_stored_fields() {
-        let mut buf = Vec::new();
-        encode_record(&mut buf, &reading("a", 21.5, 3), &RecvStamp::new(99));
-        let mut no_ts = reading("a", -1e-7, 4);
-        no_ts.value_text = Cow::Borrowed("-1e-7");
-        no_ts.ts = None;
-        encode_record(&mut buf, &no_ts, &RecvStamp::new(100));
-        assert_eq!(
-            String::from_utf8(buf).unwrap(),
-            "{\"sensor\":\"a\",\"kind\":\"temperature\",\"value\":21.5,\"seq\":3,\"ts\":30,\"recv\":99}\n\
-             {\"sensor\":\"a\",\"kind\":\"temperature\",\"value\":-1e-7,\"seq\":4,\"recv\":100}\n"
-        );
-    }
-
-    #[test]
     fn statistics_survive_a_restart() {
         let dir = temp_dir("restart");
         {
