@@ -8,13 +8,13 @@
 //! a connection that cannot be served gets `503` rather than silence, so a load
 //! balancer's health check keeps its answer under a flood or a slowloris attack.
 
+use crate::net::Outbox;
 use crate::server::ingest::accept::{self, Reserve, Shed};
-use crate::server::ingest::completion::ConnId;
+use crate::server::ingest::slots::{ConnId, Port, Slots};
 use log::warn;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry};
-use slab::Slab;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::time::{Duration, Instant};
 
 /// Largest request head accepted.
@@ -95,17 +95,14 @@ pub(crate) fn response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> 
 /// The HTTP side port: its listener and its connections, driven by the event loop.
 pub(crate) struct HttpPort {
     listener: Option<TcpListener>,
-    /// Each connection with the generation its token carries.
-    conns: Slab<(u32, HttpConn)>,
-    generation: u32,
+    conns: Slots<HttpConn>,
 }
 
 impl HttpPort {
     pub(crate) fn new(listener: TcpListener) -> HttpPort {
         HttpPort {
             listener: Some(listener),
-            conns: Slab::new(),
-            generation: 0,
+            conns: Slots::with_capacity(0),
         }
     }
 
@@ -150,30 +147,22 @@ impl HttpPort {
             let slowest = self
                 .conns
                 .iter()
-                .filter(|(_, (_, c))| c.waiting_for_request())
-                .min_by_key(|(_, (_, c))| c.accepted)
-                .map(|(key, _)| key);
+                .filter(|(_, c)| c.waiting_for_request())
+                .min_by_key(|(_, c)| c.accepted)
+                .map(|(id, _)| id);
             match slowest {
-                Some(key) => self.close(registry, key),
+                Some(id) => self.close(registry, id),
                 None => {
                     accept::refuse(&stream, &busy_response());
                     return;
                 }
             }
         }
-        self.generation = ConnId::next_generation(self.generation);
-        let entry = self.conns.vacant_entry();
-        let id = ConnId {
-            index: entry.key(),
-            generation: self.generation,
-        };
         let interest = Interest::READABLE | Interest::WRITABLE;
-        if registry
-            .register(&mut stream, id.token(true), interest)
-            .is_ok()
-        {
-            entry.insert((id.generation, HttpConn::new(stream, now)));
-        }
+        let _ = self.conns.insert_with(|id| {
+            registry.register(&mut stream, id.token(Port::Http), interest)?;
+            Ok::<_, io::Error>(HttpConn::new(stream, now))
+        });
     }
 
     /// Reads or writes connection `id` as far as it goes; `render` answers a request.
@@ -183,11 +172,7 @@ impl HttpPort {
         id: ConnId,
         render: impl FnOnce(Route) -> Vec<u8>,
     ) {
-        let Some((_, conn)) = self
-            .conns
-            .get_mut(id.index)
-            .filter(|(generation, _)| *generation == id.generation)
-        else {
+        let Some(conn) = self.conns.get_mut(id) else {
             return;
         };
         let progress = match conn.read() {
@@ -195,26 +180,27 @@ impl HttpPort {
             other => other,
         };
         if progress == Progress::Finished {
-            self.close(registry, id.index);
+            self.close(registry, id);
         }
     }
 
     /// Closes connections past their deadline (a slow head, a response not read).
     pub(crate) fn close_stale(&mut self, registry: &Registry, now: Instant) {
-        let stale: Vec<usize> = self
+        let stale: Vec<ConnId> = self
             .conns
             .iter()
-            .filter(|(_, (_, c))| now >= c.deadline)
-            .map(|(k, _)| k)
+            .filter(|(_, c)| now >= c.deadline)
+            .map(|(id, _)| id)
             .collect();
-        for key in stale {
-            self.close(registry, key);
+        for id in stale {
+            self.close(registry, id);
         }
     }
 
-    fn close(&mut self, registry: &Registry, key: usize) {
-        let (_, mut conn) = self.conns.remove(key);
-        let _ = registry.deregister(&mut conn.stream);
+    fn close(&mut self, registry: &Registry, id: ConnId) {
+        if let Some(mut conn) = self.conns.remove(id) {
+            let _ = registry.deregister(&mut conn.stream);
+        }
     }
 }
 
@@ -222,8 +208,9 @@ impl HttpPort {
 struct HttpConn {
     stream: TcpStream,
     request: Vec<u8>,
-    response: Option<Vec<u8>>,
-    written: usize,
+    /// The response once the request is routed, written as sensor replies are (short
+    /// writes kept).
+    response: Option<Outbox>,
     /// When it was accepted: the oldest peer still sending its head is evicted first.
     accepted: Instant,
     deadline: Instant,
@@ -246,7 +233,6 @@ impl HttpConn {
             stream,
             request: Vec::new(),
             response: None,
-            written: 0,
             accepted: now,
             deadline: now + HEAD_DEADLINE,
         }
@@ -281,27 +267,29 @@ impl HttpConn {
 
     /// Queues the response and starts writing it.
     fn respond(&mut self, response: Vec<u8>) -> Progress {
-        self.response = Some(response);
+        let mut outbox = Outbox::default();
+        outbox.adopt(response);
+        self.response = Some(outbox);
         self.deadline = Instant::now() + RESPONSE_DEADLINE;
         self.write()
     }
 
     /// Writes as much of the response as the socket takes.
     fn write(&mut self) -> Progress {
-        let Some(response) = &self.response else {
+        let Some(response) = &mut self.response else {
             return Progress::Pending;
         };
-        while self.written < response.len() {
-            match self.stream.write(&response[self.written..]) {
-                Ok(0) => return Progress::Finished,
-                Ok(n) => self.written += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Progress::Pending,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return Progress::Finished,
+        // Called on readiness, so the socket may take more; a full socket waits for
+        // the next writable edge.
+        let mut writable = true;
+        match response.flush(&self.stream, &mut writable) {
+            Ok(false) => Progress::Pending,
+            Ok(true) => {
+                let _ = self.stream.shutdown(std::net::Shutdown::Write);
+                Progress::Finished
             }
+            Err(_) => Progress::Finished,
         }
-        let _ = self.stream.shutdown(std::net::Shutdown::Write);
-        Progress::Finished
     }
 }
 

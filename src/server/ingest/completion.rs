@@ -7,19 +7,11 @@
 //! wakes the loop only when it is not already due to drain the channel, so a busy loop
 //! is not interrupted once per batch.
 
+use crate::server::ingest::slots::ConnId;
 use crossbeam_channel::{Receiver, Sender};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::time::Instant;
-
-/// Identifies a connection across slot reuse: the slab index plus a generation that
-/// changes every time the slot is filled, so a late completion for a closed connection
-/// never reaches its successor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ConnId {
-    pub index: usize,
-    pub generation: u32,
-}
 
 /// Complete lines from one connection, for one worker.
 pub(crate) struct Job {

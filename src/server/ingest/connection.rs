@@ -25,13 +25,12 @@
 
 use crate::net::{Fill, Outbox, read_some};
 use crate::server::http::metrics::LoopStats;
-pub(crate) use crate::server::ingest::completion::ConnId;
 use crate::server::ingest::completion::{BufferPool, Completion, Job};
+pub(crate) use crate::server::ingest::slots::ConnId;
 use crate::server::store::segments::unix_millis;
 use crate::wire::framing;
 use crate::wire::reply::{OVERLONG_REPLY, Status};
 use crossbeam_channel::{Sender, TrySendError};
-use mio::Token;
 use mio::event::Event;
 use mio::net::TcpStream;
 use std::net::Shutdown;
@@ -48,37 +47,6 @@ const READ_BUDGET: usize = 256 * 1024;
 const MAX_BATCH_LINES: usize = 512;
 /// How long a closed-for-writing connection is drained before it is dropped.
 const LINGER: Duration = Duration::from_secs(2);
-
-/// Token layout: bits 0-31 index, bits 32-62 generation, bit 63 set for HTTP
-/// connections. Generation 0 is never used by a connection, which leaves tokens with
-/// generation 0 for the listeners, the waker and the signal pipe.
-const HTTP_BIT: usize = 1 << 63;
-const GENERATION_MASK: u32 = 0x7fff_ffff;
-
-impl ConnId {
-    pub(crate) fn token(self, http: bool) -> Token {
-        let t = ((self.generation as usize) << 32) | self.index;
-        Token(if http { t | HTTP_BIT } else { t })
-    }
-
-    /// Splits a token into its connection id and whether it is an HTTP connection.
-    pub(crate) fn from_token(token: Token) -> (ConnId, bool) {
-        let t = token.0;
-        let id = ConnId {
-            index: t & 0xffff_ffff,
-            generation: ((t & !HTTP_BIT) >> 32) as u32,
-        };
-        (id, t & HTTP_BIT != 0)
-    }
-
-    /// The generation after `g`, skipping 0.
-    pub(crate) fn next_generation(g: u32) -> u32 {
-        match g.wrapping_add(1) & GENERATION_MASK {
-            0 => 1,
-            n => n,
-        }
-    }
-}
 
 /// Releases items in id order, holding those that arrive early.
 #[derive(Debug)]
@@ -190,10 +158,6 @@ impl Connection {
             reorder: Reorder::default(),
             last_input: now,
         }
-    }
-
-    pub(crate) fn id(&self) -> ConnId {
-        self.id
     }
 
     /// The socket, for (de)registering it with the poller.
@@ -423,19 +387,6 @@ fn has_complete_line(input: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tokens_round_trip_and_keep_http_apart() {
-        let id = ConnId {
-            index: 12345,
-            generation: GENERATION_MASK,
-        };
-        assert_eq!(ConnId::from_token(id.token(false)), (id, false));
-        assert_eq!(ConnId::from_token(id.token(true)), (id, true));
-        assert_ne!(id.token(false), id.token(true));
-        assert_eq!(ConnId::next_generation(GENERATION_MASK), 1);
-        assert_eq!(ConnId::next_generation(7), 8);
-    }
 
     #[test]
     fn reorder_releases_in_id_order() {

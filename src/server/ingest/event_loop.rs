@@ -14,7 +14,8 @@ use crate::server::http::pages::{self, Figures};
 use crate::server::http::port::{HttpPort, Route};
 use crate::server::ingest::accept::{self, Reserve, Shed};
 use crate::server::ingest::completion::{BufferPool, Completions, Job};
-use crate::server::ingest::connection::{ConnId, Connection, Context, Next};
+use crate::server::ingest::connection::{Connection, Context, Next};
+use crate::server::ingest::slots::{ConnId, Port, Slots};
 use crate::server::store::db::Db;
 use crate::server::store::segments::StoreMetrics;
 use crate::wire::reply::{BUSY_REPLY, Status};
@@ -23,7 +24,6 @@ use log::{debug, info, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use signal_hook_mio::v1_0::Signals;
-use slab::Slab;
 use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
@@ -74,8 +74,7 @@ pub(crate) struct EventLoop {
     listener: Option<TcpListener>,
     http: Option<HttpPort>,
     signals: Signals,
-    conns: Slab<Connection>,
-    generation: u32,
+    conns: Slots<Connection>,
     /// What servicing a connection needs besides the connection.
     ctx: Context,
     completions: Completions,
@@ -128,8 +127,7 @@ impl EventLoop {
             listener: Some(listener),
             http,
             signals,
-            conns: Slab::with_capacity(limits.max_connections.min(1024)),
-            generation: 0,
+            conns: Slots::with_capacity(limits.max_connections.min(1024)),
             ctx: Context {
                 jobs,
                 stats: LoopStats::default(),
@@ -175,9 +173,9 @@ impl EventLoop {
                     WAKER => self.drain_completions(),
                     SIGNALS => self.on_signals(),
                     token => match ConnId::from_token(token) {
-                        (id, true) => self.service_http(id),
-                        (id, false) => {
-                            if let Some(conn) = live(&mut self.conns, id) {
+                        (Port::Http, id) => self.service_http(id),
+                        (Port::Sensor, id) => {
+                            if let Some(conn) = self.conns.get_mut(id) {
                                 conn.on_readiness(event);
                                 self.service(id);
                             }
@@ -232,7 +230,7 @@ impl EventLoop {
 
     /// Services `id` and acts on the outcome.
     fn service(&mut self, id: ConnId) {
-        let Some(conn) = live(&mut self.conns, id) else {
+        let Some(conn) = self.conns.get_mut(id) else {
             return;
         };
         match conn.service(&mut self.ctx, Instant::now()) {
@@ -244,8 +242,7 @@ impl EventLoop {
     }
 
     fn close(&mut self, id: ConnId) {
-        if live(&mut self.conns, id).is_some() {
-            let mut conn = self.conns.remove(id.index);
+        if let Some(mut conn) = self.conns.remove(id) {
             let _ = self.poll.registry().deregister(conn.stream_mut());
         }
     }
@@ -303,24 +300,17 @@ impl EventLoop {
     }
 
     fn admit(&mut self, mut stream: TcpStream, now: Instant) {
-        self.generation = ConnId::next_generation(self.generation);
-        let entry = self.conns.vacant_entry();
-        let id = ConnId {
-            index: entry.key(),
-            generation: self.generation,
-        };
         let _ = stream.set_nodelay(true);
-        let interest = Interest::READABLE | Interest::WRITABLE;
-        if let Err(e) = self
-            .poll
-            .registry()
-            .register(&mut stream, id.token(false), interest)
-        {
+        let registry = self.poll.registry();
+        let admitted = self.conns.insert_with(|id| {
+            let interest = Interest::READABLE | Interest::WRITABLE;
+            registry.register(&mut stream, id.token(Port::Sensor), interest)?;
+            debug!("connection {id:?} from {:?}", stream.peer_addr());
+            Ok::<_, io::Error>(Connection::new(stream, id, now))
+        });
+        if let Err(e) = admitted {
             warn!("register connection: {e}");
-            return;
         }
-        debug!("connection {id:?} from {:?}", stream.peer_addr());
-        entry.insert(Connection::new(stream, id, now));
     }
 
     // --- the HTTP side port -------------------------------------------------------
@@ -352,7 +342,7 @@ impl EventLoop {
         let mut touched = std::mem::take(&mut self.touched);
         for completion in self.completions.drain() {
             let id = completion.conn;
-            match live(&mut self.conns, id) {
+            match self.conns.get_mut(id) {
                 Some(conn) => conn.deliver(completion, &mut self.ctx),
                 // Closed meanwhile; its readings are stored all the same.
                 None => self.ctx.buffers.give(completion.replies),
@@ -388,9 +378,9 @@ impl EventLoop {
         if let Some(http) = &mut self.http {
             http.stop_listening();
         }
-        let ids: Vec<ConnId> = self.conns.iter().map(|(_, c)| c.id()).collect();
+        let ids: Vec<ConnId> = self.conns.iter().map(|(id, _)| id).collect();
         for id in ids {
-            if let Some(conn) = live(&mut self.conns, id) {
+            if let Some(conn) = self.conns.get_mut(id) {
                 conn.stop_input();
             }
             self.service(id);
@@ -408,7 +398,7 @@ impl EventLoop {
         let expired: Vec<ConnId> = self
             .conns
             .iter_mut()
-            .filter_map(|(_, conn)| conn.expired(now, idle_timeout).then(|| conn.id()))
+            .filter_map(|(id, conn)| conn.expired(now, idle_timeout).then_some(id))
             .collect();
         for id in expired {
             debug!("connection {id:?} idle or done lingering, closing");
@@ -435,13 +425,4 @@ impl EventLoop {
         self.summary_at = now;
         self.summary_replies = replies;
     }
-}
-
-/// The connection `id` names, if it is still open: a slot reused by a newer
-/// connection has another generation. A free function over the slab, so callers can
-/// hold it alongside a borrow of the loop's other fields.
-fn live(conns: &mut Slab<Connection>, id: ConnId) -> Option<&mut Connection> {
-    conns
-        .get_mut(id.index)
-        .filter(|c| c.id().generation == id.generation)
 }

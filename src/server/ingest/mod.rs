@@ -5,4 +5,5 @@ pub(super) mod accept;
 pub(super) mod completion;
 pub(super) mod connection;
 pub(super) mod event_loop;
+pub(super) mod slots;
 pub(super) mod worker;
