@@ -12,7 +12,7 @@ pub use store::files::read_archive_state;
 pub use store::recovery::{VerifyReport, verify};
 pub use store::segments::{Store, StoreOptions};
 
-use crate::server::config::{ArchiveArgs, Fsync, RebuildConfig, ServerConfig, ShipConfig};
+use crate::server::config::{ArchiveArgs, RebuildConfig, ServerConfig, ShipConfig};
 use crate::server::ingest::completion::{Job, Notifier, completion_channel};
 use crate::server::ingest::event_loop::{EventLoop, Limits, LoopParts, WAKER};
 use crate::server::ingest::worker::spawn_pool;
@@ -55,8 +55,7 @@ pub fn run(config: ServerConfig) -> Result<(), String> {
     let poll = mio::Poll::new().map_err(|e| format!("poll: {e}"))?;
     let waker = mio::Waker::new(poll.registry(), WAKER).map_err(|e| format!("waker: {e}"))?;
     let (notifier, completions) = completion_channel(Arc::new(waker));
-    let fsync = config.fsync == Fsync::Always;
-    let db = Arc::new(Db::new(sensors, store, notifier.clone(), fsync));
+    let db = Arc::new(Db::new(sensors, store, notifier.clone(), config.fsync));
 
     let listener = bind(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let http_listener = http_listen

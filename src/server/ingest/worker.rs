@@ -59,9 +59,8 @@ pub(crate) struct Worker {
     spare: BufferPool,
     completions: Vec<Completion>,
     direct: Vec<Completion>,
-    /// Each batch's verdicts (`start..end` in `verdicts`) and whether it holds a valid
-    /// reading (then it needs the ledger).
-    spans: Vec<(usize, usize, bool)>,
+    /// Where each batch's verdicts are in `verdicts`.
+    spans: Vec<Span>,
     /// Always empty between groups; only its allocation is kept (see `reuse`).
     verdicts: Vec<Verdict<'static>>,
 }
@@ -90,16 +89,18 @@ impl Worker {
             let start = all.len();
             let lines = framing::lines(&job.lines).filter(|line| !is_blank(line));
             all.extend(lines.map(parse_line));
-            let valid = all[start..]
+            let needs_ledger = all[start..]
                 .iter()
                 .any(|v| matches!(v, Verdict::Valid { .. }));
-            spans.push((start, all.len(), valid));
+            spans.push(Span {
+                verdicts: start..all.len(),
+                needs_ledger,
+            });
         }
-        let batch = |i: usize| &all[spans[i].0..spans[i].1];
-        let needs_ledger = |i: usize| spans[i].2;
+        let batch = |i: usize| &all[spans[i].verdicts.clone()];
+        let needs_ledger = |i: usize| spans[i].needs_ledger;
         for i in (0..jobs.len()).filter(|&i| !needs_ledger(i)) {
-            // No valid reading: `decide` is never called.
-            write_replies(batch(i), &mut completions[i], |_| Applied::Duplicate);
+            write_replies(batch(i), &mut completions[i], never_asked);
             direct.push(completions[i].take());
         }
         if (0..jobs.len()).any(needs_ledger) {
@@ -129,6 +130,23 @@ impl Worker {
             spare.give(job.lines);
         }
     }
+}
+
+/// One batch's verdicts in the worker's `verdicts`.
+struct Span {
+    verdicts: std::ops::Range<usize>,
+    /// It holds a valid reading, which only the ledger can answer.
+    needs_ledger: bool,
+}
+
+/// The ledger's stand-in for batches without a valid reading: `write_replies` asks it
+/// only for valid readings, and such a batch has none (`needs_ledger` is computed from
+/// the same verdicts).
+fn never_asked(reading: &Reading) -> Applied {
+    unreachable!(
+        "batch without valid readings asked about {}",
+        reading.sensor
+    )
 }
 
 /// An empty vector of verdicts with `v`'s allocation, for lines of another lifetime:

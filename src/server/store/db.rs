@@ -18,6 +18,7 @@
 //! later, so it refers to durable data. That is what makes `duplicate` safe: the reading
 //! it refers to was written earlier, hence is on disk when the `duplicate` leaves.
 
+use crate::server::config::Fsync;
 use crate::server::ingest::completion::{Completion, Notifier};
 use crate::server::store::ledger::Ledger;
 use crate::server::store::segments::{Sensors, Store, StoreMetrics};
@@ -49,7 +50,7 @@ pub(crate) struct Db {
     /// Set at shutdown: workers give up batches the store cannot take.
     abandon: AtomicBool,
     pub(super) notifier: Notifier,
-    fsync: bool,
+    fsync: Fsync,
     pub(super) store_metrics: Arc<StoreMetrics>,
 }
 
@@ -61,8 +62,8 @@ const RETRY_WRITES: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub(crate) struct Unwritable;
 impl Db {
-    /// `fsync`: hold replies until an fsync covers them (`--fsync always`).
-    pub(crate) fn new(sensors: Sensors, store: Store, notifier: Notifier, fsync: bool) -> Db {
+    /// With `Fsync::Always` replies wait until an fsync covers them.
+    pub(crate) fn new(sensors: Sensors, store: Store, notifier: Notifier, fsync: Fsync) -> Db {
         let store_metrics = store.metrics();
         Db {
             state: Mutex::new(State {
@@ -147,7 +148,7 @@ impl Db {
             self.store_metrics.set_unavailable(None);
             self.writable.notify_all();
         }
-        if self.fsync {
+        if self.fsync == Fsync::Always {
             state.waiting.append(&mut completions);
             drop(guard);
             self.commit_needed.notify_one();

@@ -8,7 +8,7 @@ use crate::server::store::files::{
     STORE_ID, delete_retired, read_archive_state, read_checkpoint, read_store_id, segment_name,
     segment_number,
 };
-use crate::server::store::stats::{self, Counted, Sensors};
+use crate::server::store::stats::{self, Counted, Sample, Sensors, Seqs};
 use crate::wire::record::{Record, decode_record};
 use crc32fast::Hasher;
 use log::{error, warn};
@@ -578,8 +578,14 @@ fn apply_record(
     at: u64,
     report: &mut dyn FnMut(Problem),
 ) {
-    let reading = (r.value, r.seq, r.ts);
-    if let Counted::OtherKind(had) = stats::count(sensors, &r.sensor, &r.kind, reading, false) {
+    let sample = Sample {
+        sensor: &r.sensor,
+        kind: &r.kind,
+        value: r.value,
+        seq: r.seq,
+        ts: r.ts,
+    };
+    if let Counted::OtherKind(had) = stats::count(sensors, sample, Seqs::Any) {
         report(Problem::KindChanged {
             path,
             at,

@@ -24,18 +24,38 @@ pub(crate) enum Counted {
     OtherKind(String),
 }
 
-/// Counts one reading in `sensors`, the one rule the live ledger (`db.rs`) and replay
-/// (`recovery.rs`) share. `only_newer` refuses seqs at or below the sensor's last.
-pub(crate) fn count(
-    sensors: &mut Sensors,
-    sensor: &str,
-    kind: &str,
-    (value, seq, ts): (f64, u64, Option<u64>),
-    only_newer: bool,
-) -> Counted {
+/// One reading as the statistics count it.
+pub(crate) struct Sample<'a> {
+    pub(crate) sensor: &'a str,
+    pub(crate) kind: &'a str,
+    pub(crate) value: f64,
+    pub(crate) seq: u64,
+    pub(crate) ts: Option<u64>,
+}
+
+/// Which seqs count.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Seqs {
+    /// Live readings: a seq at or below the sensor's last is a duplicate.
+    OnlyNewer,
+    /// Replay of stored records, which were all new when written (order across files
+    /// may differ from the order they were written in).
+    Any,
+}
+
+/// Counts one reading in `sensors`, the one rule the live ledger (`ledger.rs`) and
+/// replay (`recovery.rs`) share.
+pub(crate) fn count(sensors: &mut Sensors, sample: Sample, seqs: Seqs) -> Counted {
+    let Sample {
+        sensor,
+        kind,
+        value,
+        seq,
+        ts,
+    } = sample;
     match sensors.get_mut(sensor) {
         Some(s) if s.kind != kind => Counted::OtherKind(s.kind.clone()),
-        Some(s) if only_newer && seq <= s.last_seq => Counted::NotNewer,
+        Some(s) if seqs == Seqs::OnlyNewer && seq <= s.last_seq => Counted::NotNewer,
         Some(s) => {
             s.add(value, seq, ts);
             Counted::Yes
