@@ -9,13 +9,13 @@ fn main() {
             args.remove(1);
             let config = ShipConfig::parse_from(args);
             sensorhub::init_logging(config.log_level);
-            sensorhub::server::ship(config)
+            sensorhub::server::ship(config).map_err(|e| e.to_string())
         }
         "rebuild" => {
             args.remove(1);
             let config = RebuildConfig::parse_from(args);
             sensorhub::init_logging(config.log_level);
-            sensorhub::server::rebuild(config)
+            sensorhub::server::rebuild(config).map_err(|e| e.to_string())
         }
         "verify" => {
             args.remove(1);
@@ -30,7 +30,7 @@ fn main() {
         _ => {
             let config = ServerConfig::parse_from(args);
             sensorhub::init_logging(config.log_level);
-            sensorhub::server::run(config)
+            sensorhub::server::run(config).map_err(|e| e.to_string())
         }
     };
     if let Err(e) = result {

@@ -3,9 +3,12 @@
 
 mod archive;
 pub mod config;
+mod error;
 mod http;
 mod ingest;
 mod store;
+
+pub use error::Error;
 
 // What the fuzz targets and `sensor-server verify` open of the store.
 pub use store::files::read_archive_state;
@@ -41,7 +44,7 @@ const BACKLOG: i32 = 4096;
 
 /// Runs the server until SIGTERM/SIGINT; returns once every owed reply is written and
 /// the store is synced.
-pub fn run(config: ServerConfig) -> Result<(), String> {
+pub fn run(config: ServerConfig) -> Result<(), Error> {
     let listen = resolve(&config.listen)?;
     let http_listen = config.http_listen.as_deref().map(resolve).transpose()?;
     let archive_config = archive_config(&config.archive)?;
@@ -52,16 +55,14 @@ pub fn run(config: ServerConfig) -> Result<(), String> {
         .map(|a| start_archive(a, &mut store))
         .transpose()?;
 
-    let poll = mio::Poll::new().map_err(|e| format!("poll: {e}"))?;
-    let waker = mio::Waker::new(poll.registry(), WAKER).map_err(|e| format!("waker: {e}"))?;
+    let poll = mio::Poll::new().map_err(Error::system("poll"))?;
+    let waker = mio::Waker::new(poll.registry(), WAKER).map_err(Error::system("waker"))?;
     let (notifier, completions) = completion_channel(Arc::new(waker));
     let db = Arc::new(Db::new(sensors, store, notifier.clone(), config.fsync));
 
-    let listener = bind(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    let http_listener = http_listen
-        .map(|addr| bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}")))
-        .transpose()?;
-    announce(&listener, http_listener.as_ref()).map_err(|e| format!("stdout: {e}"))?;
+    let listener = bind(listen)?;
+    let http_listener = http_listen.map(bind).transpose()?;
+    announce(&listener, http_listener.as_ref()).map_err(Error::system("stdout"))?;
 
     let retention = archive.as_ref().map(|(_, confirmed)| Retention {
         confirmed: confirmed.clone(),
@@ -79,23 +80,23 @@ pub fn run(config: ServerConfig) -> Result<(), String> {
         store: store_metrics,
         archive: archive.as_ref().map(|(a, _)| a.metrics.clone()),
     };
-    let event_loop =
-        EventLoop::new(parts, limits(&config)).map_err(|e| format!("event loop: {e}"))?;
+    let event_loop = EventLoop::new(parts, limits(&config)).map_err(Error::system("event loop"))?;
     // Returning drops the job senders: the workers finish their queues and exit.
-    event_loop.run().map_err(|e| format!("event loop: {e}"))?;
+    let served = event_loop.run();
     threads.stop(&db);
     if let Some((archive, _)) = archive {
         archive.finish();
     }
-    Ok(())
+    served
 }
 
 /// Checks the CLI and the bucket, then starts shipping what `store` seals.
 fn start_archive(
     config: ArchiveConfig,
     store: &mut Store,
-) -> Result<(Archive, Arc<Confirmed>), String> {
-    let bucket = shipper::check_start(&config).map_err(|e| format!("archive: {e}"))?;
+) -> Result<(Archive, Arc<Confirmed>), Error> {
+    let bucket =
+        shipper::check_start(&config).map_err(|e| Error::Archive(format!("archive: {e}")))?;
     let dir = store.dir().to_path_buf();
     let confirmed = Arc::new(Confirmed::new(&dir, store.take_archive_state()));
     let source = Source {
@@ -106,7 +107,7 @@ fn start_archive(
         retired_through: store.retired_through(),
     };
     let archive = Archive::start(config, source, confirmed.clone(), bucket)
-        .map_err(|e| format!("archive: {e}"))?;
+        .map_err(Error::system("archive"))?;
     Ok((archive, confirmed))
 }
 
@@ -114,13 +115,16 @@ fn open_store(
     dir: &Path,
     segment_bytes: u64,
     max_age: Duration,
-) -> Result<(Store, Sensors), String> {
+) -> Result<(Store, Sensors), Error> {
     Store::open(StoreOptions {
         dir: dir.to_path_buf(),
         segment_bytes,
         max_age,
     })
-    .map_err(|e| format!("cannot open store in {}: {e}", dir.display()))
+    .map_err(|source| Error::OpenStore {
+        dir: dir.to_path_buf(),
+        source,
+    })
 }
 
 fn limits(config: &ServerConfig) -> Limits {
@@ -144,7 +148,7 @@ impl Threads {
         db: &Arc<Db>,
         notifier: &Notifier,
         retention: Option<Retention>,
-    ) -> Result<(Vec<crossbeam_channel::Sender<Job>>, Threads), String> {
+    ) -> Result<(Vec<crossbeam_channel::Sender<Job>>, Threads), Error> {
         // The event loop keeps a core of its own: on 2 cores one worker answered as many
         // readings as two with 10% less CPU per reading (BENCHMARKS.md).
         let count = config.workers.map_or_else(
@@ -154,14 +158,14 @@ impl Threads {
         let (jobs, queues): (Vec<_>, Vec<_>) = (0..count)
             .map(|_| crossbeam_channel::bounded(JOB_QUEUE))
             .unzip();
-        let workers = spawn_pool(queues, db, notifier).map_err(|e| e.to_string())?;
+        let workers = spawn_pool(queues, db, notifier).map_err(Error::system("worker thread"))?;
         let committer = {
             let db = db.clone();
             let every = Duration::from_secs(config.checkpoint_interval);
             std::thread::Builder::new()
                 .name("committer".into())
                 .spawn(move || run_committer(&db, every, retention.as_ref()))
-                .map_err(|e| e.to_string())?
+                .map_err(Error::system("committer thread"))?
         };
         info!(
             "serving with {count} workers, fsync {:?}, up to {} connections",
@@ -186,43 +190,50 @@ impl Threads {
 
 /// `sensor-server ship`: seals what a crash left in `config.data_dir`, ships every
 /// sealed segment, and succeeds only when nothing is left to ship.
-pub fn ship(config: ShipConfig) -> Result<(), String> {
-    let mut archive_config =
-        archive_config(&config.archive)?.ok_or("ship needs --archive s3://BUCKET/PREFIX")?;
+pub fn ship(config: ShipConfig) -> Result<(), Error> {
+    let mut archive_config = archive_config(&config.archive)?
+        .ok_or_else(|| Error::Config("ship needs --archive s3://BUCKET/PREFIX".into()))?;
     // A one-shot command ships until done or until its own deadline.
     archive_config.stop_timeout = Duration::from_secs(config.deadline);
-    recovery::check_is_store(&config.data_dir).map_err(|e| format!("cannot ship: {e}"))?;
+    recovery::check_is_store(&config.data_dir).map_err(|source| Error::NotAStore {
+        command: "ship",
+        source,
+    })?;
     // Nothing is appended: the store is opened only to seal what a crash left.
     let (mut store, _) = open_store(&config.data_dir, u64::MAX, Duration::MAX)?;
     let (archive, _) = start_archive(archive_config, &mut store)?;
     match archive.finish() {
         0 => Ok(()),
-        left => Err(format!(
+        left => Err(Error::Archive(format!(
             "{left} sealed segments could not be shipped within --deadline {}s",
             config.deadline
-        )),
+        ))),
     }
 }
 
 /// `sensor-server rebuild`: fetches the segments an incomplete store lost back from the
 /// archive and writes the checkpoint that counts them.
-pub fn rebuild(config: RebuildConfig) -> Result<(), String> {
-    let archive_config = archive_config(&config.archive)?
-        .ok_or("rebuild needs --archive s3://BUCKET/PREFIX, where the store shipped")?;
-    recovery::check_is_store(&config.data_dir).map_err(|e| format!("cannot rebuild: {e}"))?;
+pub fn rebuild(config: RebuildConfig) -> Result<(), Error> {
+    let archive_config = archive_config(&config.archive)?.ok_or_else(|| {
+        Error::Config("rebuild needs --archive s3://BUCKET/PREFIX, where the store shipped".into())
+    })?;
+    recovery::check_is_store(&config.data_dir).map_err(|source| Error::NotAStore {
+        command: "rebuild",
+        source,
+    })?;
     let (mut store, _) = open_store(&config.data_dir, u64::MAX, Duration::MAX)?;
     if store.incomplete().is_none() {
         info!("the store's statistics are complete: nothing to rebuild");
         return Ok(());
     }
-    if shipper::check_start(&archive_config)? == shipper::Bucket::Silent {
-        return Err(format!(
+    if shipper::check_start(&archive_config).map_err(Error::Archive)? == shipper::Bucket::Silent {
+        return Err(Error::Archive(format!(
             "archive bucket {} does not answer",
             archive_config.bucket
-        ));
+        )));
     }
     let scratch = std::env::temp_dir().join(format!("sensorhub-rebuild-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
+    std::fs::create_dir_all(&scratch).map_err(Error::system("rebuild scratch directory"))?;
     let rebuilt =
         shipper::Fetcher::list(archive_config, store.id(), scratch.clone()).and_then(|fetcher| {
             store
@@ -230,7 +241,7 @@ pub fn rebuild(config: RebuildConfig) -> Result<(), String> {
                 .map_err(|e| e.to_string())
         });
     let _ = std::fs::remove_dir_all(&scratch);
-    let sensors = rebuilt.map_err(|e| format!("cannot rebuild: {e}"))?;
+    let sensors = rebuilt.map_err(|e| Error::Archive(format!("cannot rebuild: {e}")))?;
     info!(
         "rebuilt: {} sensors; the next start is complete",
         sensors.len()
@@ -239,15 +250,15 @@ pub fn rebuild(config: RebuildConfig) -> Result<(), String> {
 }
 
 /// The archive settings, checked, when `--archive` is given.
-fn archive_config(args: &ArchiveArgs) -> Result<Option<ArchiveConfig>, String> {
+fn archive_config(args: &ArchiveArgs) -> Result<Option<ArchiveConfig>, Error> {
     let Some(url) = &args.archive else {
         return Ok(None);
     };
-    let (bucket, prefix) = shipper::parse_s3_url(url)?;
+    let (bucket, prefix) = shipper::parse_s3_url(url).map_err(Error::Config)?;
     let host = args.host_id.clone().unwrap_or_else(shipper::hostname);
-    shipper::check_host_id(&host)?;
+    shipper::check_host_id(&host).map_err(Error::Config)?;
     if let Some(endpoint) = &args.archive_endpoint {
-        shipper::check_endpoint(endpoint)?;
+        shipper::check_endpoint(endpoint).map_err(Error::Config)?;
     }
     Ok(Some(ArchiveConfig {
         bucket,
@@ -259,20 +270,23 @@ fn archive_config(args: &ArchiveArgs) -> Result<Option<ArchiveConfig>, String> {
         stop_timeout: Duration::from_secs(args.archive_stop_timeout),
     }))
 }
-fn resolve(addr: &str) -> Result<SocketAddr, String> {
+fn resolve(addr: &str) -> Result<SocketAddr, Error> {
     addr.to_socket_addrs()
-        .map_err(|e| format!("bad address {addr:?}: {e}"))?
+        .map_err(|e| Error::Config(format!("bad address {addr:?}: {e}")))?
         .next()
-        .ok_or_else(|| format!("bad address {addr:?}: resolves to nothing"))
+        .ok_or_else(|| Error::Config(format!("bad address {addr:?}: resolves to nothing")))
 }
 
-fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(BACKLOG)?;
-    Ok(TcpListener::from_std(socket.into()))
+fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
+    let listen = || -> io::Result<TcpListener> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(BACKLOG)?;
+        Ok(TcpListener::from_std(socket.into()))
+    };
+    listen().map_err(|source| Error::Listen { addr, source })
 }
 
 /// Prints the bound addresses as the first lines of stdout (the CLI contract: tests and

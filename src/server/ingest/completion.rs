@@ -129,6 +129,11 @@ impl Notifier {
             // Fails only once the loop has gone, when nobody needs the replies.
             let _ = self.tx.send(c);
         }
+        self.wake();
+    }
+
+    /// Wakes the loop (once, however many call this before it drains).
+    pub(crate) fn wake(&self) {
         if !self.armed.swap(true, SeqCst) {
             // An error here is a full eventfd counter, i.e. a wake-up already pending;
             // the loop also drains on its periodic tick.

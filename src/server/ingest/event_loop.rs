@@ -8,6 +8,7 @@
 //! this file decides *when*: on readiness, when its batch completes, when the worker
 //! queue it waits for has room, and on the next pass when its budget ran out.
 
+use crate::server::Error;
 use crate::server::archive::shipper::ArchiveMetrics;
 use crate::server::http::metrics::LoopStats;
 use crate::server::http::pages::{self, Figures};
@@ -156,7 +157,8 @@ impl EventLoop {
 
     /// Runs until a stop signal has been handled: every complete line already read is
     /// answered and every connection's write side is shut (or the drain time ran out).
-    pub(crate) fn run(mut self) -> io::Result<()> {
+    /// Stops at once, answering nothing more, when the store breaks (`Db::broken`).
+    pub(crate) fn run(mut self) -> Result<(), Error> {
         let mut events = Events::with_capacity(1024);
         loop {
             let timeout = self.poll_timeout();
@@ -164,7 +166,10 @@ impl EventLoop {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                return Err(e);
+                return Err(Error::System {
+                    what: "event loop",
+                    source: e,
+                });
             }
             for event in events.iter() {
                 match event.token() {
@@ -182,6 +187,9 @@ impl EventLoop {
                         }
                     },
                 }
+            }
+            if let Some(why) = self.db.broken() {
+                return Err(Error::StoreBroken(why.to_owned()));
             }
             if self.after_pass() {
                 return Ok(());

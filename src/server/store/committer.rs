@@ -3,22 +3,13 @@
 //! shipped segments. Its slow work runs outside the ledger lock.
 
 use crate::server::archive::shipper::Confirmed;
-use crate::server::store::db::{Db, State, stop_process};
+use crate::server::store::db::{Db, State};
 use crate::server::store::files::{delete_retired, ensure_reserve};
 use crate::server::store::segments::Retirement;
 use log::warn;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
-
-/// An fsync failed. The kernel may have dropped the written pages: what the ledger
-/// counts can no longer be trusted, so the process stops; a restart rebuilds the ledger
-/// from what really is on disk and sensors resend the rest. (PostgreSQL takes the same
-/// stance on a failed fsync.) A failed write does not come here: `Db::decide` undoes it
-/// and waits.
-fn fail(e: std::io::Error) -> ! {
-    stop_process(&format!("store fsync failed: {e}"))
-}
 
 /// Deleting shipped segments beyond a local budget (`--keep-shipped-bytes`).
 pub(crate) struct Retention {
@@ -64,6 +55,11 @@ impl<'a> Committer<'a> {
     /// False once the server is closing (the round was the last).
     fn round(&mut self) -> bool {
         let mut state = self.wait_for_work();
+        if self.db.broken().is_some() {
+            // Nothing of what waits may be acknowledged, nor any checkpoint written.
+            state.waiting.clear();
+            return false;
+        }
         let sealed = if state.closing {
             state.store.seal()
         } else {
@@ -90,7 +86,9 @@ impl<'a> Committer<'a> {
 
         if let Some(sync) = sync {
             if let Err(e) = sync.run() {
-                fail(e);
+                // A failed write does not come here: `Db::decide` undoes it and waits.
+                self.db.break_down(format!("store fsync failed: {e}"));
+                return false;
             }
             self.db.notifier.send_all(&mut completions);
         }
@@ -190,5 +188,99 @@ impl<'a> Committer<'a> {
             ensure_reserve(dir, 0);
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::config::Fsync;
+    use crate::server::ingest::completion::{Completion, Completions, Job, completion_channel};
+    use crate::server::ingest::slots::ConnId;
+    use crate::server::store::db::Unwritable;
+    use crate::server::store::segments::tests::temp_dir;
+    use crate::server::store::segments::{Store, StoreOptions};
+    use crate::wire::line::parse_line;
+    use crate::wire::reading::Verdict;
+    use crate::wire::record::RecvStamp;
+
+    /// A `Db` over a fresh store, holding replies for the fsync, and the loop's end of
+    /// the completion channel.
+    fn db(name: &str) -> (Db, Completions, mio::Poll) {
+        let dir = temp_dir(name);
+        let (store, sensors) = Store::open(StoreOptions {
+            dir,
+            segment_bytes: 1 << 20,
+            max_age: Duration::from_secs(3600),
+        })
+        .expect("store");
+        let poll = mio::Poll::new().expect("poll");
+        let waker = mio::Waker::new(poll.registry(), mio::Token(0)).expect("waker");
+        let (notifier, completions) = completion_channel(Arc::new(waker));
+        (
+            Db::new(sensors, store, notifier, Fsync::Always),
+            completions,
+            poll,
+        )
+    }
+
+    fn completion() -> Completion {
+        let job = Job {
+            conn: ConnId {
+                index: 0,
+                generation: 1,
+            },
+            batch: 0,
+            lines: Vec::new(),
+            arrived: Instant::now(),
+            recv_ms: 0,
+        };
+        Completion::for_job(&job, Vec::new())
+    }
+
+    fn store_one(db: &Db, seq: u64) -> Result<(), Unwritable> {
+        let line = format!(r#"{{"sensor":"s","kind":"k","value":1,"seq":{seq}}}"#);
+        let Verdict::Valid { reading, .. } = parse_line(line.as_bytes()) else {
+            panic!("not valid")
+        };
+        db.decide(|ledger| {
+            ledger.apply(&reading, &RecvStamp::new(0));
+            vec![completion()]
+        })
+    }
+
+    #[test]
+    fn a_broken_store_acknowledges_nothing_more_and_its_committer_stops() {
+        let (db, completions, _poll) = db("broken");
+        store_one(&db, 1).expect("stored");
+        db.break_down("store fsync failed: test".into());
+        assert_eq!(db.broken(), Some("store fsync failed: test"));
+        assert!(store_one(&db, 2).is_err(), "a broken store takes no batch");
+        assert!(!db.wait_writable(), "workers give their batches up");
+        // The reply of seq 1 waited for an fsync that never came: it must not leave,
+        // and the committer stops by itself (nobody calls `close`).
+        let db = Arc::new(db);
+        let (done, stopped) = std::sync::mpsc::channel();
+        let committer = db.clone();
+        std::thread::spawn(move || {
+            run_committer(&committer, Duration::from_secs(3600), None);
+            let _ = done.send(());
+        });
+        assert!(
+            stopped.recv_timeout(Duration::from_secs(20)).is_ok(),
+            "the committer of a broken store did not stop"
+        );
+        assert_eq!(completions.drain().count(), 0);
+        assert_eq!(db.with_sensors(|s| s["s"].last_seq), 1);
+    }
+
+    #[test]
+    fn a_healthy_store_releases_replies_after_the_fsync() {
+        let (db, completions, _poll) = db("healthy");
+        store_one(&db, 1).expect("stored");
+        db.close();
+        run_committer(&db, Duration::from_secs(3600), None);
+        assert_eq!(completions.drain().count(), 1);
+        assert_eq!(db.broken(), None);
     }
 }

@@ -24,7 +24,7 @@ use crate::server::store::ledger::Ledger;
 use crate::server::store::segments::{Sensors, Store, StoreMetrics};
 use log::{error, info};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed, Ordering::SeqCst};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 /// The shared state behind the lock.
@@ -49,6 +49,8 @@ pub(crate) struct Db {
     writable: Condvar,
     /// Set at shutdown: workers give up batches the store cannot take.
     abandon: AtomicBool,
+    /// Set once the store can no longer be trusted (`break_down`): why.
+    broken: OnceLock<String>,
     pub(super) notifier: Notifier,
     fsync: Fsync,
     pub(super) store_metrics: Arc<StoreMetrics>,
@@ -77,6 +79,7 @@ impl Db {
             commit_needed: Condvar::new(),
             writable: Condvar::new(),
             abandon: AtomicBool::new(false),
+            broken: OnceLock::new(),
             notifier,
             fsync,
             store_metrics,
@@ -104,6 +107,9 @@ impl Db {
     ) -> Result<(), Unwritable> {
         let mut guard = self.lock();
         let state = &mut *guard;
+        if self.broken().is_some() {
+            return Err(Unwritable);
+        }
         // Statistics that miss retired segments would accept their seqs again
         // (`/healthz` names the reason).
         if state.store.incomplete().is_some() {
@@ -127,11 +133,16 @@ impl Db {
             state.records.clear();
             if let Err(e) = written {
                 self.store_metrics.write_failures.fetch_add(1, Relaxed);
-                state.sensors = state.store.reload().unwrap_or_else(|reload| {
-                    stop_process(&format!(
-                        "store write failed ({e}) and the ledger cannot be rebuilt: {reload}"
-                    ))
-                });
+                match state.store.reload() {
+                    Ok(sensors) => state.sensors = sensors,
+                    Err(reload) => {
+                        drop(guard);
+                        self.break_down(format!(
+                            "store write failed ({e}) and the ledger cannot be rebuilt: {reload}"
+                        ));
+                        return Err(Unwritable);
+                    }
+                }
                 if state.failed_at.is_none() {
                     error!(
                         "store write failed: {e}; acknowledging nothing until writes work again"
@@ -173,7 +184,27 @@ impl Db {
             .writable
             .wait_timeout(guard, RETRY_WRITES)
             .unwrap_or_else(PoisonError::into_inner);
-        !self.abandon.load(SeqCst)
+        !self.abandon.load(SeqCst) && self.broken().is_none()
+    }
+
+    /// The store can no longer be trusted to hold what the ledger counts: after a failed
+    /// fsync the kernel may have dropped written pages, after a failed undo the ledger
+    /// counts what the files may not hold. Nothing more is acknowledged (replies waiting
+    /// for an fsync are dropped by the committer, workers give up their batches), the
+    /// event loop stops, and `sensor-server` exits 1; a restart rebuilds the ledger from
+    /// what really is on disk and sensors resend the rest. (PostgreSQL takes the same
+    /// stance on a failed fsync.)
+    pub(crate) fn break_down(&self, why: String) {
+        error!("{why}; acknowledging nothing more and stopping");
+        let _ = self.broken.set(why);
+        self.writable.notify_all();
+        self.commit_needed.notify_one();
+        self.notifier.wake();
+    }
+
+    /// Why the store broke down, once it has.
+    pub(crate) fn broken(&self) -> Option<&str> {
+        self.broken.get().map(String::as_str)
     }
 
     /// At shutdown: batches the store cannot take are given up instead of retried.
@@ -192,12 +223,4 @@ impl Db {
         self.lock().closing = true;
         self.commit_needed.notify_one();
     }
-}
-
-/// What the ledger counts can no longer be trusted to match the disk: the process
-/// stops; a restart rebuilds the ledger from what really is on disk and sensors resend
-/// the rest.
-pub(super) fn stop_process(why: &str) -> ! {
-    error!("{why}; stopping so that no unstored reading is acknowledged");
-    std::process::exit(1);
 }

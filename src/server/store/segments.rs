@@ -867,7 +867,7 @@ fn open_segment(dir: &Path, number: u64) -> io::Result<(File, String, u64)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::server::store::files::{CHECKPOINT, CHECKPOINT_PREV, delete_retired};
     use crate::server::store::recovery::store_files;
