@@ -17,6 +17,19 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+/// Why a checkpoint is not believed, or the I/O error that kept it from being judged.
+#[derive(Debug, thiserror::Error)]
+enum Distrust {
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// It does not describe the files as they are (the store falls back to the previous
+    /// checkpoint, or replays everything): why.
+    #[error("{0}")]
+    Corruption(String),
+}
+
+const NO_CHECKSUMS: &str = "it was written by an older version and has no checksums";
+
 /// Every `*.jsonl` regular file directly in `dir`, sorted by name.
 pub(crate) fn store_files(dir: &Path) -> io::Result<Vec<String>> {
     let mut names = Vec::new();
@@ -106,13 +119,14 @@ pub(crate) fn recover(dir: &Path, store_id: &str, archive: &ArchiveState) -> io:
                 rejected_files.push(name);
             }
             CheckpointRead::Found(c) => {
-                let judged = judge(dir, &c, &lengths, archive, store_id, gone_through, &gaps)?;
+                let judged = judge(dir, &c, &lengths, archive, store_id, gone_through, &gaps);
                 match judged.and_then(|on_disk| Ok((trust_covered(&on_disk)?, on_disk))) {
                     Ok((crcs, on_disk)) => {
                         chosen = Some((name, c, crcs, on_disk));
                         break;
                     }
-                    Err(why) => {
+                    Err(Distrust::Io(e)) => return Err(e),
+                    Err(Distrust::Corruption(why)) => {
                         rejected.push(format!("{name}: {why}"));
                         rejected_files.push(name);
                     }
@@ -255,9 +269,9 @@ fn judge(
     store_id: &str,
     gone_through: u64,
     gaps: &[u64],
-) -> io::Result<Result<BTreeMap<String, Covered>, String>> {
+) -> Result<BTreeMap<String, Covered>, Distrust> {
     if !c.store_id.is_empty() && c.store_id != store_id {
-        return Ok(Err(format!(
+        return Err(Distrust::Corruption(format!(
             "it belongs to store {}, not to this one ({store_id})",
             c.store_id
         )));
@@ -266,7 +280,7 @@ fn judge(
     for (name, covered) in &c.files {
         match lengths.get(name) {
             Some(&have) if have < covered.bytes() => {
-                return Ok(Err(format!(
+                return Err(Distrust::Corruption(format!(
                     "it covers {} bytes of {name}, which has {have}",
                     covered.bytes()
                 )));
@@ -280,7 +294,7 @@ fn judge(
                     _ => false,
                 };
                 if !confirmed {
-                    return Ok(Err(format!(
+                    return Err(Distrust::Corruption(format!(
                         "it covers {name}, which is gone without archive.json confirming it shipped"
                     )));
                 }
@@ -291,7 +305,7 @@ fn judge(
         .chain(gaps.iter().copied().filter(|&n| n > c.retired_through))
         .find(|&n| !c.files.contains_key(&segment_name(n)));
     if let Some(n) = uncounted {
-        return Ok(Err(format!(
+        return Err(Distrust::Corruption(format!(
             "segment {n} is gone and it does not count that segment's readings"
         )));
     }
@@ -301,28 +315,26 @@ fn judge(
         .filter(|&(n, _, _)| n <= c.retired_through)
         .find(|&(n, name, len)| !leftover_shipped(dir, archive, n, name, len));
     if let Some((n, _, _)) = unconfirmed_leftover {
-        return Ok(Err(format!(
+        return Err(Distrust::Corruption(format!(
             "it says segments up to {} were retired, but segment {n} is here and archive.json \
              does not confirm S3 holds it",
             c.retired_through
         )));
     }
-    Ok(Ok(on_disk))
+    Ok(on_disk)
 }
 
 /// The CRC-32 state of the covered bytes as the checkpoint recorded it, to be continued
 /// by appends, without reading them: start-up time must not grow with the store. The
 /// bytes are checked after start (`check_covered_later`) and by `verify`.
-fn trust_covered(files: &BTreeMap<String, Covered>) -> Result<BTreeMap<String, Hasher>, String> {
+fn trust_covered(files: &BTreeMap<String, Covered>) -> Result<BTreeMap<String, Hasher>, Distrust> {
     files
         .iter()
         .map(|(name, covered)| match *covered {
             Covered::Checked { len, crc32 } => {
                 Ok((name.clone(), Hasher::new_with_initial_len(crc32, len)))
             }
-            Covered::Unchecked(_) => {
-                Err("it was written by an older version and has no checksums".to_owned())
-            }
+            Covered::Unchecked(_) => Err(Distrust::Corruption(NO_CHECKSUMS.into())),
         })
         .collect()
 }
@@ -422,23 +434,21 @@ pub(crate) fn load(
 fn check_covered(
     dir: &Path,
     files: &BTreeMap<String, Covered>,
-) -> io::Result<Result<BTreeMap<String, Hasher>, String>> {
+) -> Result<BTreeMap<String, Hasher>, Distrust> {
     let mut crcs = BTreeMap::new();
     for (name, covered) in files {
         let Covered::Checked { len, crc32 } = *covered else {
-            return Ok(Err(
-                "it was written by an older version and has no checksums".to_owned(),
-            ));
+            return Err(Distrust::Corruption(NO_CHECKSUMS.into()));
         };
         let crc = crc_of_prefix(&dir.join(name), len)?;
         if crc.clone().finalize() != crc32 {
-            return Ok(Err(format!(
+            return Err(Distrust::Corruption(format!(
                 "it does not match {name}: its first {len} bytes changed since it was written"
             )));
         }
         crcs.insert(name.clone(), crc);
     }
-    Ok(Ok(crcs))
+    Ok(crcs)
 }
 
 fn crc_of_prefix(path: &Path, len: u64) -> io::Result<Hasher> {
@@ -659,16 +669,16 @@ pub fn verify(dir: &Path, out: &mut dyn std::io::Write) -> io::Result<VerifyRepo
             CheckpointRead::Absent => {}
             CheckpointRead::Damaged(why) => report(format!("{}: {why}", dir.display()))?,
             CheckpointRead::Found(c) => {
-                let judged =
-                    match judge(dir, &c, &lengths, &archive, &store_id, gone_through, &gaps)? {
-                        Ok(on_disk) => check_covered(dir, &on_disk)?.map(drop),
-                        Err(why) => Err(why),
-                    };
+                let judged = judge(dir, &c, &lengths, &archive, &store_id, gone_through, &gaps)
+                    .and_then(|on_disk| check_covered(dir, &on_disk));
                 match judged {
-                    Ok(()) => usable = true,
+                    Ok(_) => usable = true,
+                    Err(Distrust::Io(e)) => return Err(e),
                     // An older checkpoint need not fit what retention did since.
-                    Err(_) if name == CHECKPOINT_PREV => {}
-                    Err(why) => report(format!("{}: {why}", dir.join(name).display()))?,
+                    Err(Distrust::Corruption(_)) if name == CHECKPOINT_PREV => {}
+                    Err(Distrust::Corruption(why)) => {
+                        report(format!("{}: {why}", dir.join(name).display()))?
+                    }
                 }
             }
         }
