@@ -58,7 +58,15 @@ pub fn run(config: ServerConfig) -> Result<(), Error> {
     let poll = mio::Poll::new().map_err(Error::system("poll"))?;
     let waker = mio::Waker::new(poll.registry(), WAKER).map_err(Error::system("waker"))?;
     let (notifier, completions) = completion_channel(Arc::new(waker));
+    let watermarks = store.watermarks();
     let db = Arc::new(Db::new(sensors, store, notifier.clone(), config.fsync));
+    // Shipped segments are what retention may delete: the shipper wakes it.
+    let woken = Arc::downgrade(&db);
+    watermarks.on_shipped(move || {
+        if let Some(db) = woken.upgrade() {
+            db.wake_committer();
+        }
+    });
 
     let listener = bind(listen)?;
     let http_listener = http_listen.map(bind).transpose()?;
@@ -102,7 +110,7 @@ fn start_archive(
     let source = Source {
         dir,
         store_id: store.id().to_owned(),
-        metrics: store.metrics(),
+        watermarks: store.watermarks(),
         sealed: store.sealed_crcs(),
         retired_through: store.retired_through(),
     };

@@ -8,7 +8,7 @@ use rustix::process::{Pid, Signal, kill_process_group};
 use std::io::{self, Read};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::{Condvar, Mutex, PoisonError, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -17,8 +17,6 @@ const OUTPUT_CAP: usize = 64 * 1024;
 /// How long the drains may take to see end-of-file once the group is killed (a
 /// descendant that left the group can still hold a pipe; its drain is then left behind).
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
-/// How often a running CLI is checked for exit.
-const WAIT_STEP: Duration = Duration::from_millis(20);
 
 /// What one run gave.
 #[derive(Debug)]
@@ -63,11 +61,12 @@ impl std::fmt::Display for CliError {
 }
 
 /// Runs `command` with `stdin` until it exits or the deadline passes, whichever is
-/// first. `deadline` is asked again while it runs: a stop may bring it forward.
+/// first. `deadline` is asked again whenever `alarm` rings: a stop may bring it forward.
 pub(crate) fn run(
     mut command: Command,
     stdin: Stdio,
     deadline: impl Fn() -> Instant,
+    alarm: &Alarm,
 ) -> Result<CliOutput, CliError> {
     command
         .process_group(0)
@@ -100,21 +99,14 @@ pub(crate) fn run(
         }
     }
     drop(sender);
-    let waited = wait_until(&mut child, deadline);
+    let pid = Pid::from_child(&child);
+    let waited = wait_until(child, pid, deadline, alarm);
     // Whatever it left running goes with it: nothing may outlive a run.
-    let _ = kill_process_group(Pid::from_child(&child), Signal::KILL);
+    let _ = kill_process_group(pid, Signal::KILL);
     let status = match waited {
         Ok(Some(status)) => status,
-        Ok(None) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(CliError::TimedOut);
-        }
-        Err(e) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(CliError::Wait(e));
-        }
+        Ok(None) => return Err(CliError::TimedOut),
+        Err(e) => return Err(CliError::Wait(e)),
     };
     let mut outputs = [Vec::new(), Vec::new()];
     let grace = Instant::now() + DRAIN_GRACE;
@@ -131,16 +123,76 @@ pub(crate) fn run(
     })
 }
 
-fn wait_until(child: &mut Child, deadline: impl Fn() -> Instant) -> io::Result<Option<ExitStatus>> {
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(Some(status));
+/// Waits for `child` to exit, or for `deadline()` to pass (the group is killed then and
+/// `None` returned). A thread of the run's own blocks in `wait`, and rings `alarm` when
+/// the child exits; whoever moves the deadline rings it too, so nothing is polled.
+fn wait_until(
+    mut child: Child,
+    pid: Pid,
+    deadline: impl Fn() -> Instant,
+    alarm: &Alarm,
+) -> io::Result<Option<ExitStatus>> {
+    thread::scope(|scope| {
+        let waiter = scope.spawn(move || {
+            let waited = child.wait();
+            alarm.ring();
+            waited
+        });
+        let mut timed_out = false;
+        loop {
+            let seen = alarm.rung();
+            if waiter.is_finished() {
+                break;
+            }
+            let until = deadline();
+            if Instant::now() >= until {
+                // The child leads its group: this ends its `wait` too.
+                let _ = kill_process_group(pid, Signal::KILL);
+                timed_out = true;
+                break;
+            }
+            alarm.wait(seen, until);
         }
-        let left = deadline().saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Ok(None);
+        let status = waiter
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the waiting thread panicked")))?;
+        Ok((!timed_out).then_some(status))
+    })
+}
+
+/// A bell rung when a run may have to look again: its child exited, or its deadline
+/// moved (a stop). Counting rings means one that comes between a look and the wait is
+/// not lost.
+#[derive(Debug, Default)]
+pub(crate) struct Alarm {
+    rings: Mutex<u64>,
+    bell: Condvar,
+}
+
+impl Alarm {
+    pub(crate) fn ring(&self) {
+        *self.rings.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        self.bell.notify_all();
+    }
+
+    fn rung(&self) -> u64 {
+        *self.rings.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits until it rings after `seen` rings, or `until`.
+    fn wait(&self, seen: u64, until: Instant) {
+        let mut rings = self.rings.lock().unwrap_or_else(PoisonError::into_inner);
+        while *rings == seen {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            rings = self
+                .bell
+                .wait_timeout(rings, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
-        thread::sleep(left.min(WAIT_STEP));
     }
 }
 
@@ -180,6 +232,7 @@ mod tests {
             sh("echo out; echo err >&2; exit 3"),
             Stdio::null(),
             soon(10),
+            &Alarm::default(),
         )
         .unwrap();
         assert_eq!(out.status.code(), Some(3));
@@ -194,6 +247,7 @@ mod tests {
             sh("sleep 30 & echo gone >&2; exit 254"),
             Stdio::null(),
             soon(20),
+            &Alarm::default(),
         )
         .unwrap();
         assert_eq!(out.status.code(), Some(254));
@@ -211,6 +265,7 @@ mod tests {
             sh("head -c 1000000 /dev/zero | tr '\\0' x >&2; echo last >&2"),
             Stdio::null(),
             soon(20),
+            &Alarm::default(),
         )
         .unwrap();
         assert!(out.status.success());
@@ -232,7 +287,7 @@ mod tests {
         let script = format!("sleep 30 & echo $! > {}; sleep 30", pid_file.display());
         let started = Instant::now();
         let at = Instant::now() + Duration::from_millis(500);
-        let result = run(sh(&script), Stdio::null(), || at);
+        let result = run(sh(&script), Stdio::null(), || at, &Alarm::default());
         assert!(matches!(result, Err(CliError::TimedOut)), "{result:?}");
         assert!(started.elapsed() < Duration::from_secs(5));
         let pid = std::fs::read_to_string(&pid_file).unwrap();
@@ -249,7 +304,38 @@ mod tests {
 
     #[test]
     fn a_missing_program_is_a_spawn_error() {
-        let result = run(Command::new("/nonexistent/aws"), Stdio::null(), soon(5));
+        let result = run(
+            Command::new("/nonexistent/aws"),
+            Stdio::null(),
+            soon(5),
+            &Alarm::default(),
+        );
         assert!(matches!(result, Err(CliError::Spawn(_))), "{result:?}");
+    }
+
+    #[test]
+    fn a_deadline_brought_forward_ends_the_run_when_the_alarm_rings() {
+        let deadline = Mutex::new(Instant::now() + Duration::from_secs(600));
+        let alarm = Alarm::default();
+        let started = Instant::now();
+        let result = thread::scope(|scope| {
+            scope.spawn(|| {
+                thread::sleep(Duration::from_millis(200));
+                *deadline.lock().unwrap() = Instant::now();
+                alarm.ring();
+            });
+            run(
+                sh("sleep 30"),
+                Stdio::null(),
+                || *deadline.lock().unwrap(),
+                &alarm,
+            )
+        });
+        assert!(matches!(result, Err(CliError::TimedOut)), "{result:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }

@@ -24,11 +24,12 @@
 //! or TLS stack in this binary (the official Rust SDK would add both, and a C toolchain
 //! for the static aarch64 build). It is not trusted: see `aws_cli.rs`.
 
-use crate::server::archive::aws_cli::{self, CliError, CliOutput};
+use crate::server::archive::aws_cli::{self, Alarm, CliError, CliOutput};
 use crate::server::store::files::{
     ARCHIVE_STATE, ArchiveState, ShippedSegment, segment_name, sha256_hex,
 };
-use crate::server::store::segments::{SealedCrcs, StoreMetrics, unix_millis};
+use crate::server::store::segments::{SealedCrcs, unix_millis};
+use crate::server::store::watermarks::Watermarks;
 use crate::wire::record::decode_record;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -42,7 +43,7 @@ use std::fs::{self, File};
 use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, UNIX_EPOCH};
@@ -52,7 +53,6 @@ const UPLOAD_SUFFIX: &str = ".gz.upload";
 const MIN_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// How often an idle shipper looks for newly sealed segments.
-const POLL: Duration = Duration::from_millis(500);
 /// How long the start-up checks may take, each.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the confirming `head-object` may take.
@@ -269,7 +269,11 @@ impl Confirmed {
 #[derive(Default)]
 struct Stop {
     deadline: Mutex<Option<Instant>>,
+    /// Set with the deadline, readable without its lock.
+    requested: AtomicBool,
     changed: Condvar,
+    /// Rung with the deadline: a running CLI's deadline moved.
+    alarm: Alarm,
 }
 
 impl Stop {
@@ -295,7 +299,8 @@ impl Stop {
 pub(crate) struct Source {
     pub dir: PathBuf,
     pub store_id: String,
-    pub metrics: Arc<StoreMetrics>,
+    /// The `sealed` mark the shipper waits on, and the `shipped` mark it advances.
+    pub watermarks: Arc<Watermarks>,
     /// What each sealed segment held when it was stored.
     pub sealed: Arc<SealedCrcs>,
     /// Segments up to this were retired (or never existed): nothing to ship there.
@@ -318,7 +323,7 @@ pub(crate) fn check_start(config: &ArchiveConfig) -> Result<Bucket, String> {
     version.arg("--version");
     let deadline = Instant::now() + CHECK_TIMEOUT;
     let cli = config.cli.display();
-    match aws_cli::run(version, Stdio::null(), || deadline) {
+    match aws_cli::run(version, Stdio::null(), || deadline, &Alarm::default()) {
         Ok(out) if out.status.success() => {}
         Ok(out) => {
             return Err(format!(
@@ -333,7 +338,7 @@ pub(crate) fn check_start(config: &ArchiveConfig) -> Result<Bucket, String> {
     head.env("AWS_MAX_ATTEMPTS", "1")
         .args(["s3api", "head-bucket", "--bucket", &config.bucket]);
     let deadline = Instant::now() + CHECK_TIMEOUT;
-    let why = match aws_cli::run(head, Stdio::null(), || deadline) {
+    let why = match aws_cli::run(head, Stdio::null(), || deadline, &Alarm::default()) {
         Ok(out) if out.status.success() => return Ok(Bucket::Answers),
         Ok(out) => out.error_line(),
         Err(e) => e.to_string(),
@@ -361,6 +366,7 @@ pub(crate) fn check_start(config: &ArchiveConfig) -> Result<Bucket, String> {
 pub(crate) struct Archive {
     pub metrics: Arc<ArchiveMetrics>,
     stop: Arc<Stop>,
+    watermarks: Arc<Watermarks>,
     stop_timeout: Duration,
     thread: JoinHandle<()>,
 }
@@ -387,6 +393,8 @@ impl Archive {
             source.store_id, config.bucket, config.prefix, config.host
         );
         let stop_timeout = config.stop_timeout;
+        let watermarks = source.watermarks.clone();
+        watermarks.ship_through(shipped_through);
         let shipper = Shipper {
             config,
             source,
@@ -403,6 +411,7 @@ impl Archive {
         Ok(Archive {
             metrics,
             stop,
+            watermarks,
             stop_timeout,
             thread,
         })
@@ -416,7 +425,11 @@ impl Archive {
             .deadline
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now() + self.stop_timeout);
+        self.stop.requested.store(true, SeqCst);
         self.stop.changed.notify_all();
+        self.stop.alarm.ring();
+        // The shipper may be waiting for a seal: it looks at `requested` again.
+        self.watermarks.wake();
         let _ = self.thread.join();
         let (segments, bytes) = (
             self.metrics.pending_segments.load(Relaxed),
@@ -463,14 +476,20 @@ impl Shipper {
     fn run(mut self) {
         let mut backoff = MIN_BACKOFF;
         loop {
-            let sealed = self.source.metrics.sealed_through.load(Relaxed);
+            let sealed = self.source.watermarks.get().sealed;
             self.refresh_pending(sealed);
             let deadline = self.stop.deadline();
             if self.shipped_through >= sealed {
                 if deadline.is_some() {
                     break;
                 }
-                self.stop.sleep(POLL);
+                // Woken by the committer's next seal, or by the stop.
+                let stop = &self.stop.requested;
+                self.source.watermarks.wait_sealed_past(
+                    self.shipped_through,
+                    || stop.load(SeqCst),
+                    None,
+                );
                 continue;
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -480,6 +499,7 @@ impl Shipper {
             match self.ship(next) {
                 Ok(()) => {
                     self.shipped_through = next;
+                    self.source.watermarks.ship_through(next);
                     backoff = MIN_BACKOFF;
                 }
                 Err(e) => {
@@ -494,7 +514,7 @@ impl Shipper {
                 }
             }
         }
-        let sealed = self.source.metrics.sealed_through.load(Relaxed);
+        let sealed = self.source.watermarks.get().sealed;
         self.refresh_pending(sealed);
         if let Err(e) = self.confirmed.save() {
             warn!("archive: cannot save {ARCHIVE_STATE} ({e}); the next start checks S3 again");
@@ -658,7 +678,7 @@ impl Shipper {
         let own = Instant::now() + timeout;
         // A stop that comes while the CLI runs brings its deadline forward.
         let deadline = || self.stop.deadline().map_or(own, |stop| stop.min(own));
-        aws_cli::run(command, stdin, deadline).map_err(|e| match e {
+        aws_cli::run(command, stdin, deadline, &self.stop.alarm).map_err(|e| match e {
             CliError::TimedOut => {
                 "the AWS CLI did not finish in time; killed it and its children".into()
             }
@@ -782,7 +802,7 @@ impl Fetcher {
             .args(["s3api", "list-objects-v2", "--bucket", &config.bucket])
             .args(["--prefix", &readings, "--query", "Contents[].Key"]);
         let deadline = Instant::now() + config.upload_timeout;
-        let out = aws_cli::run(command, Stdio::null(), || deadline)
+        let out = aws_cli::run(command, Stdio::null(), || deadline, &Alarm::default())
             .map_err(|e| format!("listing the archive: the AWS CLI: {e}"))?;
         if !out.status.success() {
             return Err(format!("listing the archive: {}", out.error_line()));
@@ -827,7 +847,7 @@ impl Fetcher {
             .args(["--key", key, "--checksum-mode", "ENABLED"])
             .arg(&gz);
         let deadline = Instant::now() + self.config.upload_timeout;
-        let out = aws_cli::run(command, Stdio::null(), || deadline)
+        let out = aws_cli::run(command, Stdio::null(), || deadline, &Alarm::default())
             .map_err(|e| io::Error::other(format!("fetching {key}: the AWS CLI: {e}")))?;
         if !out.status.success() {
             return Err(io::Error::other(format!(

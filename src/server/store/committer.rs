@@ -33,6 +33,7 @@ pub(crate) fn run_committer(db: &Db, checkpoint_every: Duration, retention: Opti
         last_checkpoint: Instant::now(),
         checkpointed_records: db.store_metrics.records.load(Relaxed),
         retained_version: None,
+        retention_retry: None,
     };
     while committer.round() {}
 }
@@ -47,6 +48,8 @@ struct Committer<'a> {
     checkpointed_records: u64,
     /// The version of the archive's record retention last acted on.
     retained_version: Option<u64>,
+    /// After a retirement failed (its checkpoint could not be written): not before.
+    retention_retry: Option<Instant>,
 }
 
 impl<'a> Committer<'a> {
@@ -115,10 +118,11 @@ impl<'a> Committer<'a> {
     }
 
     /// The locked state once there is work: replies waiting for an fsync, a checkpoint
-    /// due, or housekeeping time (sealing by age, retention).
+    /// due, segments shipped since the last retention (the shipper wakes it), or
+    /// housekeeping time (sealing by age, retries of what failed).
     fn wait_for_work(&self) -> MutexGuard<'a, State> {
         let state = self.db.lock();
-        if !state.waiting.is_empty() || self.checkpoint_due(&state) {
+        if !state.waiting.is_empty() || self.checkpoint_due(&state) || self.retention_due() {
             return state;
         }
         let wait = self
@@ -133,15 +137,22 @@ impl<'a> Committer<'a> {
             .0
     }
 
+    /// The archive recorded segments since retention last looked.
+    fn retention_due(&self) -> bool {
+        self.retention
+            .is_some_and(|r| self.retained_version != Some(r.confirmed.version()))
+            && self.retention_retry.is_none_or(|at| Instant::now() >= at)
+    }
+
     /// Shipped segments past the local budget, chosen under the lock, with the version
     /// of the archive's record they were chosen by; `None` if the archive confirmed
     /// nothing new since the last retirement, or nothing is due.
     fn plan_retirement(&mut self, state: &State) -> Option<(Retirement, u64)> {
-        let r = self.retention?;
-        let version = r.confirmed.version();
-        if self.retained_version == Some(version) {
+        if !self.retention_due() {
             return None;
         }
+        let r = self.retention?;
+        let version = r.confirmed.version();
         let confirmed = |number, bytes, crc32| r.confirmed.confirms(number, bytes, crc32);
         match state
             .store
@@ -162,8 +173,10 @@ impl<'a> Committer<'a> {
     fn retire(&mut self, retirement: Retirement, version: u64, records: u64) -> bool {
         if let Err(e) = retirement.write() {
             warn!("store: retention postponed (checkpoint: {e})");
+            self.retention_retry = Some(Instant::now() + HOUSEKEEPING);
             return false;
         }
+        self.retention_retry = None;
         self.retained_version = Some(version);
         // The checkpoint counts the records of the snapshot it was planned from.
         self.checkpointed_records = records;

@@ -218,6 +218,13 @@ impl Db {
         f(&self.lock().sensors)
     }
 
+    /// Has the committer look for work now (segments were shipped, which retention may
+    /// delete). Under the lock, so a committer about to wait does not miss it.
+    pub(crate) fn wake_committer(&self) {
+        let _state = self.lock();
+        self.commit_needed.notify_one();
+    }
+
     /// Asks the committer to release what waits, checkpoint and return.
     pub(crate) fn close(&self) {
         self.lock().closing = true;

@@ -8,3 +8,4 @@ pub(super) mod ledger;
 pub(super) mod recovery;
 pub(super) mod segments;
 pub(super) mod stats;
+pub(super) mod watermarks;

@@ -29,6 +29,7 @@ use crate::server::store::files::{
     segment_number, sync_dir,
 };
 use crate::server::store::recovery::{self, Recovered, load, probe_writable, recover};
+use crate::server::store::watermarks::Watermarks;
 use log::{info, warn};
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -50,19 +51,15 @@ pub struct StoreOptions {
     pub max_age: Duration,
 }
 
-/// What `/metrics` and the archive shipper see of the store; written by whoever holds
-/// the ledger lock (workers appending, the committer sealing and retiring), except
-/// `sealed_through` and `fsync_seconds`, which the syncs update after the lock is
-/// released (`SyncSet::run`); read without the lock.
+/// What `/metrics` sees of the store; written by whoever holds the ledger lock (workers
+/// appending, the committer sealing and retiring), except `fsync_seconds`, which the
+/// syncs update after the lock is released (`SyncSet::run`); read without the lock.
 #[derive(Debug)]
 pub struct StoreMetrics {
     pub bytes: AtomicU64,
     pub segments: AtomicU64,
     pub records: AtomicU64,
     pub fsync_seconds: Histogram,
-    /// Every segment numbered up to this one is sealed and synced (never written again):
-    /// what the archive may ship.
-    pub sealed_through: AtomicU64,
     /// Segments deleted by retention since start.
     pub retired_segments: AtomicU64,
     /// Appends that failed (disk full, I/O error); each was undone and is retried.
@@ -135,6 +132,8 @@ pub struct Store {
     archive: Option<ArchiveState>,
     store_id: String,
     sealed_crcs: Arc<SealedCrcs>,
+    /// How far segments have come (sealed, shipped), for the stages after this one.
+    watermarks: Arc<Watermarks>,
     metrics: Arc<StoreMetrics>,
     /// The data directory, opened and locked for as long as the store is open.
     _lock: File,
@@ -204,7 +203,6 @@ impl Store {
             segments: AtomicU64::new(0),
             records: AtomicU64::new(0),
             fsync_seconds: Histogram::new(LATENCY_BUCKETS),
-            sealed_through: AtomicU64::new(active_number - 1),
             retired_segments: AtomicU64::new(0),
             write_failures: AtomicU64::new(0),
             corrupt_files: AtomicU64::new(0),
@@ -225,6 +223,7 @@ impl Store {
             archive: None,
             store_id,
             sealed_crcs: Arc::new(SealedCrcs::default()),
+            watermarks: Arc::new(Watermarks::new(active_number - 1)),
             metrics,
             _lock: lock,
         };
@@ -336,6 +335,11 @@ impl Store {
         self.metrics.clone()
     }
 
+    /// How far segments have come: the shipper waits on it, retention is woken by it.
+    pub(crate) fn watermarks(&self) -> Arc<Watermarks> {
+        self.watermarks.clone()
+    }
+
     /// Appends complete record lines (one `write`); they reach the disk at the next
     /// `SyncSet::run` of `take_sync`. Starts a new segment past the size limit; the old
     /// one joins the set to sync.
@@ -395,6 +399,7 @@ impl Store {
             files,
             dir: std::mem::take(&mut self.dir_unsynced).then(|| self.options.dir.clone()),
             sealed_through: self.active_number - 1,
+            watermarks: self.watermarks.clone(),
             metrics: self.metrics.clone(),
         }
     }
@@ -770,12 +775,13 @@ pub struct SyncSet {
     files: Vec<Arc<File>>,
     dir: Option<PathBuf>,
     sealed_through: u64,
+    watermarks: Arc<Watermarks>,
     metrics: Arc<StoreMetrics>,
 }
 
 impl SyncSet {
     /// Syncs the files, then the directory (new segment names); only then are the sealed
-    /// segments published to the archive (`sealed_through`).
+    /// segments published to the archive (the `sealed` watermark).
     pub fn run(self) -> io::Result<()> {
         for file in &self.files {
             sync_timed(file, &self.metrics)?;
@@ -783,9 +789,7 @@ impl SyncSet {
         if let Some(dir) = &self.dir {
             sync_dir(dir)?;
         }
-        self.metrics
-            .sealed_through
-            .fetch_max(self.sealed_through, Relaxed);
+        self.watermarks.seal_through(self.sealed_through);
         Ok(())
     }
 }
@@ -1023,12 +1027,12 @@ pub(crate) mod tests {
         let dir = temp_dir("seal-start");
         {
             let (mut store, _) = Store::open(options(&dir)).unwrap();
-            assert_eq!(store.metrics().sealed_through.load(Relaxed), 0);
+            assert_eq!(store.watermarks().get().sealed, 0);
             append(&mut store, &[reading("a", 1.0, 1)]);
         }
         let (store, _) = Store::open(options(&dir)).unwrap();
         assert_eq!(store.active_name, segment_name(2));
-        assert_eq!(store.metrics().sealed_through.load(Relaxed), 1);
+        assert_eq!(store.watermarks().get().sealed, 1);
         drop(store);
         let (store, _) = Store::open(options(&dir)).unwrap();
         assert_eq!(store.active_name, segment_name(2), "empty: reused");
@@ -1051,14 +1055,14 @@ pub(crate) mod tests {
         append(&mut store, &[reading("a", 1.0, 2)]);
         store.seal().unwrap();
         assert_eq!(
-            store.metrics().sealed_through.load(Relaxed),
+            store.watermarks().get().sealed,
             1,
             "the archive sees a sealed segment only once it is synced"
         );
         assert!(store.sync_pending());
         store.take_sync(false).run().unwrap();
         assert!(!store.sync_pending());
-        assert_eq!(store.metrics().sealed_through.load(Relaxed), 2);
+        assert_eq!(store.watermarks().get().sealed, 2);
         assert_eq!(store_files(&dir).unwrap().len(), 3);
     }
 
