@@ -10,14 +10,21 @@
 # scenarios (a) and (b) in ROUNDS rounds, every server once per round (interleaved, so a
 # slow minute hits all of them), and reports each case's median round by readings/s.
 #
-#   benches/run.sh           full run: 3 rounds (about 5 minutes)
-#   benches/run.sh --smoke   short run for CI: 1 round, 1 s per case, smaller scenario c
-#   ROUNDS=5 benches/run.sh  more rounds
+#   benches/run.sh             full run: 3 rounds (about 5 minutes)
+#   benches/run.sh --smoke     short run for CI: 1 round, 1 s per case, smaller scenario c
+#   benches/run.sh --pipeline  the durability pipeline's cases instead (about 8 minutes):
+#                              (d) retention during load, against a local S3 (moto and
+#                              the AWS CLI from the tests' venv, scripts/test.sh), (e) 60 s
+#                              sustained at fsync never and always, readings/s and RSS
+#                              every 5 s, (f) server CPU per million readings at a fixed
+#                              offered rate, sensorhub and the tokio reference
+#   ROUNDS=5 benches/run.sh    more rounds
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-smoke=false
+smoke=false pipeline=false
 [[ "${1:-}" == "--smoke" ]] && smoke=true
+[[ "${1:-}" == "--pipeline" ]] && pipeline=true
 if $smoke; then secs=1; c_conns=1000; c_secs=4; rounds=1; else secs=5; c_conns=15000; c_secs=20; rounds=${ROUNDS:-3}; fi
 
 cargo build --release --quiet --bin sensor-server --bin sensor-client --example baseline-server \
@@ -40,11 +47,16 @@ start_server() {
   DIR=$dir
   out="$dir.out"
   mkdir -p "$dir"
-  if [[ $name == sensorhub || $name == musl ]]; then
-    local server=$bin/sensor-server
+  if [[ $name == sensorhub || $name == musl || $name == retain* ]]; then
+    local server=$bin/sensor-server extra=()
     [[ $name == musl ]] && server=$musl
+    # (d): shipping to the local S3, retention deleting each shipped segment (retain0)
+    # or never (retainall).
+    [[ $name == retain0 ]] && extra=("${archive_args[@]}" --keep-shipped-bytes 0)
+    [[ $name == retainall ]] && extra=("${archive_args[@]}" --keep-shipped-bytes 1099511627776)
     "$server" --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --data-dir "$dir" \
-      --fsync "$fsync" --max-connections 20000 --log-level warn >"$out" 2>"$dir.err" &
+      --fsync "$fsync" --max-connections 20000 --log-level warn ${extra[@]+"${extra[@]}"} \
+      >"$out" 2>"$dir.err" &
   elif [[ $name == tokio ]]; then
     "$bin/examples/tokio-reference" --listen 127.0.0.1:0 >"$out" 2>"$dir.err" &
   else
@@ -84,6 +96,14 @@ server_p99() {
   exec 3<&-
 }
 
+# metric NAME: the sum of a sensorhub metric's samples (all labels), over /dev/tcp.
+metric() {
+  exec 3<>"/dev/tcp/127.0.0.1/$HTTP_PORT"
+  printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3
+  awk -v m="$1" '$1 == m || index($1, m "{") == 1 { s += $NF } END { printf "%.0f", s }' <&3
+  exec 3<&-
+}
+
 # field NAME LINE: the number after NAME in a client summary line
 field() { sed -n "s/.*$1 \([0-9.]*\).*/\1/p" <<<"$2"; }
 
@@ -98,13 +118,15 @@ bench() {
   line=$("$bin/sensor-client" --server "127.0.0.1:$PORT" --sensors "$conns" --connections "$conns" \
     --window "$window" --bench --duration "$secs" --log-level error | grep '^bench:' || true)
   cpu=$(cpu_seconds "$PID")
+  local retired=""
+  [[ $name == retain* ]] && retired="  retired $(metric sensorhub_store_segments_retired_total) shipped $(metric sensorhub_archive_segments_shipped_total)"
   stop_server
   RATE=$(sed -n 's/.*= \([0-9]*\) readings\/s.*/\1/p' <<<"$line")
   P99=$(field p99 "$line")
   CPU=$(awk -v c="$cpu" -v r="${RATE:-0}" -v s="$secs" 'BEGIN { if (r > 0) printf "%.2f", c / (r * s / 1e6); else print "?" }')
-  printf '%-10s fsync %-6s %5d conns x window %-3d %10s readings/s  p50 %7s ms  p99 %7s ms  p99.9 %7s ms  cpu %5s s/M\n' \
+  printf '%-10s fsync %-6s %5d conns x window %-3d %10s readings/s  p50 %7s ms  p99 %7s ms  p99.9 %7s ms  cpu %5s s/M%s\n' \
     "$name" "$fsync" "$conns" "$window" "${RATE:-FAILED}" "$(field p50 "$line")" "${P99:-?}" \
-    "$(field p99.9 "$line")" "$CPU"
+    "$(field p99.9 "$line")" "$CPU" "$retired"
 }
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "n/a" }'; }
@@ -133,6 +155,68 @@ rounds() {
 }
 
 echo "== machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r); server and driver share the cores"
+
+if $pipeline; then
+  venv=${SENSORHUB_TEST_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/sensorhub-test-venv}
+  d_secs=10
+  if [[ -x $venv/bin/moto_server && -x $venv/bin/aws ]]; then
+    export PATH="$venv/bin:$PATH" AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_DEFAULT_REGION=us-east-1
+    s3_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    moto_server -p "$s3_port" >"$work/moto.log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 100); do
+      aws --endpoint-url "http://127.0.0.1:$s3_port" s3 mb s3://bench-archive >/dev/null 2>&1 && break
+      sleep 0.1
+    done
+    archive_args=(--archive s3://bench-archive/run --archive-endpoint "http://127.0.0.1:$s3_port"
+      --segment-bytes 4194304 --segment-max-age 2)
+    echo "== (d) retention during load: 64 x 32, fsync never and always, shipping 4 MiB segments to a local S3 (moto, the AWS CLI); retain0 deletes each shipped segment (--keep-shipped-bytes 0), retainall never does; ${d_secs}s, median of $rounds rounds"
+    secs_saved=$secs
+    secs=$d_secs
+    rounds 64 32 "retainall never" "retain0 never" "retainall always" "retain0 always"
+    secs=$secs_saved
+    # shellcheck disable=SC2154
+    echo "   throughput with retention / without: fsync never $(ratio "$RATE_retain0_never" "$RATE_retainall_never"), fsync always $(ratio "$RATE_retain0_always" "$RATE_retainall_always") (p99.9 in the rows)"
+  else
+    echo "== (d) skipped: no moto_server/aws in $venv (scripts/test.sh installs them)"
+  fi
+
+  echo "== (e) sustained: 64 x 32 for 60 s; readings/s over each 5 s and the server's RSS"
+  for fsync in never always; do
+    start_server sensorhub "$fsync"
+    "$bin/sensor-client" --server "127.0.0.1:$PORT" --sensors 64 --connections 64 --window 32 \
+      --bench --duration 60 --log-level error >"$work/e-$fsync.txt" 2>&1 &
+    client=$!
+    before=0
+    series=""
+    for t in $(seq 5 5 60); do
+      sleep 5   # a measurement point, not a synchronisation
+      now=$(metric sensorhub_readings_total)
+      series+=" $(awk -v a="$now" -v b="$before" 'BEGIN { printf "%.2fM", (a - b) / 5e6 }')/$(( $(rss_kib "$PID") / 1024 ))MiB"
+      before=$now
+    done
+    wait "$client" || true
+    stop_server
+    echo "sensorhub  fsync $fsync  readings/s per 5 s / RSS:$series"
+    echo "           $(grep '^bench:' "$work/e-$fsync.txt" || tail -1 "$work/e-$fsync.txt")"
+  done
+
+  echo "== (f) server CPU per million readings at a fixed offered rate: 3000 sensors over 64 connections, one reading each per 10 ms (300k/s offered), 20 s"
+  for case in "sensorhub never" "sensorhub always" "tokio none"; do
+    # shellcheck disable=SC2086 # a case is two words
+    start_server $case
+    "$bin/sensor-client" --server "127.0.0.1:$PORT" --sensors 3000 --connections 64 --window 64 \
+      --interval-ms 10 --duration 20 --log-level error >"$work/f.txt" 2>&1 || true
+    cpu=$(cpu_seconds "$PID")
+    stop_server
+    line=$(grep '^sent' "$work/f.txt" || echo "")
+    ok=$(( $(field ' ok' "$line" | cut -d. -f1) + 0 ))
+    printf '%-20s answered ok %9d (%6.0f/s)  server CPU %6.2f s = %5s s per million readings\n' "$case" "$ok" \
+      "$(awk -v o="$ok" 'BEGIN { print o / 20 }')" "$cpu" \
+      "$(awk -v c="$cpu" -v o="$ok" 'BEGIN { if (o > 0) printf "%.2f", c / (o / 1e6); else print "?" }')"
+  done
+  exit 0
+fi
 echo "== (a) 64 connections x window 32, ${secs}s each, median of $rounds rounds (cpu: server CPU seconds per million readings)"
 cases=("sensorhub never" "sensorhub always")
 if [[ -x $musl ]]; then

@@ -106,73 +106,89 @@ impl Db {
         decide: F,
     ) -> Result<(), Unwritable> {
         let mut guard = self.lock();
+        if !self.takes_writes(&guard) {
+            return Err(Unwritable);
+        }
         let state = &mut *guard;
-        if self.broken().is_some() {
-            return Err(Unwritable);
-        }
-        // Statistics that miss retired segments would accept their seqs again
-        // (`/healthz` names the reason).
-        if state.store.incomplete().is_some() {
-            return Err(Unwritable);
-        }
-        if state
-            .failed_at
-            .is_some_and(|at| at.elapsed() < RETRY_WRITES)
-        {
-            return Err(Unwritable);
-        }
         let mut ledger = Ledger {
             sensors: &mut state.sensors,
             records: &mut state.records,
             stored: 0,
         };
-        let mut completions = decide(&mut ledger);
+        let completions = decide(&mut ledger);
         let stored = ledger.stored;
+        if let Err(e) = self.append(state, stored) {
+            // Undone: the segment cut back, the ledger as the files have it.
+            match state.store.reload() {
+                Ok(sensors) => state.sensors = sensors,
+                Err(reload) => {
+                    drop(guard);
+                    self.break_down(format!(
+                        "store write failed ({e}) and the ledger cannot be rebuilt: {reload}"
+                    ));
+                    return Err(Unwritable);
+                }
+            }
+            self.mark_unwritable(state, &e);
+            return Err(Unwritable);
+        }
+        self.route(guard, completions);
+        Ok(())
+    }
+
+    /// False while a batch would be refused: the store broke down, its statistics are
+    /// incomplete (they would accept retired segments' seqs again; `/healthz` names the
+    /// reason), or a write failed less than `RETRY_WRITES` ago.
+    fn takes_writes(&self, state: &State) -> bool {
+        self.broken().is_none()
+            && state.store.incomplete().is_none()
+            && state
+                .failed_at
+                .is_none_or(|at| at.elapsed() >= RETRY_WRITES)
+    }
+
+    /// Writes the records the ledger encoded (one `write`); a store that was unwritable
+    /// is writable again once this succeeds.
+    fn append(&self, state: &mut State, stored: u64) -> std::io::Result<()> {
         if !state.records.is_empty() {
             let written = state.store.append(&state.records, stored);
             state.records.clear();
-            if let Err(e) = written {
-                self.store_metrics.write_failures.fetch_add(1, Relaxed);
-                match state.store.reload() {
-                    Ok(sensors) => state.sensors = sensors,
-                    Err(reload) => {
-                        drop(guard);
-                        self.break_down(format!(
-                            "store write failed ({e}) and the ledger cannot be rebuilt: {reload}"
-                        ));
-                        return Err(Unwritable);
-                    }
-                }
-                if state.failed_at.is_none() {
-                    error!(
-                        "store write failed: {e}; acknowledging nothing until writes work again"
-                    );
-                }
-                state.failed_at = Some(Instant::now());
-                self.store_metrics
-                    .set_unavailable(Some(format!("store cannot write: {e}")));
-                return Err(Unwritable);
-            }
+            written?;
         }
         if state.failed_at.take().is_some() {
             info!("store writes work again; resuming");
             self.store_metrics.set_unavailable(None);
             self.writable.notify_all();
         }
+        Ok(())
+    }
+
+    fn mark_unwritable(&self, state: &mut State, e: &std::io::Error) {
+        self.store_metrics.write_failures.fetch_add(1, Relaxed);
+        if state.failed_at.is_none() {
+            error!("store write failed: {e}; acknowledging nothing until writes work again");
+        }
+        state.failed_at = Some(Instant::now());
+        self.store_metrics
+            .set_unavailable(Some(format!("store cannot write: {e}")));
+    }
+
+    /// Sends a stored batch's replies on: to the committer, to leave after the next
+    /// fsync (`--fsync always`), or to the loop at once.
+    fn route(&self, mut state: MutexGuard<'_, State>, mut completions: Vec<Completion>) {
         if self.fsync == Fsync::Always {
             state.waiting.append(&mut completions);
-            drop(guard);
+            drop(state);
             self.commit_needed.notify_one();
         } else {
             let sealed = state.store.sync_pending();
-            drop(guard);
+            drop(state);
             self.notifier.send_all(&mut completions);
             if sealed {
                 // A segment was sealed: the committer syncs it, so the archive may ship it.
                 self.commit_needed.notify_one();
             }
         }
-        Ok(())
     }
 
     /// Waits until a batch refused by `decide` is worth offering again; false once the

@@ -108,74 +108,22 @@ pub(crate) fn recover(dir: &Path, store_id: &str, archive: &ArchiveState) -> io:
         lengths.insert(name, len);
     }
     let (gone_through, gaps) = missing_segments(&lengths);
-    let mut rejected = Vec::new();
-    let mut rejected_files = Vec::new();
-    let mut chosen = None;
-    for name in [CHECKPOINT, CHECKPOINT_PREV] {
-        match read_checkpoint(dir, name) {
-            CheckpointRead::Absent => {}
-            CheckpointRead::Damaged(why) => {
-                rejected.push(why);
-                rejected_files.push(name);
-            }
-            CheckpointRead::Found(c) => {
-                let judged = judge(dir, &c, &lengths, archive, store_id, gone_through, &gaps);
-                match judged.and_then(|on_disk| Ok((trust_covered(&on_disk)?, on_disk))) {
-                    Ok((crcs, on_disk)) => {
-                        chosen = Some((name, c, crcs, on_disk));
-                        break;
-                    }
-                    Err(Distrust::Io(e)) => return Err(e),
-                    Err(Distrust::Corruption(why)) => {
-                        rejected.push(format!("{name}: {why}"));
-                        rejected_files.push(name);
-                    }
-                }
-            }
-        }
-    }
-    let incomplete = match &chosen {
-        Some((name, ..)) => {
-            if !rejected.is_empty() {
-                warn!("store: not using {}; using {name}", rejected.join("; "));
-            }
-            None
-        }
-        None if gone_through > 0 || !gaps.is_empty() => Some(format!(
-            "{} gone and no usable checkpoint counts their readings ({}); refusing \
-             readings so that none stored before is accepted again: run `sensor-server \
-             rebuild` (it fetches them back from the archive), or put the files back",
-            gone_description(gone_through, &gaps),
-            if rejected.is_empty() {
-                "there is none".to_owned()
-            } else {
-                rejected.join("; ")
-            }
-        )),
-        None => {
-            if !rejected.is_empty() {
-                warn!(
-                    "store: {}; replaying every file (corrupt lines are reported with their offsets)",
-                    rejected.join("; ")
-                );
-            }
-            None
-        }
-    };
+    let choice = choose_checkpoint(dir, &lengths, archive, store_id, (gone_through, &gaps))?;
+    let incomplete = choice.incompleteness(gone_through, &gaps);
     match &incomplete {
         Some(why) => error!("store: {why}"),
         // A checkpoint found wrong is never considered again (the bytes a checkpoint
         // covers are not read at start, so one that fits the files later, say once
         // start-up has made a missing segment, would be believed), but kept to look at.
         None => {
-            for name in rejected_files {
+            for name in &choice.rejected_files {
                 let aside = format!("{name}.rejected");
                 warn!("store: {name} moved to {aside}");
                 fs::rename(dir.join(name), dir.join(aside))?;
             }
         }
     }
-    let (checkpoint, mut crcs, unchecked) = match chosen {
+    let (checkpoint, mut crcs, mut unchecked) = match choice.chosen {
         Some((_, c, crcs, on_disk)) => (Some(c), crcs, on_disk),
         None => (None, BTreeMap::new(), BTreeMap::new()),
     };
@@ -183,16 +131,7 @@ pub(crate) fn recover(dir: &Path, store_id: &str, archive: &ArchiveState) -> io:
         .as_ref()
         .map_or(0, |c| c.retired_through)
         .max(gone_through);
-    // Retired segments are in the statistics already; a crash may have left some of
-    // them on disk after the checkpoint that retired them was written (`judge` checked
-    // that archive.json confirms them): finish deleting them.
-    let leftovers: Vec<PathBuf> = lengths
-        .keys()
-        .filter(|name| segment_number(name).is_some_and(|n| n <= retired_through))
-        .map(|name| dir.join(name))
-        .collect();
-    lengths.retain(|name, _| segment_number(name).is_none_or(|n| n > retired_through));
-    delete_retired(&leftovers)?;
+    finish_retirement(dir, &mut lengths, retired_through)?;
     let (covered, mut sensors) = match checkpoint {
         Some(c) => (c.files, c.sensors),
         None => (BTreeMap::new(), Sensors::default()),
@@ -212,7 +151,6 @@ pub(crate) fn recover(dir: &Path, store_id: &str, archive: &ArchiveState) -> io:
         )?;
         crcs.insert(name.clone(), crc);
     }
-    let mut unchecked = unchecked;
     unchecked.retain(|name, _| lengths.contains_key(name));
     Ok(Recovered {
         lengths,
@@ -223,6 +161,113 @@ pub(crate) fn recover(dir: &Path, store_id: &str, archive: &ArchiveState) -> io:
         incomplete,
         unchecked,
     })
+}
+
+/// A believed checkpoint: its file name, the checkpoint, the CRC-32 states of what it
+/// covers (to be continued), and what it covers of the files on disk.
+type Believed = (
+    &'static str,
+    Checkpoint,
+    BTreeMap<String, Hasher>,
+    BTreeMap<String, Covered>,
+);
+
+/// The checkpoint start-up believes, and the ones it does not (with why).
+struct Choice {
+    chosen: Option<Believed>,
+    rejected: Vec<String>,
+    rejected_files: Vec<&'static str>,
+}
+
+/// The newest checkpoint that describes the files as they are (`judge`).
+fn choose_checkpoint(
+    dir: &Path,
+    lengths: &BTreeMap<String, u64>,
+    archive: &ArchiveState,
+    store_id: &str,
+    (gone_through, gaps): (u64, &[u64]),
+) -> io::Result<Choice> {
+    let mut choice = Choice {
+        chosen: None,
+        rejected: Vec::new(),
+        rejected_files: Vec::new(),
+    };
+    for name in [CHECKPOINT, CHECKPOINT_PREV] {
+        match read_checkpoint(dir, name) {
+            CheckpointRead::Absent => {}
+            CheckpointRead::Damaged(why) => {
+                choice.rejected.push(why);
+                choice.rejected_files.push(name);
+            }
+            CheckpointRead::Found(c) => {
+                let judged = judge(dir, &c, lengths, archive, store_id, gone_through, gaps);
+                match judged.and_then(|on_disk| Ok((trust_covered(&on_disk)?, on_disk))) {
+                    Ok((crcs, on_disk)) => {
+                        choice.chosen = Some((name, c, crcs, on_disk));
+                        break;
+                    }
+                    Err(Distrust::Io(e)) => return Err(e),
+                    Err(Distrust::Corruption(why)) => {
+                        choice.rejected.push(format!("{name}: {why}"));
+                        choice.rejected_files.push(name);
+                    }
+                }
+            }
+        }
+    }
+    Ok(choice)
+}
+
+impl Choice {
+    /// Why the statistics cannot be complete: segments are gone and no believed
+    /// checkpoint counts them. Logs what was not believed.
+    fn incompleteness(&self, gone_through: u64, gaps: &[u64]) -> Option<String> {
+        let rejected = self.rejected.join("; ");
+        match &self.chosen {
+            Some((name, ..)) => {
+                if !self.rejected.is_empty() {
+                    warn!("store: not using {rejected}; using {name}");
+                }
+                None
+            }
+            None if gone_through > 0 || !gaps.is_empty() => Some(format!(
+                "{} gone and no usable checkpoint counts their readings ({}); refusing \
+                 readings so that none stored before is accepted again: run `sensor-server \
+                 rebuild` (it fetches them back from the archive), or put the files back",
+                gone_description(gone_through, gaps),
+                if self.rejected.is_empty() {
+                    "there is none"
+                } else {
+                    &rejected
+                }
+            )),
+            None => {
+                if !self.rejected.is_empty() {
+                    warn!(
+                        "store: {rejected}; replaying every file (corrupt lines are reported with their offsets)"
+                    );
+                }
+                None
+            }
+        }
+    }
+}
+
+/// Retired segments are in the statistics already; a crash may have left some of them
+/// on disk after the checkpoint that retired them was written (`judge` checked that
+/// archive.json confirms them): finish deleting them.
+fn finish_retirement(
+    dir: &Path,
+    lengths: &mut BTreeMap<String, u64>,
+    retired_through: u64,
+) -> io::Result<()> {
+    let leftovers: Vec<PathBuf> = lengths
+        .keys()
+        .filter(|name| segment_number(name).is_some_and(|n| n <= retired_through))
+        .map(|name| dir.join(name))
+        .collect();
+    lengths.retain(|name, _| segment_number(name).is_none_or(|n| n > retired_through));
+    delete_retired(&leftovers)
 }
 
 /// The segments that are not on disk: every number below the lowest there (segments

@@ -71,6 +71,19 @@ pub struct StoreMetrics {
 }
 
 impl StoreMetrics {
+    fn new(unavailable: Option<String>) -> StoreMetrics {
+        StoreMetrics {
+            bytes: AtomicU64::new(0),
+            segments: AtomicU64::new(0),
+            records: AtomicU64::new(0),
+            fsync_seconds: Histogram::new(LATENCY_BUCKETS),
+            retired_segments: AtomicU64::new(0),
+            write_failures: AtomicU64::new(0),
+            corrupt_files: AtomicU64::new(0),
+            unavailable: Mutex::new(unavailable),
+        }
+    }
+
     /// Why the store cannot take writes now, if it cannot.
     pub fn unavailable(&self) -> Option<String> {
         self.unavailable
@@ -147,16 +160,7 @@ impl Store {
         probe_writable(&options.dir)?;
         let dir = &options.dir;
         let store_id = files::store_id(dir)?;
-        let archive = match files::read_archive_state(dir)? {
-            Some(archive) if !archive.store_id.is_empty() && archive.store_id != store_id => {
-                // Never believed, not even by recovery: it could confirm segments of
-                // this store as shipped that are not.
-                set_foreign_archive_aside(dir, &archive.store_id, &store_id);
-                ArchiveState::new(&store_id)
-            }
-            Some(archive) => archive,
-            None => ArchiveState::new(&store_id),
-        };
+        let archive = own_archive_state(dir, &store_id)?;
         let started = Instant::now();
         let recovered = recover(dir, &store_id, &archive)?;
         info!(
@@ -176,38 +180,12 @@ impl Store {
             unchecked,
             ..
         } = recovered;
-        // Numbers the archive holds are never used again, even when their files are
-        // gone: a new segment under an old number would be taken for the shipped one.
-        let archived = archive
-            .segments
-            .keys()
-            .next_back()
-            .copied()
-            .unwrap_or(0)
-            .max(archive.shipped_through);
-        let no_segments = lengths.keys().all(|name| segment_number(name).is_none());
-        let jumped = no_segments && archived > retired_through;
-        if jumped {
-            warn!(
-                "store: no segment is on disk but {ARCHIVE_STATE} records segments up to {archived} \
-                 as shipped; numbering goes on after them (their readings are not in the statistics)"
-            );
-            retired_through = archived;
-        }
+        let jumped = skip_archived_numbers(&lengths, &archive, &mut retired_through);
         let (active, active_name, active_number) = open_active(dir, &lengths, retired_through)?;
         let active_len = active.metadata()?.len();
         lengths.insert(active_name.clone(), active_len);
         crcs.entry(active_name.clone()).or_default();
-        let metrics = Arc::new(StoreMetrics {
-            bytes: AtomicU64::new(0),
-            segments: AtomicU64::new(0),
-            records: AtomicU64::new(0),
-            fsync_seconds: Histogram::new(LATENCY_BUCKETS),
-            retired_segments: AtomicU64::new(0),
-            write_failures: AtomicU64::new(0),
-            corrupt_files: AtomicU64::new(0),
-            unavailable: Mutex::new(incomplete.clone()),
-        });
+        let metrics = Arc::new(StoreMetrics::new(incomplete.clone()));
         let mut store = Store {
             options,
             active: Arc::new(active),
@@ -706,6 +684,46 @@ impl Store {
 }
 
 /// Moves `archive.json` of store `foreign` aside as `archive.json.foreign`.
+/// `archive.json` unless it is another store's, which is never believed, not even by
+/// recovery (it could confirm segments of this store as shipped that are not).
+fn own_archive_state(dir: &Path, store_id: &str) -> io::Result<ArchiveState> {
+    Ok(match files::read_archive_state(dir)? {
+        Some(archive) if !archive.store_id.is_empty() && archive.store_id != store_id => {
+            set_foreign_archive_aside(dir, &archive.store_id, store_id);
+            ArchiveState::new(store_id)
+        }
+        Some(archive) => archive,
+        None => ArchiveState::new(store_id),
+    })
+}
+
+/// Numbers the archive holds are never used again, even when their files are gone: a
+/// new segment under an old number would be taken for the shipped one. True if
+/// numbering jumped past them (with no segment on disk).
+fn skip_archived_numbers(
+    lengths: &BTreeMap<String, u64>,
+    archive: &ArchiveState,
+    retired_through: &mut u64,
+) -> bool {
+    let archived = archive
+        .segments
+        .keys()
+        .next_back()
+        .copied()
+        .unwrap_or(0)
+        .max(archive.shipped_through);
+    let no_segments = lengths.keys().all(|name| segment_number(name).is_none());
+    let jumped = no_segments && archived > *retired_through;
+    if jumped {
+        warn!(
+            "store: no segment is on disk but {ARCHIVE_STATE} records segments up to {archived} \
+             as shipped; numbering goes on after them (their readings are not in the statistics)"
+        );
+        *retired_through = archived;
+    }
+    jumped
+}
+
 fn set_foreign_archive_aside(dir: &Path, foreign: &str, this: &str) {
     let aside = dir.join(format!("{ARCHIVE_STATE}.foreign"));
     warn!(
