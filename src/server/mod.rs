@@ -12,8 +12,8 @@ pub use error::Error;
 
 // What the fuzz targets and `sensor-server verify` open of the store.
 pub use store::files::read_archive_state;
-pub use store::recovery::{VerifyReport, verify};
 pub use store::segments::{Store, StoreOptions};
+pub use store::verify::{VerifyReport, verify};
 
 use crate::server::config::{ArchiveArgs, RebuildConfig, ServerConfig, ShipConfig};
 use crate::server::ingest::completion::{Job, Notifier, completion_channel};
@@ -33,7 +33,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
-use store::recovery;
+use store::verify::check_is_store;
 
 /// Batches that may wait for one worker; past it the loop stops reading the connections
 /// pinned to that worker (backpressure).
@@ -203,7 +203,7 @@ pub fn ship(config: ShipConfig) -> Result<(), Error> {
         .ok_or_else(|| Error::Config("ship needs --archive s3://BUCKET/PREFIX".into()))?;
     // A one-shot command ships until done or until its own deadline.
     archive_config.stop_timeout = Duration::from_secs(config.deadline);
-    recovery::check_is_store(&config.data_dir).map_err(|source| Error::NotAStore {
+    check_is_store(&config.data_dir).map_err(|source| Error::NotAStore {
         command: "ship",
         source,
     })?;
@@ -225,7 +225,7 @@ pub fn rebuild(config: RebuildConfig) -> Result<(), Error> {
     let archive_config = archive_config(&config.archive)?.ok_or_else(|| {
         Error::Config("rebuild needs --archive s3://BUCKET/PREFIX, where the store shipped".into())
     })?;
-    recovery::check_is_store(&config.data_dir).map_err(|source| Error::NotAStore {
+    check_is_store(&config.data_dir).map_err(|source| Error::NotAStore {
         command: "rebuild",
         source,
     })?;

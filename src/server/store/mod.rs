@@ -8,4 +8,5 @@ pub(super) mod ledger;
 pub(super) mod recovery;
 pub(super) mod segments;
 pub(super) mod stats;
+pub(super) mod verify;
 pub(super) mod watermarks;

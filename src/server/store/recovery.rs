@@ -1,12 +1,11 @@
 //! Start-up recovery of the store: torn tails cut, the checkpoint checked against the
 //! files, the rest replayed into per-sensor statistics; and the probe that refuses a
-//! store the server could not write. `store.rs` holds the running store, `files.rs` the
-//! formats on disk.
+//! store the server could not write. `segments.rs` holds the running store, `files.rs`
+//! the formats on disk, `verify.rs` the offline check that shares these rules.
 
 use crate::server::store::files::{
-    ARCHIVE_STATE, ArchiveState, CHECKPOINT, CHECKPOINT_PREV, Checkpoint, CheckpointRead, Covered,
-    STORE_ID, delete_retired, read_archive_state, read_checkpoint, read_store_id, segment_name,
-    segment_number,
+    ArchiveState, CHECKPOINT, CHECKPOINT_PREV, Checkpoint, CheckpointRead, Covered, delete_retired,
+    read_checkpoint, segment_name, segment_number,
 };
 use crate::server::store::stats::{self, Counted, Sample, Sensors, Seqs};
 use crate::wire::record::{Record, decode_record};
@@ -19,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 /// Why a checkpoint is not believed, or the I/O error that kept it from being judged.
 #[derive(Debug, thiserror::Error)]
-enum Distrust {
+pub(super) enum Distrust {
     #[error(transparent)]
     Io(#[from] io::Error),
     /// It does not describe the files as they are (the store falls back to the previous
@@ -274,7 +273,7 @@ fn finish_retirement(
 /// are numbered from 1 and retention deletes the oldest first, so some checkpoint must
 /// count those), and the gaps between the lowest and the highest (nothing deletes
 /// those: a person or a tool did; the first 1000 are listed).
-fn missing_segments(lengths: &BTreeMap<String, u64>) -> (u64, Vec<u64>) {
+pub(super) fn missing_segments(lengths: &BTreeMap<String, u64>) -> (u64, Vec<u64>) {
     let numbers: Vec<u64> = lengths
         .keys()
         .filter_map(|name| segment_number(name))
@@ -289,7 +288,7 @@ fn missing_segments(lengths: &BTreeMap<String, u64>) -> (u64, Vec<u64>) {
 }
 
 /// "segments up to 4 are", "segments 7, 9 are", or both.
-fn gone_description(gone_through: u64, gaps: &[u64]) -> String {
+pub(super) fn gone_description(gone_through: u64, gaps: &[u64]) -> String {
     let mut parts = Vec::new();
     if gone_through > 0 {
         parts.push(format!("segments up to {gone_through}"));
@@ -306,7 +305,7 @@ fn gone_description(gone_through: u64, gaps: &[u64]) -> String {
 /// `gone_through`) in full (so archive.json must confirm those), and every byte it
 /// covers still has the CRC-32 it recorded. Returns what it covers of the files on
 /// disk, or why not. The covered bytes are not read here (`check_covered` does that).
-fn judge(
+pub(super) fn judge(
     dir: &Path,
     c: &Checkpoint,
     lengths: &BTreeMap<String, u64>,
@@ -476,7 +475,7 @@ pub(crate) fn load(
 
 /// Checks that every byte the checkpoint covers is what it was: per file, the CRC-32 of
 /// the covered bytes. Returns their hashers (to be continued), or what does not match.
-fn check_covered(
+pub(super) fn check_covered(
     dir: &Path,
     files: &BTreeMap<String, Covered>,
 ) -> Result<BTreeMap<String, Hasher>, Distrust> {
@@ -649,159 +648,4 @@ fn apply_record(
             kind: r.kind,
         });
     }
-}
-
-/// What `verify` found.
-#[derive(Debug, Clone, PartialEq)]
-pub struct VerifyReport {
-    /// Corrupt or torn lines, and checkpoint mismatches.
-    pub problems: usize,
-    /// Valid records, and the statistics they give (what a full replay counts).
-    pub records: u64,
-    pub sensors: Sensors,
-}
-
-/// `sensor-server verify`: reads the store in `dir` without changing anything and
-/// prints every corrupt or torn line with its file and byte offset, and every way the
-/// checkpoint does not match the files.
-pub fn verify(dir: &Path, out: &mut dyn std::io::Write) -> io::Result<VerifyReport> {
-    check_is_store(dir)?;
-    let mut problems = 0usize;
-    let mut lengths = BTreeMap::new();
-    let mut crcs = BTreeMap::new();
-    let mut sensors = Sensors::default();
-    for name in store_files(dir)? {
-        let path = dir.join(&name);
-        let len = fs::metadata(&path)?.len();
-        let mut crc = Hasher::new();
-        let mut write_error = Ok(());
-        replay(&path, 0, len, &mut sensors, &mut crc, &mut |problem| {
-            problems += 1;
-            if write_error.is_ok() {
-                write_error = writeln!(out, "{problem}");
-            }
-        })?;
-        write_error?;
-        crcs.insert(name.clone(), crc.finalize());
-        lengths.insert(name, len);
-    }
-    let records = sensors.values().map(|s| s.count).sum::<u64>();
-    let mut report = |problem: String| {
-        problems += 1;
-        writeln!(out, "{problem}")
-    };
-    let store_id = match read_store_id(dir) {
-        Ok(id) => id.unwrap_or_default(),
-        Err(e) => {
-            report(e.to_string())?;
-            String::new()
-        }
-    };
-    let archive = match read_archive_state(dir) {
-        Ok(state) => state.unwrap_or_default(),
-        Err(e) => {
-            report(e.to_string())?;
-            ArchiveState::default()
-        }
-    };
-    for problem in archive_problems(&archive, &store_id, &lengths, &crcs) {
-        report(format!("{}: {problem}", dir.join(ARCHIVE_STATE).display()))?;
-    }
-    let (gone_through, gaps) = missing_segments(&lengths);
-    let mut usable = false;
-    for name in [CHECKPOINT, CHECKPOINT_PREV] {
-        match read_checkpoint(dir, name) {
-            CheckpointRead::Absent => {}
-            CheckpointRead::Damaged(why) => report(format!("{}: {why}", dir.display()))?,
-            CheckpointRead::Found(c) => {
-                let judged = judge(dir, &c, &lengths, &archive, &store_id, gone_through, &gaps)
-                    .and_then(|on_disk| check_covered(dir, &on_disk));
-                match judged {
-                    Ok(_) => usable = true,
-                    Err(Distrust::Io(e)) => return Err(e),
-                    // An older checkpoint need not fit what retention did since.
-                    Err(Distrust::Corruption(_)) if name == CHECKPOINT_PREV => {}
-                    Err(Distrust::Corruption(why)) => {
-                        report(format!("{}: {why}", dir.join(name).display()))?
-                    }
-                }
-            }
-        }
-    }
-    if !usable && (gone_through > 0 || !gaps.is_empty()) {
-        report(format!(
-            "{}: {} gone and no usable checkpoint counts them: the server would refuse \
-             readings until they are back or `sensor-server rebuild` fetched them from the archive",
-            dir.display(),
-            gone_description(gone_through, &gaps)
-        ))?;
-    }
-    writeln!(
-        out,
-        "{}: {} files, {records} valid records, {} sensors, {problems} problems",
-        dir.display(),
-        lengths.len(),
-        sensors.len()
-    )?;
-    Ok(VerifyReport {
-        problems,
-        records,
-        sensors,
-    })
-}
-
-/// Refuses a path that is not a store: missing, not a directory, or a directory with
-/// none of a store's files (a mistyped path must not pass as a clean, empty store).
-pub(crate) fn check_is_store(dir: &Path) -> io::Result<()> {
-    let refuse = |why: &str| {
-        Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("{} {why}", dir.display()),
-        ))
-    };
-    if !dir.exists() {
-        return refuse("does not exist");
-    }
-    if !dir.is_dir() {
-        return refuse("is not a directory (a store is a directory of segment files)");
-    }
-    let is_store = dir.join(STORE_ID).exists()
-        || dir.join(CHECKPOINT).exists()
-        || !store_files(dir)?.is_empty();
-    if !is_store {
-        return refuse("holds no sensorhub store (no store-id, checkpoint or *.jsonl files)");
-    }
-    Ok(())
-}
-
-/// Where `archive.json` does not match the store: another store's, or a shipped segment
-/// whose file is not what S3 confirmed (the server ships it again, deletes nothing).
-pub(crate) fn archive_problems(
-    archive: &ArchiveState,
-    store_id: &str,
-    lengths: &BTreeMap<String, u64>,
-    crcs: &BTreeMap<String, u32>,
-) -> Vec<String> {
-    if !archive.store_id.is_empty() && archive.store_id != store_id {
-        return vec![format!(
-            "it belongs to store {}, not to this one ({store_id}); the server sets it aside \
-             and ships every segment again",
-            archive.store_id
-        )];
-    }
-    let mut problems = Vec::new();
-    for (&n, shipped) in &archive.segments {
-        let name = segment_name(n);
-        let (Some(&len), Some(&crc)) = (lengths.get(&name), crcs.get(&name)) else {
-            continue;
-        };
-        if (len, crc) != (shipped.bytes, shipped.crc32) {
-            problems.push(format!(
-                "segment {n} was shipped as {} bytes with CRC-32 {:08x}, but {name} has {len} \
-                 bytes with CRC-32 {crc:08x}; the server ships it again and never deletes it",
-                shipped.bytes, shipped.crc32
-            ));
-        }
-    }
-    problems
 }

@@ -1279,7 +1279,7 @@ pub(crate) mod tests {
             "no checkpoint of it"
         );
         let mut report = Vec::new();
-        let problems = crate::server::store::recovery::verify(&dir, &mut report)
+        let problems = crate::server::store::verify::verify(&dir, &mut report)
             .unwrap()
             .problems;
         let report = String::from_utf8(report).unwrap();
@@ -1362,7 +1362,7 @@ pub(crate) mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         let mut report = Vec::new();
-        let problems = crate::server::store::recovery::verify(&dir, &mut report)
+        let problems = crate::server::store::verify::verify(&dir, &mut report)
             .unwrap()
             .problems;
         let report = String::from_utf8(report).unwrap();
@@ -1386,7 +1386,7 @@ pub(crate) mod tests {
         }
         let mut out = Vec::new();
         assert_eq!(
-            crate::server::store::recovery::verify(&dir, &mut out)
+            crate::server::store::verify::verify(&dir, &mut out)
                 .unwrap()
                 .problems,
             0
@@ -1397,7 +1397,7 @@ pub(crate) mod tests {
         file.write_all(b"{\"sensor\":\"a\",\"ki").unwrap();
         let mut out = Vec::new();
         assert_eq!(
-            crate::server::store::recovery::verify(&dir, &mut out)
+            crate::server::store::verify::verify(&dir, &mut out)
                 .unwrap()
                 .problems,
             1
