@@ -31,78 +31,34 @@ pub struct VerifyReport {
 /// checkpoint does not match the files.
 pub fn verify(dir: &Path, out: &mut dyn std::io::Write) -> io::Result<VerifyReport> {
     check_is_store(dir)?;
-    let mut problems = 0usize;
-    let mut lengths = BTreeMap::new();
-    let mut crcs = BTreeMap::new();
-    let mut sensors = Sensors::default();
-    for name in store_files(dir)? {
-        let path = dir.join(&name);
-        let len = fs::metadata(&path)?.len();
-        let mut crc = Hasher::new();
-        let mut write_error = Ok(());
-        replay(&path, 0, len, &mut sensors, &mut crc, &mut |problem| {
-            problems += 1;
-            if write_error.is_ok() {
-                write_error = writeln!(out, "{problem}");
-            }
-        })?;
-        write_error?;
-        crcs.insert(name.clone(), crc.finalize());
-        lengths.insert(name, len);
-    }
-    let records = sensors.values().map(|s| s.count).sum::<u64>();
-    let mut report = |problem: String| {
-        problems += 1;
-        writeln!(out, "{problem}")
+    let mut v = Verifier {
+        dir,
+        out,
+        problems: 0,
     };
+    let (lengths, crcs, sensors) = v.replay_every_file()?;
+    let records = sensors.values().map(|s| s.count).sum::<u64>();
     let store_id = match read_store_id(dir) {
         Ok(id) => id.unwrap_or_default(),
         Err(e) => {
-            report(e.to_string())?;
+            v.report(e.to_string())?;
             String::new()
         }
     };
     let archive = match read_archive_state(dir) {
         Ok(state) => state.unwrap_or_default(),
         Err(e) => {
-            report(e.to_string())?;
+            v.report(e.to_string())?;
             ArchiveState::default()
         }
     };
     for problem in archive_problems(&archive, &store_id, &lengths, &crcs) {
-        report(format!("{}: {problem}", dir.join(ARCHIVE_STATE).display()))?;
+        v.report(format!("{}: {problem}", dir.join(ARCHIVE_STATE).display()))?;
     }
-    let (gone_through, gaps) = missing_segments(&lengths);
-    let mut usable = false;
-    for name in [CHECKPOINT, CHECKPOINT_PREV] {
-        match read_checkpoint(dir, name) {
-            CheckpointRead::Absent => {}
-            CheckpointRead::Damaged(why) => report(format!("{}: {why}", dir.display()))?,
-            CheckpointRead::Found(c) => {
-                let judged = judge(dir, &c, &lengths, &archive, &store_id, gone_through, &gaps)
-                    .and_then(|on_disk| check_covered(dir, &on_disk));
-                match judged {
-                    Ok(_) => usable = true,
-                    Err(Distrust::Io(e)) => return Err(e),
-                    // An older checkpoint need not fit what retention did since.
-                    Err(Distrust::Corruption(_)) if name == CHECKPOINT_PREV => {}
-                    Err(Distrust::Corruption(why)) => {
-                        report(format!("{}: {why}", dir.join(name).display()))?
-                    }
-                }
-            }
-        }
-    }
-    if !usable && (gone_through > 0 || !gaps.is_empty()) {
-        report(format!(
-            "{}: {} gone and no usable checkpoint counts them: the server would refuse \
-             readings until they are back or `sensor-server rebuild` fetched them from the archive",
-            dir.display(),
-            gone_description(gone_through, &gaps)
-        ))?;
-    }
+    v.check_checkpoints(&lengths, &archive, &store_id)?;
+    let problems = v.problems;
     writeln!(
-        out,
+        v.out,
         "{}: {} files, {records} valid records, {} sensors, {problems} problems",
         dir.display(),
         lengths.len(),
@@ -113,6 +69,86 @@ pub fn verify(dir: &Path, out: &mut dyn std::io::Write) -> io::Result<VerifyRepo
         records,
         sensors,
     })
+}
+
+/// Each file's CRC-32 by name.
+type FileCrcs = BTreeMap<String, u32>;
+
+/// One `verify` run: where it writes and what it has found so far.
+struct Verifier<'a> {
+    dir: &'a Path,
+    out: &'a mut dyn std::io::Write,
+    problems: usize,
+}
+
+impl Verifier<'_> {
+    fn report(&mut self, problem: String) -> io::Result<()> {
+        self.problems += 1;
+        writeln!(self.out, "{problem}")
+    }
+
+    /// Every store file's length and CRC-32, and the statistics of all of them, with
+    /// each line that is not a record reported.
+    fn replay_every_file(&mut self) -> io::Result<(BTreeMap<String, u64>, FileCrcs, Sensors)> {
+        let (mut lengths, mut crcs, mut sensors) =
+            (BTreeMap::new(), FileCrcs::new(), Sensors::default());
+        for name in store_files(self.dir)? {
+            let path = self.dir.join(&name);
+            let len = fs::metadata(&path)?.len();
+            let mut crc = Hasher::new();
+            let mut write_error = Ok(());
+            replay(&path, 0, len, &mut sensors, &mut crc, &mut |problem| {
+                if write_error.is_ok() {
+                    write_error = self.report(problem.to_string());
+                }
+            })?;
+            write_error?;
+            crcs.insert(name.clone(), crc.finalize());
+            lengths.insert(name, len);
+        }
+        Ok((lengths, crcs, sensors))
+    }
+
+    /// Each checkpoint judged as start-up judges it, and the covered bytes read: a
+    /// store whose gone segments no usable checkpoint counts is a problem.
+    fn check_checkpoints(
+        &mut self,
+        lengths: &BTreeMap<String, u64>,
+        archive: &ArchiveState,
+        store_id: &str,
+    ) -> io::Result<()> {
+        let dir = self.dir;
+        let (gone_through, gaps) = missing_segments(lengths);
+        let mut usable = false;
+        for name in [CHECKPOINT, CHECKPOINT_PREV] {
+            match read_checkpoint(dir, name) {
+                CheckpointRead::Absent => {}
+                CheckpointRead::Damaged(why) => self.report(format!("{}: {why}", dir.display()))?,
+                CheckpointRead::Found(c) => {
+                    let judged = judge(dir, &c, lengths, archive, store_id, gone_through, &gaps)
+                        .and_then(|on_disk| check_covered(dir, &on_disk));
+                    match judged {
+                        Ok(_) => usable = true,
+                        Err(Distrust::Io(e)) => return Err(e),
+                        // An older checkpoint need not fit what retention did since.
+                        Err(Distrust::Corruption(_)) if name == CHECKPOINT_PREV => {}
+                        Err(Distrust::Corruption(why)) => {
+                            self.report(format!("{}: {why}", dir.join(name).display()))?
+                        }
+                    }
+                }
+            }
+        }
+        if !usable && (gone_through > 0 || !gaps.is_empty()) {
+            self.report(format!(
+                "{}: {} gone and no usable checkpoint counts them: the server would refuse \
+                 readings until they are back or `sensor-server rebuild` fetched them from the archive",
+                dir.display(),
+                gone_description(gone_through, &gaps)
+            ))?;
+        }
+        Ok(())
+    }
 }
 
 /// Refuses a path that is not a store: missing, not a directory, or a directory with
