@@ -22,7 +22,10 @@ use crate::server::ingest::worker::spawn_pool;
 use crate::server::store::committer::{Retention, run_committer};
 use crate::server::store::db::Db;
 use crate::server::store::segments::Sensors;
-use archive::shipper::{self, Archive, ArchiveConfig, Confirmed, Source};
+use archive::bucket::{self, ArchiveConfig};
+use archive::confirmed::Confirmed;
+use archive::fetcher::Fetcher;
+use archive::shipper::{Archive, Source};
 use log::info;
 use mio::net::TcpListener;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -104,7 +107,7 @@ fn start_archive(
     store: &mut Store,
 ) -> Result<(Archive, Arc<Confirmed>), Error> {
     let bucket =
-        shipper::check_start(&config).map_err(|e| Error::Archive(format!("archive: {e}")))?;
+        bucket::check_start(&config).map_err(|e| Error::Archive(format!("archive: {e}")))?;
     let dir = store.dir().to_path_buf();
     let confirmed = Arc::new(Confirmed::new(&dir, store.take_archive_state()));
     let source = Source {
@@ -234,7 +237,7 @@ pub fn rebuild(config: RebuildConfig) -> Result<(), Error> {
         info!("the store's statistics are complete: nothing to rebuild");
         return Ok(());
     }
-    if shipper::check_start(&archive_config).map_err(Error::Archive)? == shipper::Bucket::Silent {
+    if bucket::check_start(&archive_config).map_err(Error::Archive)? == bucket::Bucket::Silent {
         return Err(Error::Archive(format!(
             "archive bucket {} does not answer",
             archive_config.bucket
@@ -242,12 +245,11 @@ pub fn rebuild(config: RebuildConfig) -> Result<(), Error> {
     }
     let scratch = std::env::temp_dir().join(format!("sensorhub-rebuild-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).map_err(Error::system("rebuild scratch directory"))?;
-    let rebuilt =
-        shipper::Fetcher::list(archive_config, store.id(), scratch.clone()).and_then(|fetcher| {
-            store
-                .rebuild(&mut |n| fetcher.fetch(n))
-                .map_err(|e| e.to_string())
-        });
+    let rebuilt = Fetcher::list(archive_config, store.id(), scratch.clone()).and_then(|fetcher| {
+        store
+            .rebuild(&mut |n| fetcher.fetch(n))
+            .map_err(|e| e.to_string())
+    });
     let _ = std::fs::remove_dir_all(&scratch);
     let sensors = rebuilt.map_err(|e| Error::Archive(format!("cannot rebuild: {e}")))?;
     info!(
@@ -262,11 +264,11 @@ fn archive_config(args: &ArchiveArgs) -> Result<Option<ArchiveConfig>, Error> {
     let Some(url) = &args.archive else {
         return Ok(None);
     };
-    let (bucket, prefix) = shipper::parse_s3_url(url).map_err(Error::Config)?;
-    let host = args.host_id.clone().unwrap_or_else(shipper::hostname);
-    shipper::check_host_id(&host).map_err(Error::Config)?;
+    let (bucket, prefix) = bucket::parse_s3_url(url).map_err(Error::Config)?;
+    let host = args.host_id.clone().unwrap_or_else(bucket::hostname);
+    bucket::check_host_id(&host).map_err(Error::Config)?;
     if let Some(endpoint) = &args.archive_endpoint {
-        shipper::check_endpoint(endpoint).map_err(Error::Config)?;
+        bucket::check_endpoint(endpoint).map_err(Error::Config)?;
     }
     Ok(Some(ArchiveConfig {
         bucket,

@@ -13,7 +13,7 @@
 //! object), and then `head-object --checksum-mode ENABLED` must show the object with
 //! exactly that length and SHA-256. Only then is the segment recorded in `archive.json`
 //! (`Confirmed`), and only a recorded segment whose file still has the recorded length
-//! and CRC-32 may be deleted by retention (`db::Retention`). A segment whose file is
+//! and CRC-32 may be deleted by retention (`store/committer.rs`). A segment whose file is
 //! missing is never passed over: it is retried (and reported) until it is back. A crash
 //! between S3's confirmation and the record makes the next start upload the same bytes
 //! to the same key again: S3 refuses to replace it, and the check finds it whole.
@@ -25,9 +25,9 @@
 //! for the static aarch64 build). It is not trusted: see `aws_cli.rs`.
 
 use crate::server::archive::aws_cli::{self, Alarm, CliError, CliOutput};
-use crate::server::store::files::{
-    ARCHIVE_STATE, ArchiveState, ShippedSegment, segment_name, sha256_hex,
-};
+use crate::server::archive::bucket::{ArchiveConfig, Bucket, cli_command, object_key};
+use crate::server::archive::confirmed::Confirmed;
+use crate::server::store::files::{ARCHIVE_STATE, ShippedSegment, segment_name, sha256_hex};
 use crate::server::store::segments::{SealedCrcs, unix_millis};
 use crate::server::store::watermarks::Watermarks;
 use crate::wire::record::decode_record;
@@ -52,124 +52,8 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 const UPLOAD_SUFFIX: &str = ".gz.upload";
 const MIN_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
-/// How often an idle shipper looks for newly sealed segments.
-/// How long the start-up checks may take, each.
-const CHECK_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the confirming `head-object` may take.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Where and how sealed segments are shipped (`--archive` and friends).
-#[derive(Debug, Clone)]
-pub(crate) struct ArchiveConfig {
-    pub bucket: String,
-    /// Key prefix without leading or trailing `/`; may be empty.
-    pub prefix: String,
-    /// S3 endpoint override (a local S3 such as moto or MinIO); `None` for AWS.
-    pub endpoint: Option<String>,
-    /// The server's stable id in object keys (`host=HOST`).
-    pub host: String,
-    /// The AWS CLI to run.
-    pub cli: PathBuf,
-    /// One upload taking longer than this is killed and retried.
-    pub upload_timeout: Duration,
-    /// How long a graceful stop keeps shipping what is pending (for `ship`: how long
-    /// it ships at all).
-    pub stop_timeout: Duration,
-}
-
-/// Parses `s3://BUCKET[/PREFIX]` into bucket and prefix. The prefix must be a plain S3
-/// prefix: `/`-separated parts of S3's safe characters (letters, digits, `!-_.*'()`,
-/// and `=` for Hive-style parts), none empty, `.` or `..`.
-pub(crate) fn parse_s3_url(url: &str) -> Result<(String, String), String> {
-    let rest = url
-        .strip_prefix("s3://")
-        .ok_or_else(|| format!("archive {url:?} must look like s3://BUCKET/PREFIX"))?;
-    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-    let valid_bucket = (3..=63).contains(&bucket.len())
-        && bucket
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
-    if !valid_bucket {
-        return Err(format!(
-            "archive bucket {bucket:?} is not a valid S3 bucket name (3 to 63 of a-z 0-9 . -)"
-        ));
-    }
-    let prefix = prefix.trim_end_matches('/');
-    let plain_part = |part: &str| {
-        !part.is_empty()
-            && part != "."
-            && part != ".."
-            && part
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"!-_.*'()=".contains(&b))
-    };
-    if !prefix.is_empty() && !prefix.split('/').all(plain_part) {
-        return Err(format!(
-            "archive prefix {prefix:?} is not a plain S3 prefix: use /-separated parts of \
-             A-Z a-z 0-9 ! - _ . * ' ( ) =, none empty, . or .."
-        ));
-    }
-    Ok((bucket.to_owned(), prefix.to_owned()))
-}
-
-/// Checks a host id for use in keys and partition values: 1 to 64 of `[A-Za-z0-9._-]`.
-pub(crate) fn check_host_id(host: &str) -> Result<(), String> {
-    let ok = (1..=64).contains(&host.len())
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "host id {host:?} must be 1 to 64 of A-Z a-z 0-9 . _ - (it names the archive partition)"
-        ))
-    }
-}
-
-/// Checks an S3 endpoint override: `http://` or `https://`, a host, nothing else odd
-/// (the CLI would only fail on it at the first upload).
-pub(crate) fn check_endpoint(endpoint: &str) -> Result<(), String> {
-    let host = endpoint
-        .strip_prefix("http://")
-        .or_else(|| endpoint.strip_prefix("https://"))
-        .map(|rest| rest.split('/').next().unwrap_or_default());
-    match host {
-        Some(host) if !host.is_empty() && !host.contains(char::is_whitespace) => Ok(()),
-        _ => Err(format!(
-            "archive endpoint {endpoint:?} must be a URL like http://127.0.0.1:9000 or https://s3.example.com"
-        )),
-    }
-}
-
-/// The machine's hostname, the default host id.
-pub(crate) fn hostname() -> String {
-    fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_default()
-}
-
-/// The object key of segment `number` of store `store_id` whose first record was
-/// received at `first_ms`.
-pub(crate) fn object_key(
-    config: &ArchiveConfig,
-    store_id: &str,
-    number: u64,
-    first_ms: u64,
-) -> String {
-    let (y, m, d) = civil_date(first_ms);
-    let name = segment_name(number);
-    let stem = name.strip_suffix(".jsonl").unwrap_or(&name);
-    let path = format!(
-        "readings/dt={y:04}-{m:02}-{d:02}/host={}/{stem}-{store_id}.jsonl.gz",
-        config.host
-    );
-    if config.prefix.is_empty() {
-        path
-    } else {
-        format!("{}/{path}", config.prefix)
-    }
-}
 
 /// What `/metrics` shows of the archive.
 #[derive(Debug, Default)]
@@ -197,71 +81,6 @@ impl ArchiveMetrics {
             0 => 0.0,
             at => unix_millis().saturating_sub(at) as f64 / 1000.0,
         }
-    }
-}
-
-/// What S3 confirmed (`archive.json`), shared by the shipper, which records, and
-/// retention, which deletes only what it confirms. The record changes in memory first
-/// and is then saved: on a full disk the save fails, but retention can still free space
-/// for it (a crash before the save only makes the next start check those objects again).
-pub(crate) struct Confirmed {
-    dir: PathBuf,
-    state: Mutex<ArchiveState>,
-    /// Bumped by every record, so retention knows when to look again.
-    version: AtomicU64,
-}
-
-impl Confirmed {
-    pub(crate) fn new(dir: &Path, state: ArchiveState) -> Confirmed {
-        Confirmed {
-            dir: dir.to_owned(),
-            state: Mutex::new(state),
-            version: AtomicU64::new(0),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, ArchiveState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// True when S3 holds exactly segment `number`: `bytes` long with this CRC-32.
-    pub(crate) fn confirms(&self, number: u64, bytes: u64, crc32: u32) -> bool {
-        self.lock().confirms(number, bytes, crc32)
-    }
-
-    /// Changes whenever a segment is recorded.
-    pub(crate) fn version(&self) -> u64 {
-        self.version.load(Relaxed)
-    }
-
-    /// True when S3 holds segment `number` (whatever its file holds now).
-    fn holds(&self, number: u64) -> bool {
-        self.lock().segments.contains_key(&number)
-    }
-
-    /// Every segment up to this is in S3.
-    pub(crate) fn through(&self) -> u64 {
-        self.lock().shipped_through
-    }
-
-    /// Records that S3 holds `segment` as segment `number` and saves the record.
-    fn record(&self, number: u64, segment: ShippedSegment) -> io::Result<()> {
-        let mut state = self.lock();
-        state.shipped_through = state.shipped_through.max(number);
-        state.segments.insert(number, segment);
-        self.version.fetch_add(1, Relaxed);
-        state.save(&self.dir)
-    }
-
-    /// Forgets the records of segments retention deleted (up to `number`); saved with
-    /// the next record.
-    pub(crate) fn forget_through(&self, number: u64) {
-        self.lock().segments.retain(|&n, _| n > number);
-    }
-
-    /// Saves the record (at the end, in case the last save failed).
-    fn save(&self) -> io::Result<()> {
-        self.lock().save(&self.dir)
     }
 }
 
@@ -305,61 +124,6 @@ pub(crate) struct Source {
     pub sealed: Arc<SealedCrcs>,
     /// Segments up to this were retired (or never existed): nothing to ship there.
     pub retired_through: u64,
-}
-
-/// What the start-up check found of the bucket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Bucket {
-    Answers,
-    /// It did not answer (an outage, a network still coming up): shipping retries.
-    Silent,
-}
-
-/// Checks, before anything is shipped, that the CLI runs and the bucket answers. A
-/// missing CLI, or a bucket S3 says is missing or forbidden, is an error; a bucket that
-/// does not answer is a warning (and `Bucket::Silent`).
-pub(crate) fn check_start(config: &ArchiveConfig) -> Result<Bucket, String> {
-    let mut version = Command::new(&config.cli);
-    version.arg("--version");
-    let deadline = Instant::now() + CHECK_TIMEOUT;
-    let cli = config.cli.display();
-    match aws_cli::run(version, Stdio::null(), || deadline, &Alarm::default()) {
-        Ok(out) if out.status.success() => {}
-        Ok(out) => {
-            return Err(format!(
-                "the AWS CLI {cli} does not run ({}: {})",
-                out.status,
-                out.error_line()
-            ));
-        }
-        Err(e) => return Err(format!("the AWS CLI {cli}: {e}")),
-    }
-    let mut head = cli_command(config);
-    head.env("AWS_MAX_ATTEMPTS", "1")
-        .args(["s3api", "head-bucket", "--bucket", &config.bucket]);
-    let deadline = Instant::now() + CHECK_TIMEOUT;
-    let why = match aws_cli::run(head, Stdio::null(), || deadline, &Alarm::default()) {
-        Ok(out) if out.status.success() => return Ok(Bucket::Answers),
-        Ok(out) => out.error_line(),
-        Err(e) => e.to_string(),
-    };
-    if why.contains("404") || why.contains("Not Found") || why.contains("NoSuchBucket") {
-        return Err(format!(
-            "archive bucket {} does not exist ({why})",
-            config.bucket
-        ));
-    }
-    if why.contains("403") || why.contains("Forbidden") || why.contains("AccessDenied") {
-        return Err(format!(
-            "archive bucket {} refuses these credentials ({why})",
-            config.bucket
-        ));
-    }
-    warn!(
-        "archive: bucket {} does not answer now ({why}); shipping retries until it does",
-        config.bucket
-    );
-    Ok(Bucket::Silent)
 }
 
 /// The running shipper.
@@ -719,21 +483,6 @@ impl Shipper {
     }
 }
 
-/// The CLI with the options every call shares.
-fn cli_command(config: &ArchiveConfig) -> Command {
-    let mut command = Command::new(&config.cli);
-    if let Some(endpoint) = &config.endpoint {
-        command.args(["--endpoint-url", endpoint]);
-    }
-    // The shipper retries with its own backoff; the CLI's own retries (5 attempts,
-    // each up to the connect timeout) would hide an outage for a minute.
-    if std::env::var_os("AWS_MAX_ATTEMPTS").is_none() {
-        command.env("AWS_MAX_ATTEMPTS", "2");
-    }
-    command.args(["--cli-connect-timeout", "5", "--output", "json"]);
-    command
-}
-
 /// `body` in a file the CLI reads as its stdin: in memory (`memfd`), or else an
 /// unlinked temporary file outside the data directory.
 fn body_file(body: &[u8]) -> io::Result<File> {
@@ -776,96 +525,6 @@ fn remove_upload_leftovers(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// The archived segments of one store, fetched back from S3 (`sensor-server rebuild`).
-pub(crate) struct Fetcher {
-    config: ArchiveConfig,
-    /// Segment number -> object key, for every object of the store under the prefix.
-    keys: BTreeMap<u64, String>,
-    scratch: PathBuf,
-}
-
-impl Fetcher {
-    /// Lists the objects of store `store_id` under the archive's prefix (any host);
-    /// fetched segments go through `scratch`.
-    pub(crate) fn list(
-        config: ArchiveConfig,
-        store_id: &str,
-        scratch: PathBuf,
-    ) -> Result<Fetcher, String> {
-        let readings = if config.prefix.is_empty() {
-            "readings/".to_owned()
-        } else {
-            format!("{}/readings/", config.prefix)
-        };
-        let mut command = cli_command(&config);
-        command
-            .args(["s3api", "list-objects-v2", "--bucket", &config.bucket])
-            .args(["--prefix", &readings, "--query", "Contents[].Key"]);
-        let deadline = Instant::now() + config.upload_timeout;
-        let out = aws_cli::run(command, Stdio::null(), || deadline, &Alarm::default())
-            .map_err(|e| format!("listing the archive: the AWS CLI: {e}"))?;
-        if !out.status.success() {
-            return Err(format!("listing the archive: {}", out.error_line()));
-        }
-        let listed: Option<Vec<String>> = serde_json::from_slice(&out.stdout)
-            .map_err(|e| format!("listing the archive: unreadable answer ({e})"))?;
-        let suffix = format!("-{store_id}.jsonl.gz");
-        let keys = listed
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|key| {
-                let name = key.rsplit('/').next()?.strip_suffix(&suffix)?;
-                let number = name.strip_prefix("segment-")?.parse().ok()?;
-                Some((number, key))
-            })
-            .collect();
-        Ok(Fetcher {
-            config,
-            keys,
-            scratch,
-        })
-    }
-
-    /// Segment `number`'s bytes as S3 holds them (its checksum checked on the way), in a
-    /// file, and its key.
-    pub(crate) fn fetch(&self, number: u64) -> io::Result<(PathBuf, String)> {
-        let key = self.keys.get(&number).ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::NotFound,
-                format!(
-                    "{} is gone from the store and not in s3://{}/{}",
-                    segment_name(number),
-                    self.config.bucket,
-                    self.config.prefix
-                ),
-            )
-        })?;
-        let gz = self.scratch.join("download.gz");
-        let mut command = cli_command(&self.config);
-        command
-            .args(["s3api", "get-object", "--bucket", &self.config.bucket])
-            .args(["--key", key, "--checksum-mode", "ENABLED"])
-            .arg(&gz);
-        let deadline = Instant::now() + self.config.upload_timeout;
-        let out = aws_cli::run(command, Stdio::null(), || deadline, &Alarm::default())
-            .map_err(|e| io::Error::other(format!("fetching {key}: the AWS CLI: {e}")))?;
-        if !out.status.success() {
-            return Err(io::Error::other(format!(
-                "fetching {key}: {}",
-                out.error_line()
-            )));
-        }
-        let path = self.scratch.join(segment_name(number));
-        let mut segment = File::create(&path)?;
-        io::copy(
-            &mut flate2::read::GzDecoder::new(File::open(&gz)?),
-            &mut segment,
-        )?;
-        let _ = fs::remove_file(&gz);
-        Ok((path, key.clone()))
-    }
-}
-
 /// gzip with a fixed header (no name, mtime 0), so one segment always gives one object.
 fn gzip(bytes: &[u8]) -> io::Result<Vec<u8>> {
     let mut encoder = GzEncoder::new(Vec::with_capacity(bytes.len() / 4), Compression::default());
@@ -887,102 +546,11 @@ fn modified_ms(path: &Path) -> u64 {
         .map_or_else(unix_millis, |d| d.as_millis() as u64)
 }
 
-/// (year, month, day) of a Unix time in ms, UTC (Howard Hinnant's `civil_from_days`).
-fn civil_date(unix_ms: u64) -> (i64, u32, u32) {
-    let z = (unix_ms / 86_400_000) as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use flate2::read::GzDecoder;
     use std::io::Read;
-
-    fn config(prefix: &str) -> ArchiveConfig {
-        ArchiveConfig {
-            bucket: "b".into(),
-            prefix: prefix.into(),
-            endpoint: None,
-            host: "server-a".into(),
-            cli: "aws".into(),
-            upload_timeout: Duration::from_secs(1),
-            stop_timeout: Duration::from_secs(1),
-        }
-    }
-
-    #[test]
-    fn keys_are_hive_partitioned_by_the_first_records_day_and_the_host() {
-        // 2026-11-30T23:59:59.999Z and one millisecond later.
-        assert_eq!(
-            object_key(
-                &config("fleet/archive"),
-                "0123456789abcdef",
-                7,
-                1_796_083_199_999
-            ),
-            "fleet/archive/readings/dt=2026-11-30/host=server-a/segment-0000000007-0123456789abcdef.jsonl.gz"
-        );
-        assert_eq!(
-            object_key(&config(""), "0123456789abcdef", 12, 1_796_083_200_000),
-            "readings/dt=2026-12-01/host=server-a/segment-0000000012-0123456789abcdef.jsonl.gz"
-        );
-    }
-
-    #[test]
-    fn civil_dates_match_known_days() {
-        assert_eq!(civil_date(0), (1970, 1, 1));
-        assert_eq!(civil_date(951_782_400_000), (2000, 2, 29));
-        assert_eq!(civil_date(4_107_542_400_000), (2100, 3, 1));
-    }
-
-    #[test]
-    fn s3_urls_and_host_ids_are_checked() {
-        assert_eq!(
-            parse_s3_url("s3://my-bucket/fleet/a/").unwrap(),
-            ("my-bucket".into(), "fleet/a".into())
-        );
-        assert_eq!(
-            parse_s3_url("s3://my.bucket").unwrap(),
-            ("my.bucket".into(), "".into())
-        );
-        assert!(parse_s3_url("my-bucket/x").is_err());
-        assert!(parse_s3_url("s3://My_Bucket/x").is_err());
-        assert!(parse_s3_url("s3://ab").is_err());
-        for bad_prefix in ["../../etc", "a//b", "a/./b", "a b", "a\\b", "a\nb"] {
-            assert!(
-                parse_s3_url(&format!("s3://my-bucket/{bad_prefix}")).is_err(),
-                "{bad_prefix:?}"
-            );
-        }
-        assert_eq!(
-            parse_s3_url("s3://my-bucket/year=2026/(raw)").unwrap().1,
-            "year=2026/(raw)"
-        );
-        assert!(check_endpoint("http://127.0.0.1:5000").is_ok());
-        assert!(check_endpoint("https://s3.eu-west-1.amazonaws.com/").is_ok());
-        for bad in [
-            "127.0.0.1:5000",
-            "http://",
-            "ftp://x",
-            "http://a b",
-            "garbage",
-        ] {
-            assert!(check_endpoint(bad).is_err(), "{bad}");
-        }
-        assert!(check_host_id("ip-10-0-1-23.ec2.internal").is_ok());
-        assert!(check_host_id("").is_err());
-        assert!(check_host_id("a/b").is_err());
-        assert!(check_host_id("a=b").is_err());
-    }
 
     #[test]
     fn the_object_is_the_exact_segment_gzipped_the_same_way_every_time() {

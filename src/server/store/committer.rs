@@ -2,7 +2,7 @@
 //! for it), syncs of sealed segments, checkpoints, sealing by age and retention of
 //! shipped segments. Its slow work runs outside the ledger lock.
 
-use crate::server::archive::shipper::Confirmed;
+use crate::server::archive::confirmed::Confirmed;
 use crate::server::store::db::{Db, State};
 use crate::server::store::files::{delete_retired, ensure_reserve};
 use crate::server::store::segments::Retirement;
