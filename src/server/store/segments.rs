@@ -8,7 +8,7 @@
 //!   started) past `segment_bytes`, when its first record is older than `max_age` or
 //!   from an earlier UTC day, at a graceful stop, and at start-up when it is not empty
 //!   (after a crash, whatever it holds is final). Sealed segments are what the archive
-//!   ships (`archive.rs`). Any other `*.jsonl` file directly in the directory is read
+//!   ships (`archive/shipper.rs`). Any other `*.jsonl` file directly in the directory is read
 //!   as part of the store too, never written: the files are the user's data.
 //! - `checkpoint.json`: per-sensor statistics together with the length of every `*.jsonl`
 //!   file they cover, with the CRC-32 of the covered bytes. Start-up checks those, loads
@@ -40,6 +40,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 pub(crate) use crate::server::store::stats::Sensors;
+pub(crate) use retire::Retirement;
+
+mod open;
+mod rebuild;
+mod retire;
 
 /// How the store is opened.
 #[derive(Debug, Clone)]
@@ -153,130 +158,6 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating if needed) the store in `options.dir` and rebuilds every sensor's
-    /// statistics from it.
-    pub fn open(options: StoreOptions) -> io::Result<(Store, Sensors)> {
-        let lock = lock_dir(&options.dir)?;
-        probe_writable(&options.dir)?;
-        let dir = &options.dir;
-        let store_id = files::store_id(dir)?;
-        let archive = own_archive_state(dir, &store_id)?;
-        let started = Instant::now();
-        let recovered = recover(dir, &store_id, &archive)?;
-        info!(
-            "store {} ({store_id}): {} files, {} sensors, replayed {} bytes in {:.3}s",
-            dir.display(),
-            recovered.lengths.len(),
-            recovered.sensors.len(),
-            recovered.replayed,
-            started.elapsed().as_secs_f64()
-        );
-        let Recovered {
-            mut lengths,
-            mut crcs,
-            sensors,
-            mut retired_through,
-            incomplete,
-            unchecked,
-            ..
-        } = recovered;
-        let jumped = skip_archived_numbers(&lengths, &archive, &mut retired_through);
-        let (active, active_name, active_number) = open_active(dir, &lengths, retired_through)?;
-        let active_len = active.metadata()?.len();
-        lengths.insert(active_name.clone(), active_len);
-        crcs.entry(active_name.clone()).or_default();
-        let metrics = Arc::new(StoreMetrics::new(incomplete.clone()));
-        let mut store = Store {
-            options,
-            active: Arc::new(active),
-            unsynced: Vec::new(),
-            dir_unsynced: false,
-            active_name,
-            active_number,
-            active_since: (active_len > 0).then(|| (Instant::now(), unix_millis())),
-            lengths,
-            crcs,
-            retired_through,
-            incomplete,
-            archive: None,
-            store_id,
-            sealed_crcs: Arc::new(SealedCrcs::default()),
-            watermarks: Arc::new(Watermarks::new(active_number - 1)),
-            metrics,
-            _lock: lock,
-        };
-        let sealed: BTreeMap<u64, u32> = store
-            .lengths
-            .keys()
-            .filter_map(|name| Some((segment_number(name)?, store.crc32_of(name))))
-            .filter(|&(n, _)| n < store.active_number)
-            .collect();
-        *store.sealed_crcs.lock() = sealed;
-        let metrics = store.metrics.clone();
-        recovery::check_covered_later(store.options.dir.clone(), unchecked, move || {
-            metrics.corrupt_files.fetch_add(1, Relaxed);
-        })?;
-        store.archive = Some(store.check_archive(archive));
-        if jumped && let Some(checkpoint) = store.checkpoint(sensors.clone()) {
-            // Without it, the next start would find segments below the first one gone
-            // and no checkpoint counting them.
-            checkpoint.write()?;
-        }
-        files::ensure_reserve(&store.options.dir, 0);
-        store.publish_sizes();
-        Ok((store, sensors))
-    }
-
-    /// `archive.json` as this store can trust it: another store's is set aside, one
-    /// from before stores had ids is adopted, and the watermark goes back to the first
-    /// shipped segment whose file is not what S3 confirmed (or that has no record), so
-    /// that segment ships again and is never deleted as shipped.
-    fn check_archive(&self, mut archive: ArchiveState) -> ArchiveState {
-        if archive.store_id.is_empty() {
-            // Version 1 kept only the watermark: the files below it are taken as shipped.
-            archive.store_id = self.store_id.clone();
-            archive.version = 2;
-            for (name, &bytes) in &self.lengths {
-                match segment_number(name) {
-                    Some(n) if n <= archive.shipped_through && n < self.active_number => {
-                        archive.segments.insert(
-                            n,
-                            ShippedSegment {
-                                bytes,
-                                crc32: self.crc32_of(name),
-                                sha256: String::new(),
-                                key: String::new(),
-                            },
-                        );
-                    }
-                    _ => {}
-                }
-            }
-        }
-        let mismatch = self.lengths.iter().find_map(|(name, &bytes)| {
-            let n = segment_number(name)?;
-            if n > archive.shipped_through {
-                return None;
-            }
-            match archive.segments.get(&n) {
-                Some(s) if (s.bytes, s.crc32) == (bytes, self.crc32_of(name)) => None,
-                Some(_) => Some((n, "differs from what S3 confirmed")),
-                None => Some((n, "has no record of what was shipped")),
-            }
-        });
-        if let Some((n, why)) = mismatch {
-            warn!(
-                "store: {ARCHIVE_STATE} says segments up to {} are shipped, but {} {why}; \
-                 shipping again from it",
-                archive.shipped_through,
-                segment_name(n)
-            );
-            archive.shipped_through = n - 1;
-            archive.segments.retain(|&k, _| k < n);
-        }
-        archive
-    }
-
     fn crc32_of(&self, name: &str) -> u32 {
         self.crcs.get(name).map_or(0, |c| c.clone().finalize())
     }
@@ -453,185 +334,6 @@ impl Store {
         Ok(())
     }
 
-    /// Retires the oldest sealed segments, while the shipped segments on disk exceed
-    /// `keep_bytes`, stopping at the first that `confirmed(number, bytes, crc32)` does
-    /// not say S3 holds exactly: writes a checkpoint that records them as retired (with
-    /// `sensors`, the statistics that include them; on a full disk the space reserve
-    /// makes room for it), and only then forgets them. Returns the files to delete
-    /// (`delete_retired`), which a crash may leave behind without harm. If the
-    /// checkpoint cannot be written nothing changes and the next call tries again.
-    /// Nothing is retired while the statistics are incomplete.
-    ///
-    /// The committer does the same in three steps, so that the checkpoint's syncs run
-    /// outside the ledger lock: `plan_retirement` (locked), `Retirement::write`
-    /// (unlocked), `complete_retirement` (locked).
-    #[cfg(test)]
-    pub fn retire(
-        &mut self,
-        confirmed: &dyn Fn(u64, u64, u32) -> bool,
-        keep_bytes: u64,
-        sensors: &Sensors,
-    ) -> io::Result<Vec<PathBuf>> {
-        let Some(retirement) = self.plan_retirement(confirmed, keep_bytes, sensors) else {
-            return Ok(Vec::new());
-        };
-        retirement.write()?;
-        Ok(self.complete_retirement(retirement))
-    }
-
-    /// What retiring would do now (see `retire`), or `None` when nothing is due. Only
-    /// reads the store: until `complete_retirement` nothing changes, whatever is
-    /// appended or sealed meanwhile.
-    pub fn plan_retirement(
-        &self,
-        confirmed: &dyn Fn(u64, u64, u32) -> bool,
-        keep_bytes: u64,
-        sensors: &Sensors,
-    ) -> Option<Retirement> {
-        if self.incomplete.is_some() {
-            return None;
-        }
-        let shipped: Vec<(u64, String, u64)> = self
-            .lengths
-            .iter()
-            .filter_map(|(name, &len)| Some((segment_number(name)?, name, len)))
-            .take_while(|&(number, name, len)| {
-                number < self.active_number && confirmed(number, len, self.crc32_of(name))
-            })
-            .map(|(number, name, len)| (number, name.clone(), len))
-            .collect();
-        let mut on_disk: u64 = shipped.iter().map(|(_, _, len)| len).sum();
-        let mut kept = self.lengths.clone();
-        let mut retired_through = self.retired_through;
-        let mut victims = Vec::new();
-        for (number, name, len) in shipped {
-            if on_disk <= keep_bytes {
-                break;
-            }
-            on_disk -= len;
-            kept.remove(&name);
-            retired_through = retired_through.max(number);
-            victims.push(name);
-        }
-        (!victims.is_empty()).then(|| Retirement {
-            checkpoint: self.checkpoint_of(&kept, sensors.clone(), retired_through),
-            victims,
-            retired_through,
-        })
-    }
-
-    /// Forgets the segments of a retirement whose checkpoint was written; returns their
-    /// files, to delete.
-    pub fn complete_retirement(&mut self, retirement: Retirement) -> Vec<PathBuf> {
-        let Retirement {
-            victims,
-            retired_through,
-            ..
-        } = retirement;
-        for name in &victims {
-            self.crcs.remove(name);
-            self.lengths.remove(name);
-        }
-        self.retired_through = self.retired_through.max(retired_through);
-        self.sealed_crcs.lock().retain(|&n, _| n > retired_through);
-        self.metrics
-            .retired_segments
-            .fetch_add(victims.len() as u64, Relaxed);
-        self.publish_sizes();
-        victims
-            .iter()
-            .map(|name| self.options.dir.join(name))
-            .collect()
-    }
-
-    /// Makes an incomplete store whole from the archive (`sensor-server rebuild`):
-    /// `fetch(n)` puts the bytes S3 holds of gone segment `n` into a file and returns it
-    /// with its object key. Every gone segment and every file on disk is replayed in the
-    /// order start-up replays them; the segments gone from the middle are recorded in
-    /// `archive.json` as in S3; then a checkpoint that counts everything is written, so
-    /// the next start is complete. Fetched files are removed once replayed.
-    pub fn rebuild(
-        &mut self,
-        fetch: &mut dyn FnMut(u64) -> io::Result<(PathBuf, String)>,
-    ) -> io::Result<Sensors> {
-        if self.incomplete.is_none() {
-            return Err(io::Error::other(
-                "the store is complete: nothing to rebuild",
-            ));
-        }
-        let on_disk: std::collections::BTreeSet<u64> = self
-            .lengths
-            .keys()
-            .filter_map(|n| segment_number(n))
-            .collect();
-        let gaps: Vec<u64> = (self.retired_through + 1..self.active_number)
-            .filter(|n| !on_disk.contains(n))
-            .collect();
-        // By name, as start-up replays: what is on disk, and what is gone.
-        let mut order: BTreeMap<String, Option<u64>> = self
-            .lengths
-            .keys()
-            .map(|name| (name.clone(), None))
-            .collect();
-        for n in (1..=self.retired_through).chain(gaps.iter().copied()) {
-            order.insert(segment_name(n), Some(n));
-        }
-        let mut sensors = Sensors::default();
-        let mut archive = self
-            .archive
-            .take()
-            .unwrap_or_else(|| ArchiveState::new(&self.store_id));
-        let mut covered = self.covered(&self.lengths);
-        for (name, gone) in order {
-            let Some(n) = gone else {
-                let path = self.options.dir.join(&name);
-                replay_logged(
-                    &path,
-                    self.lengths[&name],
-                    &mut sensors,
-                    &mut Default::default(),
-                )?;
-                continue;
-            };
-            let (path, key) = fetch(n)?;
-            let bytes = fs::read(&path);
-            let len = bytes.as_ref().map_or(0, |b| b.len() as u64);
-            let mut crc = crc32fast::Hasher::new();
-            let replayed = replay_logged(&path, len, &mut sensors, &mut crc);
-            let _ = fs::remove_file(&path);
-            let bytes = bytes?;
-            replayed?;
-            if gaps.contains(&n) {
-                let crc32 = crc.finalize();
-                let sha256 = files::sha256_hex(&bytes);
-                archive.segments.insert(
-                    n,
-                    ShippedSegment {
-                        bytes: len,
-                        crc32,
-                        sha256,
-                        key,
-                    },
-                );
-                covered.insert(name, Covered::Checked { len, crc32 });
-            }
-        }
-        archive.save(&self.options.dir)?;
-        Checkpoint::new(
-            &self.store_id,
-            covered,
-            sensors.clone(),
-            self.retired_through,
-            self.options.dir.clone(),
-            self.files_to_sync(),
-        )
-        .write()?;
-        self.archive = Some(archive);
-        self.incomplete = None;
-        self.metrics.set_unavailable(None);
-        Ok(sensors)
-    }
-
     /// Segments up to this number were retired (or were gone before this store's
     /// statistics began).
     pub fn retired_through(&self) -> u64 {
@@ -683,59 +385,6 @@ impl Store {
     }
 }
 
-/// Moves `archive.json` of store `foreign` aside as `archive.json.foreign`.
-/// `archive.json` unless it is another store's, which is never believed, not even by
-/// recovery (it could confirm segments of this store as shipped that are not).
-fn own_archive_state(dir: &Path, store_id: &str) -> io::Result<ArchiveState> {
-    Ok(match files::read_archive_state(dir)? {
-        Some(archive) if !archive.store_id.is_empty() && archive.store_id != store_id => {
-            set_foreign_archive_aside(dir, &archive.store_id, store_id);
-            ArchiveState::new(store_id)
-        }
-        Some(archive) => archive,
-        None => ArchiveState::new(store_id),
-    })
-}
-
-/// Numbers the archive holds are never used again, even when their files are gone: a
-/// new segment under an old number would be taken for the shipped one. True if
-/// numbering jumped past them (with no segment on disk).
-fn skip_archived_numbers(
-    lengths: &BTreeMap<String, u64>,
-    archive: &ArchiveState,
-    retired_through: &mut u64,
-) -> bool {
-    let archived = archive
-        .segments
-        .keys()
-        .next_back()
-        .copied()
-        .unwrap_or(0)
-        .max(archive.shipped_through);
-    let no_segments = lengths.keys().all(|name| segment_number(name).is_none());
-    let jumped = no_segments && archived > *retired_through;
-    if jumped {
-        warn!(
-            "store: no segment is on disk but {ARCHIVE_STATE} records segments up to {archived} \
-             as shipped; numbering goes on after them (their readings are not in the statistics)"
-        );
-        *retired_through = archived;
-    }
-    jumped
-}
-
-fn set_foreign_archive_aside(dir: &Path, foreign: &str, this: &str) {
-    let aside = dir.join(format!("{ARCHIVE_STATE}.foreign"));
-    warn!(
-        "store: {ARCHIVE_STATE} belongs to store {foreign}, not to this one ({this}); moved it \
-         to {} and shipping every segment on disk",
-        aside.display()
-    );
-    if let Err(e) = fs::rename(dir.join(ARCHIVE_STATE), &aside) {
-        warn!("store: cannot move {ARCHIVE_STATE} aside ({e}); it is ignored");
-    }
-}
-
 /// Replays `path`'s first `len` bytes into `sensors`, logging what is not a record.
 fn replay_logged(
     path: &Path,
@@ -769,23 +418,6 @@ fn sync_timed(file: &File, metrics: &StoreMetrics) -> io::Result<()> {
     Ok(())
 }
 
-/// Segments chosen for retirement and the checkpoint that records them as retired,
-/// which must be written (`write`, no lock needed) before the store forgets them
-/// (`Store::complete_retirement`).
-pub struct Retirement {
-    checkpoint: Checkpoint,
-    victims: Vec<String>,
-    retired_through: u64,
-}
-
-impl Retirement {
-    /// Syncs what the checkpoint covers and writes it (using the space reserve on a full
-    /// disk: retention is what frees space).
-    pub fn write(&self) -> io::Result<()> {
-        self.checkpoint.write_using_reserve()
-    }
-}
-
 /// Syncs taken from the store under the ledger lock (`Store::take_sync`) and run
 /// outside it.
 #[must_use = "nothing is durable until the set is run"]
@@ -810,82 +442,6 @@ impl SyncSet {
         self.watermarks.seal_through(self.sealed_through);
         Ok(())
     }
-}
-
-/// Creates the data directory if needed and locks it for this process (a second server
-/// on the same directory would interleave records), returning the lock's handle.
-fn lock_dir(dir: &Path) -> io::Result<File> {
-    if dir.exists() && !dir.is_dir() {
-        return Err(io::Error::new(
-            io::ErrorKind::NotADirectory,
-            format!(
-                "{} is not a directory (the store is a directory of segment files)",
-                dir.display()
-            ),
-        ));
-    }
-    fs::create_dir_all(dir)?;
-    let lock = File::open(dir)?;
-    lock.try_lock().map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::WouldBlock,
-            format!(
-                "data directory {} is in use by another sensor-server",
-                dir.display()
-            ),
-        )
-    })?;
-    Ok(lock)
-}
-
-/// Opens the segment to append to at start-up: a new one after the last, which a crash
-/// left final (so it is sealed, synced first); the last itself when it is empty, or when
-/// a full disk refuses a new file. Numbers never restart, even when retention deleted
-/// every segment: the archive knows segments by number.
-fn open_active(
-    dir: &Path,
-    lengths: &BTreeMap<String, u64>,
-    retired_through: u64,
-) -> io::Result<(File, String, u64)> {
-    let last = lengths
-        .iter()
-        .filter_map(|(name, &len)| Some((segment_number(name)?, len)))
-        .max();
-    let first_choice = match last {
-        Some((number, 0)) => number,
-        Some((number, _)) => {
-            // Sealed from now on: what it holds must be on disk before it ships.
-            File::open(dir.join(segment_name(number)))?.sync_all()?;
-            number + 1
-        }
-        None => 1,
-    }
-    .max(retired_through + 1);
-    match (open_segment(dir, first_choice), last) {
-        // A full disk may refuse a new file: go on appending to the last segment (it
-        // was not sealed yet) rather than refuse to start.
-        (Err(e), Some((number, _))) if number > retired_through => {
-            warn!(
-                "store: cannot start {} ({e}); appending to {} instead",
-                segment_name(first_choice),
-                segment_name(number)
-            );
-            open_segment(dir, number)
-        }
-        (result, _) => result,
-    }
-}
-
-fn open_segment(dir: &Path, number: u64) -> io::Result<(File, String, u64)> {
-    let name = segment_name(number);
-    let path = dir.join(&name);
-    let existed = path.exists();
-    let file = OpenOptions::new().create(true).append(true).open(&path)?;
-    if !existed {
-        // The new name must survive a crash as well as the data written into it.
-        sync_dir(dir)?;
-    }
-    Ok((file, name, number))
 }
 
 #[cfg(test)]
