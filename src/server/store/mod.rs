@@ -6,6 +6,7 @@ pub(super) mod db;
 pub(super) mod files;
 pub(super) mod ledger;
 pub(super) mod recovery;
+pub(super) mod replay;
 pub(super) mod segments;
 pub(super) mod stats;
 pub(super) mod verify;

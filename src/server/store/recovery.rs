@@ -7,13 +7,13 @@ use crate::server::store::files::{
     ArchiveState, CHECKPOINT, CHECKPOINT_PREV, Checkpoint, CheckpointRead, Covered, delete_retired,
     read_checkpoint, segment_name, segment_number,
 };
-use crate::server::store::stats::{self, Counted, Sample, Sensors, Seqs};
-use crate::wire::record::{Record, decode_record};
+use crate::server::store::replay::replay;
+use crate::server::store::stats::Sensors;
 use crc32fast::Hasher;
 use log::{error, warn};
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 /// Why a checkpoint is not believed, or the I/O error that kept it from being judged.
@@ -535,117 +535,4 @@ pub(crate) fn probe_writable(dir: &Path) -> io::Result<()> {
     let probe = dir.join(".write-probe.tmp");
     File::create(&probe).map_err(|e| refuse(&probe, "create", e))?;
     fs::remove_file(&probe).map_err(|e| refuse(&probe, "remove", e))
-}
-
-/// Something wrong in a store file, with where it is.
-#[derive(Debug)]
-pub(crate) enum Problem<'a> {
-    NotARecord {
-        path: &'a Path,
-        at: u64,
-        why: String,
-    },
-    KindChanged {
-        path: &'a Path,
-        at: u64,
-        sensor: String,
-        kind: String,
-        had: String,
-    },
-    Torn {
-        path: &'a Path,
-        at: u64,
-        len: usize,
-    },
-}
-
-impl std::fmt::Display for Problem<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Problem::NotARecord { path, at, why } => {
-                write!(
-                    f,
-                    "{} byte {at}: not a valid record ({why})",
-                    path.display()
-                )
-            }
-            Problem::KindChanged {
-                path,
-                at,
-                sensor,
-                kind,
-                had,
-            } => write!(
-                f,
-                "{} byte {at}: sensor {sensor} has kind {had} but this record says {kind}",
-                path.display()
-            ),
-            Problem::Torn { path, at, len } => write!(
-                f,
-                "{} byte {at}: torn last line ({len} bytes without a newline)",
-                path.display()
-            ),
-        }
-    }
-}
-
-/// Adds every valid record of `path` between byte `from` and `to` to `sensors`,
-/// continuing `crc` over those bytes; invalid lines go to `report` and are skipped,
-/// never removed.
-pub(crate) fn replay(
-    path: &Path,
-    from: u64,
-    to: u64,
-    sensors: &mut Sensors,
-    crc: &mut Hasher,
-    report: &mut dyn FnMut(Problem),
-) -> io::Result<()> {
-    let mut file = File::open(path)?;
-    file.seek(SeekFrom::Start(from))?;
-    let mut reader = BufReader::with_capacity(1 << 20, file.take(to - from));
-    let mut line = Vec::new();
-    let mut offset = from;
-    loop {
-        line.clear();
-        let n = reader.read_until(b'\n', &mut line)?;
-        if n == 0 {
-            return Ok(());
-        }
-        crc.update(&line);
-        let at = offset;
-        offset += n as u64;
-        if line.last() != Some(&b'\n') {
-            report(Problem::Torn { path, at, len: n });
-            continue;
-        }
-        match decode_record(&line) {
-            Ok(r) => apply_record(sensors, r, path, at, report),
-            Err(e) => report(Problem::NotARecord { path, at, why: e.0 }),
-        }
-    }
-}
-
-fn apply_record(
-    sensors: &mut Sensors,
-    r: Record,
-    path: &Path,
-    at: u64,
-    report: &mut dyn FnMut(Problem),
-) {
-    let sample = Sample {
-        sensor: &r.sensor,
-        kind: &r.kind,
-        value: r.value,
-        seq: r.seq,
-        ts: r.ts,
-    };
-    if let Counted::OtherKind(had) = stats::count(sensors, sample, Seqs::Any) {
-        report(Problem::KindChanged {
-            path,
-            at,
-            had,
-            sensor: r.sensor,
-            kind: r.kind,
-        });
-    }
 }

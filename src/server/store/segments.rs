@@ -29,6 +29,7 @@ use crate::server::store::files::{
     segment_number, sync_dir,
 };
 use crate::server::store::recovery::{self, Recovered, load, probe_writable, recover};
+use crate::server::store::replay::replay;
 use crate::server::store::watermarks::Watermarks;
 use log::{info, warn};
 use std::collections::BTreeMap;
@@ -392,7 +393,7 @@ fn replay_logged(
     sensors: &mut Sensors,
     crc: &mut crc32fast::Hasher,
 ) -> io::Result<()> {
-    recovery::replay(path, 0, len, sensors, crc, &mut |problem| {
+    replay(path, 0, len, sensors, crc, &mut |problem| {
         warn!("store: {problem}, skipped")
     })
 }

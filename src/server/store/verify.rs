@@ -7,8 +7,9 @@ use crate::server::store::files::{
     read_archive_state, read_checkpoint, read_store_id, segment_name,
 };
 use crate::server::store::recovery::{
-    Distrust, check_covered, gone_description, judge, missing_segments, replay, store_files,
+    Distrust, check_covered, gone_description, judge, missing_segments, store_files,
 };
+use crate::server::store::replay::replay;
 use crate::server::store::stats::Sensors;
 use crc32fast::Hasher;
 use std::collections::BTreeMap;
