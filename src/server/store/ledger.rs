@@ -2,7 +2,7 @@
 //! statistics), decided in memory for one batch while `Db` holds its lock. No I/O: the
 //! records it encodes are written by `Db` once the batch is decided.
 
-use crate::server::store::stats::{self, Counted, Sample, Sensors, Seqs};
+use crate::server::store::stats::{self, Counted, Sensors, Seqs};
 use crate::wire::reading::Reading;
 use crate::wire::record::{RecvStamp, encode_record};
 
@@ -24,14 +24,7 @@ pub(crate) struct Ledger<'a> {
 impl Ledger<'_> {
     /// Decides a valid reading against what is stored, and stores it if it is new.
     pub(crate) fn apply(&mut self, r: &Reading, recv: &RecvStamp) -> Applied {
-        let sample = Sample {
-            sensor: &r.sensor,
-            kind: &r.kind,
-            value: r.value,
-            seq: r.seq,
-            ts: r.ts,
-        };
-        match stats::count(self.sensors, sample, Seqs::OnlyNewer) {
+        match stats::count(self.sensors, r.into(), Seqs::OnlyNewer) {
             Counted::Yes => {}
             Counted::NotNewer => return Applied::Duplicate,
             Counted::OtherKind(kind) => return Applied::KindMismatch(kind),

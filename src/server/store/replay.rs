@@ -2,7 +2,7 @@
 //! in a line reported with its place: what start-up, a failed write's undo and `verify`
 //! all do. Records are decoded by `wire/record.rs` alone.
 
-use crate::server::store::stats::{self, Counted, Sample, Sensors, Seqs};
+use crate::server::store::stats::{self, Counted, Sensors, Seqs};
 use crate::wire::record::{Record, decode_record};
 use crc32fast::Hasher;
 use std::fs::File;
@@ -104,14 +104,7 @@ fn apply_record(
     at: u64,
     report: &mut dyn FnMut(Problem),
 ) {
-    let sample = Sample {
-        sensor: &r.sensor,
-        kind: &r.kind,
-        value: r.value,
-        seq: r.seq,
-        ts: r.ts,
-    };
-    if let Counted::OtherKind(had) = stats::count(sensors, sample, Seqs::Any) {
+    if let Counted::OtherKind(had) = stats::count(sensors, (&r).into(), Seqs::Any) {
         report(Problem::KindChanged {
             path,
             at,

@@ -4,6 +4,8 @@
 //! from the store (or its checkpoint) at start-up, so it must be derivable from stored
 //! records alone, in any order.
 
+use crate::wire::reading::Reading;
+use crate::wire::record::Record;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
@@ -31,6 +33,30 @@ pub(crate) struct Sample<'a> {
     pub(crate) value: f64,
     pub(crate) seq: u64,
     pub(crate) ts: Option<u64>,
+}
+
+impl<'a> From<&'a Reading<'_>> for Sample<'a> {
+    fn from(r: &'a Reading<'_>) -> Sample<'a> {
+        Sample {
+            sensor: &r.sensor,
+            kind: &r.kind,
+            value: r.value,
+            seq: r.seq,
+            ts: r.ts,
+        }
+    }
+}
+
+impl<'a> From<&'a Record> for Sample<'a> {
+    fn from(r: &'a Record) -> Sample<'a> {
+        Sample {
+            sensor: &r.sensor,
+            kind: &r.kind,
+            value: r.value,
+            seq: r.seq,
+            ts: r.ts,
+        }
+    }
 }
 
 /// Which seqs count.
