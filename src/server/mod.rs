@@ -237,7 +237,9 @@ pub fn rebuild(config: RebuildConfig) -> Result<(), Error> {
         info!("the store's statistics are complete: nothing to rebuild");
         return Ok(());
     }
-    if bucket::check_start(&archive_config).map_err(Error::Archive)? == bucket::Bucket::Silent {
+    let answers =
+        bucket::check_start(&archive_config).map_err(|e| Error::Archive(e.to_string()))?;
+    if answers == bucket::Bucket::Silent {
         return Err(Error::Archive(format!(
             "archive bucket {} does not answer",
             archive_config.bucket
@@ -245,11 +247,13 @@ pub fn rebuild(config: RebuildConfig) -> Result<(), Error> {
     }
     let scratch = std::env::temp_dir().join(format!("sensorhub-rebuild-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).map_err(Error::system("rebuild scratch directory"))?;
-    let rebuilt = Fetcher::list(archive_config, store.id(), scratch.clone()).and_then(|fetcher| {
-        store
-            .rebuild(&mut |n| fetcher.fetch(n))
-            .map_err(|e| e.to_string())
-    });
+    let rebuilt = Fetcher::list(archive_config, store.id(), scratch.clone())
+        .map_err(|e| e.to_string())
+        .and_then(|fetcher| {
+            store
+                .rebuild(&mut |n| fetcher.fetch(n))
+                .map_err(|e| e.to_string())
+        });
     let _ = std::fs::remove_dir_all(&scratch);
     let sensors = rebuilt.map_err(|e| Error::Archive(format!("cannot rebuild: {e}")))?;
     info!(

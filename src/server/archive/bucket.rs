@@ -3,6 +3,7 @@
 //! Hive-partitioned object keys.
 
 use crate::server::archive::aws_cli::{self, Alarm};
+use crate::server::archive::error::ArchiveError;
 use crate::server::store::files::segment_name;
 use log::warn;
 use std::fs;
@@ -116,21 +117,21 @@ pub(crate) enum Bucket {
 /// Checks, before anything is shipped, that the CLI runs and the bucket answers. A
 /// missing CLI, or a bucket S3 says is missing or forbidden, is an error; a bucket that
 /// does not answer is a warning (and `Bucket::Silent`).
-pub(crate) fn check_start(config: &ArchiveConfig) -> Result<Bucket, String> {
+pub(crate) fn check_start(config: &ArchiveConfig) -> Result<Bucket, ArchiveError> {
     let mut version = Command::new(&config.cli);
     version.arg("--version");
     let deadline = Instant::now() + CHECK_TIMEOUT;
-    let cli = config.cli.display();
     match aws_cli::run(version, Stdio::null(), || deadline, &Alarm::default()) {
         Ok(out) if out.status.success() => {}
         Ok(out) => {
-            return Err(format!(
-                "the AWS CLI {cli} does not run ({}: {})",
+            return Err(ArchiveError::S3(format!(
+                "the AWS CLI {} does not run ({}: {})",
+                config.cli.display(),
                 out.status,
                 out.error_line()
-            ));
+            )));
         }
-        Err(e) => return Err(format!("the AWS CLI {cli}: {e}")),
+        Err(e) => return Err(ArchiveError::of_cli(&config.cli, e)),
     }
     let mut head = cli_command(config);
     head.env("AWS_MAX_ATTEMPTS", "1")
@@ -142,16 +143,16 @@ pub(crate) fn check_start(config: &ArchiveConfig) -> Result<Bucket, String> {
         Err(e) => e.to_string(),
     };
     if why.contains("404") || why.contains("Not Found") || why.contains("NoSuchBucket") {
-        return Err(format!(
+        return Err(ArchiveError::S3(format!(
             "archive bucket {} does not exist ({why})",
             config.bucket
-        ));
+        )));
     }
     if why.contains("403") || why.contains("Forbidden") || why.contains("AccessDenied") {
-        return Err(format!(
+        return Err(ArchiveError::S3(format!(
             "archive bucket {} refuses these credentials ({why})",
             config.bucket
-        ));
+        )));
     }
     warn!(
         "archive: bucket {} does not answer now ({why}); shipping retries until it does",

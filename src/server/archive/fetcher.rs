@@ -3,6 +3,7 @@
 
 use crate::server::archive::aws_cli::{self, Alarm};
 use crate::server::archive::bucket::{ArchiveConfig, cli_command};
+use crate::server::archive::error::ArchiveError;
 use crate::server::store::files::segment_name;
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -26,7 +27,7 @@ impl Fetcher {
         config: ArchiveConfig,
         store_id: &str,
         scratch: PathBuf,
-    ) -> Result<Fetcher, String> {
+    ) -> Result<Fetcher, ArchiveError> {
         let readings = if config.prefix.is_empty() {
             "readings/".to_owned()
         } else {
@@ -38,12 +39,16 @@ impl Fetcher {
             .args(["--prefix", &readings, "--query", "Contents[].Key"]);
         let deadline = Instant::now() + config.upload_timeout;
         let out = aws_cli::run(command, Stdio::null(), || deadline, &Alarm::default())
-            .map_err(|e| format!("listing the archive: the AWS CLI: {e}"))?;
+            .map_err(|e| ArchiveError::of_cli(&config.cli, e))?;
         if !out.status.success() {
-            return Err(format!("listing the archive: {}", out.error_line()));
+            return Err(ArchiveError::S3(format!(
+                "listing the archive: {}",
+                out.error_line()
+            )));
         }
-        let listed: Option<Vec<String>> = serde_json::from_slice(&out.stdout)
-            .map_err(|e| format!("listing the archive: unreadable answer ({e})"))?;
+        let listed: Option<Vec<String>> = serde_json::from_slice(&out.stdout).map_err(|e| {
+            ArchiveError::S3(format!("listing the archive: unreadable answer ({e})"))
+        })?;
         let suffix = format!("-{store_id}.jsonl.gz");
         let keys = listed
             .unwrap_or_default()

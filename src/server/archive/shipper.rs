@@ -24,9 +24,10 @@
 //! or TLS stack in this binary (the official Rust SDK would add both, and a C toolchain
 //! for the static aarch64 build). It is not trusted: see `aws_cli.rs`.
 
-use crate::server::archive::aws_cli::{self, Alarm, CliError, CliOutput};
+use crate::server::archive::aws_cli::{self, Alarm, CliOutput};
 use crate::server::archive::bucket::{ArchiveConfig, Bucket, cli_command, object_key};
 use crate::server::archive::confirmed::Confirmed;
+use crate::server::archive::error::ArchiveError;
 use crate::server::store::files::{ARCHIVE_STATE, ShippedSegment, segment_name, sha256_hex};
 use crate::server::store::segments::{SealedCrcs, unix_millis};
 use crate::server::store::watermarks::Watermarks;
@@ -286,7 +287,7 @@ impl Shipper {
     }
 
     /// Uploads segment `number`, checks that S3 holds exactly its bytes, and records it.
-    fn ship(&mut self, number: u64) -> Result<(), String> {
+    fn ship(&mut self, number: u64) -> Result<(), ArchiveError> {
         let name = segment_name(number);
         let path = self.source.dir.join(&name);
         let bytes = match fs::read(&path) {
@@ -299,28 +300,28 @@ impl Shipper {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 // Never passed over: its readings were acknowledged, and retention must
                 // not take the watermark past it for a file put back later.
-                return Err(format!(
-                    "{} is missing from the store; put it back (nothing after it ships \
-                     until it is)",
-                    path.display()
-                ));
+                return Err(ArchiveError::Missing(path));
             }
-            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+            Err(e) => {
+                return Err(ArchiveError::local(format!(
+                    "cannot read {}",
+                    path.display()
+                ))(e));
+            }
         };
         let crc32 = crc32fast::hash(&bytes);
         if let Some(stored) = self.source.sealed.get(number)
             && stored != crc32
         {
-            return Err(format!(
-                "{} is not what was stored (CRC-32 {crc32:08x}, stored {stored:08x}): \
-                 corrupt on disk, and not shipped as if it were the readings; \
-                 `sensor-server verify` lists the damaged lines",
-                path.display()
-            ));
+            return Err(ArchiveError::Corrupt {
+                path,
+                found: crc32,
+                stored,
+            });
         }
         let first_ms = first_recv_ms(&bytes).unwrap_or_else(|| modified_ms(&path));
         let key = object_key(&self.config, &self.source.store_id, number, first_ms);
-        let body = gzip(&bytes).map_err(|e| format!("gzip: {e}"))?;
+        let body = gzip(&bytes).map_err(ArchiveError::local("gzip"))?;
         let checksum = BASE64.encode(Sha256::digest(&body));
         self.put_object(&key, &body, &checksum)?;
         self.check_object(&key, body.len() as u64, &checksum)?;
@@ -353,8 +354,8 @@ impl Shipper {
     /// `put-object` with the body's SHA-256 and `If-None-Match: *`. An object already
     /// under the key (an upload a crash interrupted after S3 stored it) is fine here:
     /// `check_object` then decides whether it is these bytes.
-    fn put_object(&mut self, key: &str, body: &[u8], checksum: &str) -> Result<(), String> {
-        let stdin = body_file(body).map_err(|e| format!("cannot stage the upload: {e}"))?;
+    fn put_object(&mut self, key: &str, body: &[u8], checksum: &str) -> Result<(), ArchiveError> {
+        let stdin = body_file(body).map_err(ArchiveError::local("cannot stage the upload"))?;
         let mut command = cli_command(&self.config);
         command
             .args(["s3api", "put-object", "--bucket", &self.config.bucket])
@@ -374,9 +375,9 @@ impl Shipper {
                 Ok(ObjectInfo {
                     checksum_sha256: Some(got),
                     ..
-                }) if got != checksum => Err(format!(
+                }) if got != checksum => Err(ArchiveError::S3(format!(
                     "S3 answered SHA-256 {got} for the upload, not {checksum}"
-                )),
+                ))),
                 _ => Ok(()),
             };
         }
@@ -399,36 +400,40 @@ impl Shipper {
             self.unconditional = true;
             return self.put_object(key, body, checksum);
         }
-        Err(format!("AWS CLI put-object {}: {why}", out.status))
+        Err(ArchiveError::S3(format!(
+            "AWS CLI put-object {}: {why}",
+            out.status
+        )))
     }
 
     /// Ok only when S3 holds `key` with exactly `len` bytes whose SHA-256 is `checksum`.
-    fn check_object(&mut self, key: &str, len: u64, checksum: &str) -> Result<(), String> {
+    fn check_object(&mut self, key: &str, len: u64, checksum: &str) -> Result<(), ArchiveError> {
         let mut command = cli_command(&self.config);
         command
             .args(["s3api", "head-object", "--bucket", &self.config.bucket])
             .args(["--key", key, "--checksum-mode", "ENABLED"]);
         let out = self.run_cli(command, Stdio::null(), HEAD_TIMEOUT)?;
         if !out.status.success() {
-            return Err(format!(
+            return Err(ArchiveError::S3(format!(
                 "the upload looked fine, but S3 does not show the object \
                  (head-object {}: {})",
                 out.status,
                 out.error_line()
-            ));
+            )));
         }
-        let info: ObjectInfo = serde_json::from_slice(&out.stdout)
-            .map_err(|e| format!("head-object answered something unreadable ({e})"))?;
+        let info: ObjectInfo = serde_json::from_slice(&out.stdout).map_err(|e| {
+            ArchiveError::S3(format!("head-object answered something unreadable ({e})"))
+        })?;
         match (info.content_length, info.checksum_sha256.as_deref()) {
             (Some(have), Some(sum)) if have == len && sum == checksum => Ok(()),
-            (have, sum) => Err(format!(
+            (have, sum) => Err(ArchiveError::S3(format!(
                 "s3://{}/{key} is not these bytes: S3 has {} bytes with SHA-256 {}, \
                  the segment is {len} bytes with {checksum}; it is not overwritten \
                  (another store or a failed upload put it there: look at it)",
                 self.config.bucket,
                 have.map_or_else(|| "?".into(), |n| n.to_string()),
                 sum.unwrap_or("(none)"),
-            )),
+            ))),
         }
     }
 
@@ -438,16 +443,12 @@ impl Shipper {
         command: Command,
         stdin: Stdio,
         timeout: Duration,
-    ) -> Result<CliOutput, String> {
+    ) -> Result<CliOutput, ArchiveError> {
         let own = Instant::now() + timeout;
         // A stop that comes while the CLI runs brings its deadline forward.
         let deadline = || self.stop.deadline().map_or(own, |stop| stop.min(own));
-        aws_cli::run(command, stdin, deadline, &self.stop.alarm).map_err(|e| match e {
-            CliError::TimedOut => {
-                "the AWS CLI did not finish in time; killed it and its children".into()
-            }
-            e => format!("the AWS CLI {}: {e}", self.config.cli.display()),
-        })
+        aws_cli::run(command, stdin, deadline, &self.stop.alarm)
+            .map_err(|e| ArchiveError::of_cli(&self.config.cli, e))
     }
 
     /// Recounts the sealed segments still to ship, for `/metrics`. Each segment is
