@@ -18,6 +18,13 @@ mod net;
 pub mod server;
 pub mod wire;
 
+/// `--log-level`: one of the levels, named; a mistyped one lists them all.
+pub fn parse_log_level(text: &str) -> Result<log::LevelFilter, String> {
+    text.parse().map_err(|_| {
+        format!("unknown log level {text:?}: use one of off, error, warn, info, debug, trace")
+    })
+}
+
 /// Logs go to stderr, so that stdout carries only what scripts read (the bound
 /// addresses, the client's summary).
 pub fn init_logging(level: log::LevelFilter) {

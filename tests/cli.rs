@@ -56,3 +56,90 @@ fn version_names_the_source_commit() {
         assert!(version(SERVER).contains(&head), "built from {head}");
     }
 }
+
+/// Runs `binary` with `args` (bounded in time by the client's own flags) and returns its
+/// exit status and stderr.
+fn run(binary: &str, args: &[&str]) -> (std::process::ExitStatus, String) {
+    let out = Command::new(binary).args(args).output().expect("run");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn help(binary: &str) -> String {
+    let out = Command::new(binary).arg("--help").output().expect("run");
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+#[test]
+fn each_binary_says_what_it_is_and_the_server_names_its_other_commands() {
+    let (server, client) = (help(SERVER), help(CLIENT));
+    assert!(server.starts_with("Ingests sensor readings"), "{server}");
+    assert!(client.starts_with("Simulates sensors"), "{client}");
+    for command in [
+        "sensor-server verify",
+        "sensor-server ship",
+        "sensor-server rebuild",
+    ] {
+        assert!(
+            server.contains(command),
+            "{command} missing from:\n{server}"
+        );
+    }
+}
+
+#[test]
+fn mistyped_flags_say_what_would_be_right() {
+    let (status, err) = run(SERVER, &["--workers", "0"]);
+    assert!(!status.success());
+    assert!(err.contains("must be at least 1"), "{err}");
+    for binary in [SERVER, CLIENT] {
+        let (status, err) = run(binary, &["--log-level", "loud"]);
+        assert!(!status.success());
+        assert!(
+            err.contains("use one of off, error, warn, info, debug, trace"),
+            "{err}"
+        );
+    }
+    let (status, err) = run(
+        CLIENT,
+        &["--server", "127.0.0.1", "--sensor", "s", "--duration", "1"],
+    );
+    assert!(!status.success());
+    assert!(err.contains("give HOST:PORT, the port is missing"), "{err}");
+}
+
+#[test]
+fn a_server_that_cannot_listen_leaves_no_data_directory_behind() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let dir = temp_dir("cli-taken-port").join("data");
+    let data_dir = dir.to_string_lossy().into_owned();
+    let (status, err) = run(SERVER, &["--listen", &addr, "--data-dir", &data_dir]);
+    assert!(!status.success());
+    assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
+    assert!(!dir.exists(), "{} was created", dir.display());
+}
+
+#[test]
+fn a_client_pointed_at_the_http_port_is_told_so() {
+    let dir = temp_dir("cli-http-port");
+    let server = Server::start(&dir, &[]);
+    let (status, err) = run(
+        CLIENT,
+        &[
+            "--server",
+            &server.http.to_string(),
+            "--sensor",
+            "cli-http",
+            "--duration",
+            "1",
+            "--give-up-after",
+            "5",
+        ],
+    );
+    assert!(!status.success());
+    assert!(err.contains("this is not a sensorhub sensor port"), "{err}");
+}

@@ -5,7 +5,7 @@ use clap::Parser;
 
 /// Simulates sensors that send readings to a sensor-server.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "sensor-client", version = env!("SENSORHUB_VERSION"), about)]
+#[command(name = "sensor-client", version = env!("SENSORHUB_VERSION"))]
 pub struct ClientConfig {
     /// Server address, HOST:PORT.
     #[arg(long, default_value = "127.0.0.1:5000")]
@@ -75,7 +75,7 @@ pub struct ClientConfig {
     pub record: Option<std::path::PathBuf>,
 
     /// Log level: error, warn, info, debug, trace or off.
-    #[arg(long, default_value = "info")]
+    #[arg(long, default_value = "info", value_parser = crate::parse_log_level)]
     pub log_level: log::LevelFilter,
 }
 

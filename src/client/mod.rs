@@ -583,6 +583,15 @@ impl Client {
 }
 
 fn resolve(server: &str) -> Result<Vec<SocketAddr>, String> {
+    let has_port = server
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if !has_port {
+        return Err(format!(
+            "--server {server}: give HOST:PORT, the port is missing or not a number \
+             (sensor-server listens on port 5000 unless its --listen says otherwise)"
+        ));
+    }
     let addrs: Vec<SocketAddr> = server
         .to_socket_addrs()
         .map_err(|e| format!("cannot resolve {server}: {e}"))?

@@ -16,7 +16,14 @@ pub enum Fsync {
 
 /// Ingests sensor readings over TCP, stores them durably and acknowledges each one.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "sensor-server", version = env!("SENSORHUB_VERSION"), about)]
+#[command(
+    name = "sensor-server",
+    version = env!("SENSORHUB_VERSION"),
+    after_help = "Other commands (each has --help):\n  \
+        sensor-server verify --data-dir D      read a store without changing it; exit 1 on problems\n  \
+        sensor-server ship --data-dir D ...    ship every sealed segment to the archive, then exit\n  \
+        sensor-server rebuild --data-dir D ... fetch the segments a store lost back from the archive"
+)]
 pub struct ServerConfig {
     /// Address for sensor connections; port 0 picks a free port (printed on stdout).
     #[arg(long, default_value = "0.0.0.0:5000")]
@@ -32,7 +39,7 @@ pub struct ServerConfig {
 
     /// Worker threads for validation and storage [default: available cores - 1, at
     /// least 1: the event loop keeps a core of its own].
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one_worker)]
     pub workers: Option<NonZeroUsize>,
 
     /// When readings are acknowledged relative to reaching the disk.
@@ -69,8 +76,15 @@ pub struct ServerConfig {
     pub checkpoint_interval: u64,
 
     /// Log level: error, warn, info, debug, trace or off.
-    #[arg(long, default_value = "info")]
+    #[arg(long, default_value = "info", value_parser = crate::parse_log_level)]
     pub log_level: log::LevelFilter,
+}
+
+fn at_least_one_worker(text: &str) -> Result<NonZeroUsize, String> {
+    match text.parse::<usize>() {
+        Ok(n) => NonZeroUsize::new(n).ok_or_else(|| "must be at least 1 (worker threads)".into()),
+        Err(e) => Err(format!("{e}: give a number of worker threads, at least 1")),
+    }
 }
 
 /// Where sealed segments go; shared by the server and `sensor-server ship`.
@@ -127,7 +141,7 @@ pub struct ShipConfig {
     pub deadline: u64,
 
     /// Log level: error, warn, info, debug, trace or off.
-    #[arg(long, default_value = "info")]
+    #[arg(long, default_value = "info", value_parser = crate::parse_log_level)]
     pub log_level: log::LevelFilter,
 }
 
@@ -147,7 +161,7 @@ pub struct RebuildConfig {
     pub archive: ArchiveArgs,
 
     /// Log level: error, warn, info, debug, trace or off.
-    #[arg(long, default_value = "info")]
+    #[arg(long, default_value = "info", value_parser = crate::parse_log_level)]
     pub log_level: log::LevelFilter,
 }
 

@@ -51,6 +51,10 @@ pub fn run(config: ServerConfig) -> Result<(), Error> {
     let listen = resolve(&config.listen)?;
     let http_listen = config.http_listen.as_deref().map(resolve).transpose()?;
     let archive_config = archive_config(&config.archive)?;
+    // Bound before the store is opened: a port that is taken must not leave a new data
+    // directory and an empty segment behind.
+    let listener = bind(listen)?;
+    let http_listener = http_listen.map(bind).transpose()?;
     let max_age = Duration::from_secs(config.segment_max_age);
     let (mut store, sensors) = open_store(&config.data_dir, config.segment_bytes, max_age)?;
     let store_metrics = store.metrics();
@@ -71,8 +75,6 @@ pub fn run(config: ServerConfig) -> Result<(), Error> {
         }
     });
 
-    let listener = bind(listen)?;
-    let http_listener = http_listen.map(bind).transpose()?;
     announce(&listener, http_listener.as_ref()).map_err(Error::system("stdout"))?;
 
     let retention = archive.as_ref().map(|(_, confirmed)| Retention {

@@ -72,6 +72,13 @@ pub fn read_reply(line: &[u8]) -> Result<Answer, String> {
     if let Some(answer) = read_common_reply(line) {
         return Ok(answer);
     }
+    if line.starts_with(b"HTTP/") {
+        return Err(
+            "the server answered in HTTP: this is not a sensorhub sensor port \
+                    (is it the server's --http-listen port?)"
+                .into(),
+        );
+    }
     let reply: ReplyLine = serde_json::from_slice(line).map_err(|e| format!("bad reply: {e}"))?;
     let status = Status::ALL
         .into_iter()
