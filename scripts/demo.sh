@@ -21,6 +21,8 @@ echo "building (the first build takes about a minute on 2 cores)"
 cargo build --release --bin sensor-server --bin sensor-client
 bin=target/release
 data=${SENSORHUB_DEMO_DATA:-./demo-data}
+# The server's log outlives the demo (what it did is worth reading afterwards).
+server_log=${SENSORHUB_DEMO_LOG:-$data.server.log}
 logs=$(mktemp -d)
 pids=()
 
@@ -40,7 +42,7 @@ stop() {
       printf '  %s: %s\n' "$c" "$(grep '^sent' "$logs/${c%%-*}.out" 2>/dev/null || echo 'no summary')"
     done
   fi
-  echo "store kept in $data ($(cat "$data"/*.jsonl 2>/dev/null | wc -l) readings)"
+  echo "store kept in $data ($(cat "$data"/*.jsonl 2>/dev/null | wc -l) readings); server log in $server_log"
   rm -rf "$logs"
   exit "$status"
 }
@@ -50,13 +52,13 @@ trap 'stop $?' EXIT
 # Each process gets its own session, so Ctrl-C reaches only this script, which then
 # stops the clients before the server.
 setsid "$bin/sensor-server" --listen "127.0.0.1:$port" --http-listen "127.0.0.1:$http_port" \
-  --data-dir "$data" >"$logs/server.out" 2>"$logs/server.err" &
+  --data-dir "$data" >"$logs/server.out" 2>"$server_log" &
 pids+=($!)
 for _ in $(seq 100); do
   grep -q '^http on' "$logs/server.out" 2>/dev/null && break
   if ! kill -0 "${pids[0]}" 2>/dev/null; then
-    cat "$logs/server.err" >&2
-    if grep -q 'Address already in use' "$logs/server.err"; then
+    cat "$server_log" >&2
+    if grep -q 'Address already in use' "$server_log"; then
       echo "demo: a port is taken; try: $0 --port $((port + 1)) --http-port $((http_port + 1))" >&2
     fi
     exit 1
@@ -81,6 +83,8 @@ get() {
 }
 
 echo "two sensors sending every ${interval} ms; Ctrl-C stops everything"
+echo "(last_seq is a sensor's highest stored seq: the simulated sensors number each reading"
+echo " with the microseconds since 1970 when they made it, so seqs keep rising across restarts)"
 while true; do
   sleep 2
   printf '\n%s  readings ok: %s\n' "$(date +%T)" \

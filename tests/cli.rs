@@ -143,3 +143,26 @@ fn a_client_pointed_at_the_http_port_is_told_so() {
     assert!(!status.success());
     assert!(err.contains("this is not a sensorhub sensor port"), "{err}");
 }
+
+#[test]
+fn the_documents_cite_no_issue_numbers_a_reader_cannot_open() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for doc in [
+        "README.md",
+        "BENCHMARKS.md",
+        "docs/architecture.md",
+        "docs/protocol.md",
+    ] {
+        let text = std::fs::read_to_string(root.join(doc)).expect("read");
+        for (n, line) in text.lines().enumerate() {
+            let lower = line.to_lowercase();
+            let cites = lower.match_indices("issue ").any(|(at, _)| {
+                lower[at + 6..]
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_digit())
+            });
+            assert!(!cites, "{doc}:{}: {line}", n + 1);
+        }
+    }
+}
