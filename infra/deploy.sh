@@ -181,10 +181,10 @@ else
   say "building $arch static binaries ($version)"
   case $builder in
     nix) nix_build || die "nix build .#$nix_attr failed (or cannot build $arch on $host_arch)" ;;
-    cargo) scripts/build-static.sh ;;
+    cargo) scripts/build-static.sh --arch "$target_dir" ;;
     auto) if ! nix_build; then
             echo "deploy: Nix unavailable or its build failed; building with cargo instead" >&2
-            scripts/build-static.sh
+            scripts/build-static.sh --arch "$target_dir"
           fi ;;
     *) die "--builder must be auto, nix or cargo" ;;
   esac

@@ -7,27 +7,37 @@
 #   dist/SHA256SUMS
 # and fails unless every binary is static (scripts/check-static.sh).
 #
-#   scripts/build-static.sh [--out DIR]
+#   scripts/build-static.sh [--out DIR] [--arch x86_64|aarch64]   (default: both)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 out=dist
-[[ ${1:-} == --out ]] && out=$2
 declare -A targets=([x86_64]=x86_64-unknown-linux-musl [aarch64]=aarch64-unknown-linux-musl)
+arches=(x86_64 aarch64)
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --out) out=$2; shift 2 ;;
+    --arch)
+      [[ -n ${targets[$2]:-} ]] || { echo "build-static: --arch must be x86_64 or aarch64, not $2" >&2; exit 2; }
+      arches=("$2"); shift 2 ;;
+    *) echo "usage: $0 [--out DIR] [--arch x86_64|aarch64]" >&2; exit 2 ;;
+  esac
+done
 
-rustup target add "${targets[@]}" >/dev/null
+for arch in "${arches[@]}"; do rustup target add "${targets[$arch]}" >/dev/null; done
 # Reproducible wherever it is built: no build-machine path in the binaries (the clone's
 # directory, the cargo home); nothing else machine- or time-dependent is embedded.
 export RUSTFLAGS="${RUSTFLAGS:-} --remap-path-prefix=$PWD=/build/sensorhub --remap-path-prefix=${CARGO_HOME:-$HOME/.cargo}=/build/cargo"
-rm -rf "$out"
-for arch in x86_64 aarch64; do
+for arch in "${arches[@]}"; do
   target=${targets[$arch]}
+  rm -rf "${out:?}/$arch"
   cargo build --release --locked --quiet --target "$target" --bin sensor-server --bin sensor-client
   mkdir -p "$out/$arch"
   # The release profile already strips symbols (Cargo.toml: strip = "symbols").
   cp "target/$target/release/sensor-server" "target/$target/release/sensor-client" "$out/$arch/"
 done
 bash scripts/check-static.sh "$out"/*/sensor-*
+# Whatever is in DIR now (an architecture built earlier stays, and is listed).
 (cd "$out" && sha256sum */sensor-* > SHA256SUMS)
 ls -l "$out"/*/sensor-*
 cat "$out/SHA256SUMS"

@@ -358,14 +358,22 @@ mod s3 {
         let dir = temp_dir("corrupt-segment");
         let mut s3 = S3::down();
         let server = archived_server(&dir, &s3, &["--keep-shipped-bytes", "0"]);
-        seal_batches(&server, &dir, 1);
+        // Stored, then damaged on disk before it is sealed (the seal comes a second
+        // later): the shipper, woken by the seal, reads the damaged bytes on its first
+        // try. (Damaged after the seal, a try already under way with the intact bytes
+        // could succeed once S3 is back, and rightly so.)
+        store_readings(&server, 1..=10);
         let segment = dir.join("segment-0000000001.jsonl");
         let mut bytes = std::fs::read(&segment).expect("segment");
         bytes[10] ^= 0x20;
         std::fs::write(&segment, bytes).expect("corrupt");
+        let reports = || log_of(&dir).matches("is not what was stored").count();
+        wait_for("the corruption reported", SHIPPING, || reports() >= 1);
+        // With S3 back, the next tries refuse it all the same.
         s3.start();
-        wait_for("the corruption reported", SHIPPING, || {
-            log_of(&dir).contains("is not what was stored")
+        let before = reports();
+        wait_for("the corruption reported again with S3 up", SHIPPING, || {
+            reports() > before
         });
         assert_eq!(
             server.metric("sensorhub_archive_segments_shipped_total"),
