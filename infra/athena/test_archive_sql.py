@@ -52,3 +52,32 @@ def test_the_athena_named_query_is_this_file():
     end = template.index("\n\n", start)
     inline = "".join(line[8:] + "\n" for line in template[start:end].split("\n"))
     assert inline == (archive_sql.HERE / "readings_dedup.sql").read_text()
+
+
+SCRIPT = Path(__file__).resolve().parent / "archive_sql.py"
+
+
+def run_script(*args, env=None):
+    import os
+    import subprocess
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **(env or {})})
+
+
+def test_help_and_bad_arguments_answer_without_a_traceback(tmp_path):
+    helped = run_script("--help")
+    assert helped.returncode == 0 and "ROOT" in helped.stdout, helped
+    no_root = run_script(str(tmp_path / "nowhere"))
+    assert no_root.returncode == 2 and "holds no readings/ directory" in no_root.stderr, no_root
+    segment(tmp_path, "2026-11-30", "a", 1, [reading("s1", 1, 100)])
+    no_sql = run_script(str(tmp_path), "nosuch.sql")
+    assert no_sql.returncode == 2 and "no nosuch.sql" in no_sql.stderr, no_sql
+    for run in (helped, no_root, no_sql):
+        assert "Traceback" not in run.stderr, run.stderr
+
+
+def test_without_duckdb_the_script_says_how_to_get_it(tmp_path):
+    (tmp_path / "duckdb.py").write_text("raise ImportError('no duckdb here')\n")
+    run = run_script(str(tmp_path), env={"PYTHONPATH": str(tmp_path)})
+    assert run.returncode == 1, run
+    assert "needs DuckDB (pip install duckdb)" in run.stderr and "Traceback" not in run.stderr, run.stderr

@@ -97,17 +97,19 @@ impl Link {
     }
 
     /// Encodes what the window allows (`id_of` names a reading's sensor) and writes
-    /// what the socket takes.
+    /// what the socket takes. What was encoded counts as sent even when the write then
+    /// fails (the connection is lost): those readings are resends from now on, so a
+    /// count dropped here would make the summary answer more than it sent.
     pub(super) fn send<'a>(
         &mut self,
         window: usize,
         kind: &str,
         id_of: impl Fn(u32) -> &'a str,
         now: Instant,
-    ) -> io::Result<Sent> {
+    ) -> (Sent, io::Result<()>) {
         let mut sent = Sent::default();
         let LinkState::Up(stream) = &mut self.state else {
-            return Ok(sent);
+            return (sent, Ok(()));
         };
         while self.sent < self.queue.len() && self.sent < window {
             let p = &mut self.queue[self.sent];
@@ -128,8 +130,8 @@ impl Link {
             p.sent_at = now;
             self.sent += 1;
         }
-        self.out.flush(stream, &mut self.writable)?;
-        Ok(sent)
+        let flushed = self.out.flush(stream, &mut self.writable).map(drop);
+        (sent, flushed)
     }
 
     /// Reads what has arrived and passes every complete reply line to `answer`, in
@@ -164,5 +166,56 @@ impl Link {
             self.input = input;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// A link up on a connection the server end has reset (RST).
+    fn link_to_a_reset_peer() -> Link {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let client =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        socket2::SockRef::from(&server)
+            .set_linger(Some(Duration::ZERO))
+            .expect("linger");
+        drop(server);
+        // The reset has arrived once a read says so (bounded: it is local).
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let _ = (&client).read(&mut [0u8; 1]);
+        client.set_nonblocking(true).expect("nonblocking");
+        let mut link = Link::new(vec![0]);
+        link.state = LinkState::Up(TcpStream::from_std(client));
+        link.writable = true;
+        link
+    }
+
+    #[test]
+    fn readings_written_before_a_failed_write_still_count_as_sent() {
+        let mut link = link_to_a_reset_peer();
+        for seq in 1..=3 {
+            link.queue.push_back(Pending {
+                sensor: 0,
+                seq,
+                ts_ms: 0,
+                value: 1.0,
+                sent_at: Instant::now(),
+                resend: false,
+            });
+        }
+        let (sent, flushed) = link.send(32, "temperature", |_| "s", Instant::now());
+        assert!(flushed.is_err(), "the write to a reset connection fails");
+        assert_eq!(sent.first_time, 3);
+        link.reset(Duration::ZERO, Duration::ZERO, 1.0);
+        link.state = link_to_a_reset_peer().state;
+        link.writable = true;
+        let (again, _) = link.send(32, "temperature", |_| "s", Instant::now());
+        assert_eq!((again.first_time, again.again), (0, 3));
     }
 }

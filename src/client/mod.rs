@@ -498,12 +498,11 @@ impl Client {
         let sensors = &self.sensors;
         let id_of = |s: u32| sensors[s as usize].id.as_str();
         let window = self.config.window as usize;
-        match self.links[i].send(window, &self.config.kind, id_of, now) {
-            Ok(sent) => {
-                self.report.totals.sent += sent.first_time;
-                self.report.totals.resent += sent.again;
-            }
-            Err(e) => self.lose(i, now, &format_args!("write: {e}")),
+        let (sent, flushed) = self.links[i].send(window, &self.config.kind, id_of, now);
+        self.report.totals.sent += sent.first_time;
+        self.report.totals.resent += sent.again;
+        if let Err(e) = flushed {
+            self.lose(i, now, &format_args!("write: {e}"));
         }
     }
 
