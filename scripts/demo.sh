@@ -51,7 +51,7 @@ trap 'stop $?' EXIT
 
 # Each process gets its own session, so Ctrl-C reaches only this script, which then
 # stops the clients before the server.
-setsid "$bin/sensor-server" --listen "127.0.0.1:$port" --http-listen "127.0.0.1:$http_port" \
+setsid "$bin/sensor-server" --listen "127.0.0.1:$port" --http-listen "127.0.0.1:$http_port" --http-page \
   --data-dir "$data" >"$logs/server.out" 2>"$server_log" &
 pids+=($!)
 for _ in $(seq 100); do
@@ -83,6 +83,7 @@ get() {
 }
 
 echo "two sensors sending every ${interval} ms; Ctrl-C stops everything"
+echo "page with a live chart per sensor: http://127.0.0.1:$http_port/"
 echo "(last_seq is a sensor's highest stored seq: the simulated sensors number each reading"
 echo " with the microseconds since 1970 when they made it, so seqs keep rising across restarts)"
 while true; do

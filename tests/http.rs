@@ -199,3 +199,24 @@ fn out_of_descriptors_the_http_port_answers_503_instead_of_hanging() {
     drop(conns);
     wait_until("descriptors released", || probe(server.http) == Some(200));
 }
+
+#[test]
+fn the_page_is_served_only_when_asked_for_and_loads_nothing_from_elsewhere() {
+    let plain = Server::start(&temp_dir("http-no-page"), &[]);
+    assert_eq!(
+        plain.get("/").0,
+        404,
+        "the protocol: any other path is a 404"
+    );
+    let server = Server::start(&temp_dir("http-page"), &["--http-page"]);
+    let (status, body) = server.get("/");
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("<canvas") && body.contains("/sensors"),
+        "{body}"
+    );
+    assert!(
+        !body.contains("http://") && !body.contains("https://") && !body.contains("//cdn"),
+        "the page must not load anything from elsewhere"
+    );
+}

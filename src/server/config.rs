@@ -33,6 +33,11 @@ pub struct ServerConfig {
     #[arg(long)]
     pub http_listen: Option<String>,
 
+    /// Also serve a page at / on the HTTP port: a live chart per sensor, drawn by the
+    /// browser (off by default: the protocol answers 404 for any other path).
+    #[arg(long, requires = "http_listen")]
+    pub http_page: bool,
+
     /// Directory holding the store (*.jsonl segments and a checkpoint).
     #[arg(long, default_value = "./data")]
     pub data_dir: PathBuf,

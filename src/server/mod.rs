@@ -145,6 +145,7 @@ fn limits(config: &ServerConfig) -> Limits {
         max_connections: config.max_connections as usize,
         idle_timeout: (config.idle_timeout > 0).then(|| Duration::from_secs(config.idle_timeout)),
         max_line_bytes: config.max_line_bytes as usize,
+        http_page: config.http_page,
     }
 }
 

@@ -12,8 +12,16 @@ use crate::wire::reply::Status;
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
 
+/// The page at `/`: one live chart per sensor, drawn by the browser from `/sensors`,
+/// `/metrics` and `/healthz` (which it polls, keeping the history itself). Plain
+/// HTML, CSS and canvas: nothing loaded from elsewhere.
+const PAGE: &str = include_str!("page.html");
+
 /// Everything the pages show, gathered by the event loop.
 pub(crate) struct Figures<'a> {
+    /// `--http-page`: `/` serves the page (otherwise it is a 404, as the protocol says
+    /// of every path but the three).
+    pub page: bool,
     pub loop_stats: &'a LoopStats,
     pub open_connections: usize,
     /// Batches waiting for a worker.
@@ -28,6 +36,8 @@ pub(crate) struct Figures<'a> {
 pub(crate) fn render(route: Route, f: &Figures) -> Vec<u8> {
     const TEXT: &str = "text/plain; charset=utf-8";
     match route {
+        Route::Page if f.page => response(200, "text/html; charset=utf-8", PAGE.as_bytes()),
+        Route::Page | Route::NotFound => response(404, TEXT, b"not found\n"),
         // A load balancer's health check: a server that cannot store acknowledges
         // nothing, so sensors are better served elsewhere.
         Route::Healthz => match f.store.unavailable() {
@@ -40,7 +50,6 @@ pub(crate) fn render(route: Route, f: &Figures) -> Vec<u8> {
             metrics_text(f).as_bytes(),
         ),
         Route::Sensors => response(200, "application/json", &sensors_body(f.db)),
-        Route::NotFound => response(404, TEXT, b"not found\n"),
         Route::BadRequest => response(400, TEXT, b"bad request\n"),
         Route::TooLarge => response(431, TEXT, b"request too large\n"),
     }

@@ -1,4 +1,5 @@
-//! The HTTP side port: `/healthz`, `/metrics`, `/sensors`, and 404 for the rest.
+//! The HTTP side port: `/` (a page with a chart per sensor), `/healthz`, `/metrics`,
+//! `/sensors`, and 404 for the rest.
 //!
 //! Served by the same event loop as the sensors, one request per connection
 //! (`Connection: close`), which is what health checkers and Prometheus need. Requests are
@@ -41,6 +42,8 @@ pub(crate) fn busy_response() -> Vec<u8> {
 /// What a request asks for.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Route {
+    /// `/`: the page with a chart per sensor (`page.html`).
+    Page,
     Healthz,
     Metrics,
     Sensors,
@@ -64,6 +67,7 @@ pub(crate) fn route(request: &[u8]) -> Option<Route> {
             let path = parsed.path.unwrap_or("");
             let path = path.split_once('?').map_or(path, |(p, _)| p);
             Some(match (parsed.method, path) {
+                (Some("GET"), "/") => Route::Page,
                 (Some("GET"), "/healthz") => Route::Healthz,
                 (Some("GET"), "/metrics") => Route::Metrics,
                 (Some("GET"), "/sensors") => Route::Sensors,
@@ -306,7 +310,8 @@ mod tests {
             route(get("/sensors?pretty").as_bytes()),
             Some(Route::Sensors)
         );
-        assert_eq!(route(get("/").as_bytes()), Some(Route::NotFound));
+        assert_eq!(route(get("/").as_bytes()), Some(Route::Page));
+        assert_eq!(route(get("/other").as_bytes()), Some(Route::NotFound));
         assert_eq!(
             route(b"POST /healthz HTTP/1.1\r\n\r\n"),
             Some(Route::NotFound)

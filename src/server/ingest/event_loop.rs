@@ -54,6 +54,8 @@ pub(crate) struct Limits {
     pub max_connections: usize,
     pub idle_timeout: Option<Duration>,
     pub max_line_bytes: usize,
+    /// Serve the page at `/` on the HTTP port (`--http-page`).
+    pub http_page: bool,
 }
 
 /// What the loop is built from; the `Poll`'s registry must already hold the completion
@@ -84,6 +86,7 @@ pub(crate) struct EventLoop {
     archive: Option<Arc<ArchiveMetrics>>,
     max_connections: usize,
     idle_timeout: Option<Duration>,
+    http_page: bool,
     /// Connections to service again this pass (their read budget ran out).
     ready: VecDeque<ConnId>,
     /// Connections waiting for room in their worker's queue.
@@ -142,6 +145,7 @@ impl EventLoop {
             archive,
             max_connections: limits.max_connections,
             idle_timeout: limits.idle_timeout,
+            http_page: limits.http_page,
             ready: VecDeque::new(),
             queue_waiters: Vec::new(),
             touched: Vec::new(),
@@ -331,6 +335,7 @@ impl EventLoop {
 
     fn service_http(&mut self, id: ConnId) {
         let figures = Figures {
+            page: self.http_page,
             loop_stats: &self.ctx.stats,
             open_connections: self.conns.len(),
             queue_depth: self.ctx.jobs.iter().map(Sender::len).sum(),
