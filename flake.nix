@@ -13,9 +13,10 @@
       # What `--version` names (build.rs): the flake's source has no .git.
       commit = self.rev or self.dirtyRev or "unknown";
 
-      # Only what the build and its tests read: editing docs, Nix or infra files does
-      # not rebuild. (.cargo/ is left out on purpose: its rust-lld linker setting is
-      # for builds without Nix, and would override nixpkgs' cross linker.)
+      # Only what the build and its tests read (tests/cli.rs reads README.md,
+      # BENCHMARKS.md and docs/): editing Nix or infra files does not rebuild. (.cargo/
+      # is left out on purpose: its rust-lld linker setting is for builds without Nix,
+      # and would override nixpkgs' cross linker.)
       src = lib.fileset.toSource {
         root = ./.;
         fileset = lib.fileset.unions [
@@ -25,6 +26,10 @@
           ./src
           ./tests
           ./benches
+          # tests/cli.rs checks what the documents cite.
+          ./README.md
+          ./BENCHMARKS.md
+          ./docs
         ];
       };
 
