@@ -179,12 +179,12 @@ impl Alarm {
         self.bell.notify_all();
     }
 
-    fn rung(&self) -> u64 {
+    pub(crate) fn rung(&self) -> u64 {
         *self.rings.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Waits until it rings after `seen` rings, or `until`.
-    fn wait(&self, seen: u64, until: Instant) {
+    pub(crate) fn wait(&self, seen: u64, until: Instant) {
         let mut rings = self.rings.lock().unwrap_or_else(PoisonError::into_inner);
         while *rings == seen {
             let left = until.saturating_duration_since(Instant::now());

@@ -45,7 +45,7 @@ use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -91,8 +91,7 @@ struct Stop {
     deadline: Mutex<Option<Instant>>,
     /// Set with the deadline, readable without its lock.
     requested: AtomicBool,
-    changed: Condvar,
-    /// Rung with the deadline: a running CLI's deadline moved.
+    /// Rung with the deadline: a backoff or a running CLI looks at it again.
     alarm: Alarm,
 }
 
@@ -103,15 +102,11 @@ impl Stop {
 
     /// Sleeps up to `wait`, less if the stop deadline comes first; a stop wakes it.
     fn sleep(&self, wait: Duration) {
-        let guard = self.deadline.lock().unwrap_or_else(PoisonError::into_inner);
-        let wait = match *guard {
-            Some(deadline) => wait.min(deadline.saturating_duration_since(Instant::now())),
-            None => wait,
-        };
-        let _ = self
-            .changed
-            .wait_timeout(guard, wait)
-            .unwrap_or_else(PoisonError::into_inner);
+        // Counted before the deadline is read: a stop in between rings after `seen`.
+        let seen = self.alarm.rung();
+        let until = Instant::now() + wait;
+        self.alarm
+            .wait(seen, self.deadline().map_or(until, |d| d.min(until)));
     }
 }
 
@@ -191,7 +186,6 @@ impl Archive {
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now() + self.stop_timeout);
         self.stop.requested.store(true, SeqCst);
-        self.stop.changed.notify_all();
         self.stop.alarm.ring();
         // The shipper may be waiting for a seal: it looks at `requested` again.
         self.watermarks.wake();
