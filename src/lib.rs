@@ -14,6 +14,7 @@
 #![warn(unreachable_pub)]
 
 pub mod client;
+mod disk;
 mod net;
 pub mod server;
 pub mod wire;

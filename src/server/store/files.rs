@@ -1,6 +1,6 @@
 //! The store's files as they lie on disk: segment names, the store's identity, the
-//! checkpoint and its format, the archive's record (`archive.json`), the space reserve,
-//! replacing a file atomically, and the directory syncs that make new names durable.
+//! checkpoint and its format, the archive's record (`archive.json`), and the space reserve. (Replacing a file atomically and syncing a directory live in
+//! `crate::disk`, which the client's spool uses too.)
 //! Shared by the running store (`store.rs`), start-up and `verify` (`recovery.rs`) and
 //! the shipper (`archive.rs`), so none of them depends on another for these.
 //!
@@ -25,6 +25,8 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use crate::disk::{sync_dir, write_atomically, write_synced_tmp};
 
 pub(crate) const CHECKPOINT: &str = "checkpoint.json";
 /// The checkpoint `checkpoint.json` replaced: used when the newest one is damaged.
@@ -185,31 +187,6 @@ pub(crate) fn read_checkpoint(dir: &Path, name: &str) -> CheckpointRead {
     }
 }
 
-/// Replaces `dir/name` with `bytes` so that a crash leaves the old or the new content,
-/// never a mix: a synced temporary file renamed over it, then the directory synced.
-pub(crate) fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
-    let tmp = write_synced_tmp(dir, name, bytes)?;
-    fs::rename(&tmp, dir.join(name))?;
-    sync_dir(dir)
-}
-
-/// `dir/name.tmp` holding `bytes`, synced; removed again when that fails (a full disk
-/// must not be left with empty temporary files).
-fn write_synced_tmp(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<PathBuf> {
-    let tmp = dir.join(format!("{name}.tmp"));
-    let written = File::create(&tmp).and_then(|mut file| {
-        file.write_all(bytes)?;
-        file.sync_all()
-    });
-    match written {
-        Ok(()) => Ok(tmp),
-        Err(e) => {
-            let _ = fs::remove_file(&tmp);
-            Err(e)
-        }
-    }
-}
-
 pub(crate) fn is_disk_full(e: &io::Error) -> bool {
     matches!(
         e.kind(),
@@ -285,10 +262,6 @@ pub(crate) fn segment_number(name: &str) -> Option<u64> {
         .strip_suffix(".jsonl")?
         .parse()
         .ok()
-}
-
-pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 /// The store's id in `dir`, made (16 random hex digits) when there is none yet. A

@@ -23,10 +23,11 @@
 //! one store; unlike a lock file, a directory cannot be deleted out from under its
 //! holder while it holds files.
 
+use crate::disk::sync_dir;
 use crate::server::http::metrics::{Histogram, LATENCY_BUCKETS};
 use crate::server::store::files::{
     self, ARCHIVE_STATE, ArchiveState, Checkpoint, Covered, ShippedSegment, segment_name,
-    segment_number, sync_dir,
+    segment_number,
 };
 use crate::server::store::recovery::{self, Recovered, load, probe_writable, recover};
 use crate::server::store::replay::replay;
