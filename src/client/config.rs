@@ -3,7 +3,8 @@
 use crate::wire::reading::{valid_kind, valid_sensor};
 use clap::Parser;
 
-/// Simulates sensors that send readings to a sensor-server.
+/// Simulates sensors that send readings to a sensor-server (or, with --stdin, sends
+/// real values read from standard input).
 #[derive(Debug, Clone, Parser)]
 #[command(name = "sensor-client", version = env!("SENSORHUB_VERSION"))]
 pub struct ClientConfig {
@@ -54,6 +55,18 @@ pub struct ClientConfig {
     /// Benchmark: send as fast as the window allows and print throughput and latency.
     #[arg(long)]
     pub bench: bool,
+
+    /// Send real values instead of simulated ones: each line of standard input is a
+    /// number, or a JSON object {"value": NUMBER, "ts": UNIX_MS} (ts optional), for
+    /// --sensor and --kind. The client adds seq (and ts), and exits at the end of input
+    /// once every value is answered.
+    #[arg(long, requires = "sensor", conflicts_with_all = ["sensors", "bench", "count", "duration"])]
+    pub stdin: bool,
+
+    /// With --stdin: keep every value read in this directory until it is answered
+    /// (synced before it is sent), so a restarted client sends it again.
+    #[arg(long, requires = "stdin", value_name = "DIR")]
+    pub spool: Option<std::path::PathBuf>,
 
     /// Exit non-zero after the server has been unreachable, or has left readings
     /// unanswered, this long (seconds).

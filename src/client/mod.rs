@@ -10,24 +10,30 @@
 //! delivered. The queue is bounded (`--buffer`); while it is full, generation waits.
 //!
 //! One mio loop drives every link, so 15,000 connections cost 15,000 sockets and no
-//! threads.
+//! threads. With `--stdin` the one sensor's values come from standard input instead
+//! (`input.rs`: a thread reads them and wakes the loop), kept in a spool until answered
+//! with `--spool` (`spool.rs`).
 
 mod config;
+mod input;
 mod link;
 mod report;
 pub mod simulate;
+mod spool;
 
 pub use config::ClientConfig;
 pub use report::Totals;
 
 use crate::client::config::validate_names;
+use crate::client::input::Feed;
 use crate::client::link::{Link, LinkState, Pending};
 use crate::client::report::Report;
 use crate::client::simulate::{RandomWalk, SeqClock, unix_micros};
+use crate::client::spool::{Spool, Spooled};
 use crate::wire::reply::{Answer, Status, read_reply};
 use log::{debug, info, warn};
 use mio::net::TcpStream;
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Interest, Poll, Token, Waker};
 use rand::RngExt;
 use signal_hook_mio::v1_0::Signals;
 use std::cmp::Reverse;
@@ -37,6 +43,8 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 const SIGNALS: Token = Token(usize::MAX);
+/// Rung by the thread reading standard input (`--stdin`).
+const INPUT: Token = Token(usize::MAX - 1);
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long a stopping client waits for answers to what it has sent.
@@ -66,6 +74,8 @@ pub struct Client {
     addrs: Vec<SocketAddr>,
     sensors: Vec<Sensor>,
     links: Vec<Link>,
+    /// `--stdin`: where the one sensor's readings come from instead of its random walk.
+    feed: Option<Feed>,
     /// Sensors by due time; all share one interval, so a FIFO stays sorted.
     due: VecDeque<(Instant, usize)>,
     /// Links waiting to reconnect, earliest first.
@@ -114,9 +124,16 @@ impl Client {
         // Spread first readings over one interval so thousands of sensors do not fire
         // in the same instant.
         let n = sensors.len() as u32;
-        let due = (0..sensors.len())
-            .map(|i| (now + interval * i as u32 / n, i))
-            .collect();
+        let due = match config.stdin {
+            true => VecDeque::new(),
+            false => (0..sensors.len())
+                .map(|i| (now + interval * i as u32 / n, i))
+                .collect(),
+        };
+        let feed = match config.stdin {
+            true => Some(start_feed(&config, &poll)?),
+            false => None,
+        };
         let links = (0..links_count)
             .map(|l| Link::new((l..sensors.len()).step_by(links_count).collect()))
             .collect();
@@ -135,6 +152,7 @@ impl Client {
             addrs,
             sensors,
             links,
+            feed,
             due,
             generated: 0,
             generating: true,
@@ -187,6 +205,26 @@ impl Client {
         self.report
             .finish()
             .map_err(|e| format!("record file: {e}"))?;
+        if let Some(ended) = self.feed.as_mut().and_then(Feed::ended) {
+            if let Some(spool) = &mut ended.spool {
+                // Everything read was answered: nothing to send again next time.
+                spool
+                    .clear()
+                    .map_err(|e| format!("spool {}: {e}", spool.dir().display()))?;
+            }
+            if let Some(e) = &ended.error {
+                return Err(format!("reading standard input failed: {e}"));
+            }
+            if ended.bad_lines > 0 {
+                let lines = match ended.bad_lines {
+                    1 => "1 input line was not a value".to_string(),
+                    n => format!("{n} input lines were not values"),
+                };
+                return Err(format!(
+                    "{lines} (see the warnings above); every other value was answered"
+                ));
+            }
+        }
         let t = &self.report.totals;
         if t.rejected > 0 || t.error > 0 {
             return Err(format!(
@@ -240,6 +278,9 @@ impl Client {
                 self.stop_generating(Instant::now());
             }
             return;
+        }
+        if event.token() == INPUT {
+            return; // the next pass takes what was read
         }
         let i = event.token().0;
         let Some(link) = self.links.get_mut(i) else {
@@ -309,6 +350,10 @@ impl Client {
             self.generate_bench(now);
             return;
         }
+        if self.feed.is_some() {
+            self.take_input(now);
+            return;
+        }
         while let Some(&(at, s)) = self.due.front() {
             if at > now || !self.may_generate() {
                 break;
@@ -347,6 +392,28 @@ impl Client {
         }
     }
 
+    /// Queues what standard input gave, while the link has room (`--buffer`); the
+    /// reading thread waits meanwhile, and so does the writer of the pipe.
+    fn take_input(&mut self, now: Instant) {
+        let Some(feed) = &mut self.feed else {
+            return;
+        };
+        let link = self.sensors[0].link;
+        let mut taken = Vec::new();
+        let room = (self.config.buffer as usize).saturating_sub(self.links[link].queue.len());
+        while taken.len() < room
+            && let Some(reading) = feed.next()
+        {
+            taken.push(reading);
+        }
+        if feed.ended().is_some() {
+            self.generating = false;
+        }
+        for reading in taken {
+            self.queue_reading(0, reading, now);
+        }
+    }
+
     fn may_generate(&self) -> bool {
         self.config.count.is_none_or(|c| self.generated < c)
     }
@@ -354,15 +421,25 @@ impl Client {
     fn push_reading(&mut self, s: usize, now: Instant) {
         let micros = unix_micros();
         let sensor = &mut self.sensors[s];
-        let pending = Pending {
-            sensor: s as u32,
+        let reading = Spooled {
             seq: sensor.clock.next(micros),
             ts_ms: micros / 1000,
             value: sensor.walk.next_value(),
+        };
+        self.queue_reading(s, reading, now);
+    }
+
+    /// Queues a reading of sensor `s` on its link, to be sent and kept until answered.
+    fn queue_reading(&mut self, s: usize, reading: Spooled, now: Instant) {
+        let pending = Pending {
+            sensor: s as u32,
+            seq: reading.seq,
+            ts_ms: reading.ts_ms,
+            value: reading.value,
             sent_at: now,
             resend: false,
         };
-        let link = sensor.link;
+        let link = self.sensors[s].link;
         self.links[link].queue.push_back(pending);
         self.generated += 1;
         self.unanswered += 1;
@@ -547,6 +624,9 @@ impl Client {
         link.sent -= 1;
         link.failures = 0;
         self.unanswered -= 1;
+        if let Some(feed) = &self.feed {
+            feed.answered(p.seq);
+        }
         self.down_since = None;
         let sensor = &self.sensors[p.sensor as usize].id;
         let waited = now.saturating_duration_since(p.sent_at);
@@ -579,6 +659,30 @@ impl Client {
             }
         }
     }
+}
+
+/// `--stdin`: opens the spool (`--spool`), whose readings go first, and starts the
+/// thread reading standard input.
+fn start_feed(config: &ClientConfig, poll: &Poll) -> Result<Feed, String> {
+    let sensor = config.sensor.as_deref().unwrap_or_default();
+    let (spool, replay) = match &config.spool {
+        Some(dir) => {
+            let (spool, replay) =
+                Spool::open(dir, sensor, &config.kind).map_err(|e| e.to_string())?;
+            if !replay.is_empty() {
+                info!(
+                    "spool {}: sending {} readings again that may be unanswered",
+                    dir.display(),
+                    replay.len()
+                );
+            }
+            (Some(spool), replay)
+        }
+        None => (None, Vec::new()),
+    };
+    let waker = Waker::new(poll.registry(), INPUT).map_err(|e| format!("waker: {e}"))?;
+    Feed::start(io::stdin(), replay, spool, waker)
+        .map_err(|e| format!("cannot start reading standard input: {e}"))
 }
 
 fn resolve(server: &str) -> Result<Vec<SocketAddr>, String> {
