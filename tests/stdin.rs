@@ -260,3 +260,78 @@ fn a_spool_of_another_sensor_or_in_use_is_refused_before_anything_is_sent() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+#[ignore = "needs root to mount a 1 MiB tmpfs; .ci/run runs it as root"]
+fn on_a_full_disk_values_wait_unsent_until_the_spool_can_keep_them() {
+    let dir = temp_dir("stdin-spool-full");
+    let server = Server::start(&dir.join("data"), &[]);
+    let spool = dir.join("spool");
+    let _tmpfs = Tmpfs::mount(&spool, "1m");
+    let log = dir.join("client.log");
+    let mut client = Command::new(CLIENT)
+        .args([
+            "--server",
+            &server.addr.to_string(),
+            "--stdin",
+            "--sensor",
+            "pi-1",
+        ])
+        .arg("--spool")
+        .arg(&spool)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("spawn sensor-client");
+    let stdin = client.stdin.as_mut().expect("stdin");
+    write_lines(stdin, "0.25\n");
+    wait_until("the first value to be stored", || {
+        stored_values(&server).len() == 1
+    });
+
+    // More than the slack of the spool's last page, which a full disk still takes.
+    let filler = fill(&spool);
+    let more: String = (2..2000)
+        .map(|i| format!("{}\n", f64::from(i) / 4.0))
+        .collect();
+    write_lines(stdin, &more);
+    let log_says = |what: &str| std::fs::read_to_string(&log).is_ok_and(|l| l.contains(what));
+    wait_until("the client to report the full spool", || {
+        log_says("cannot append")
+    });
+    let in_spool: Vec<f64> = std::fs::read_to_string(spool.join("spool"))
+        .expect("spool")
+        .lines()
+        .skip(1)
+        .map(|line| {
+            line.rsplit(' ')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .expect("value")
+        })
+        .collect();
+    assert!(in_spool.len() < 1999, "some values wait for space");
+    for (value, _) in stored_values(&server) {
+        assert!(
+            in_spool.contains(&value),
+            "{value} was sent before the spool kept it"
+        );
+    }
+
+    std::fs::remove_file(filler).expect("free the disk");
+    wait_until("the waiting values to be stored", || {
+        stored_values(&server).len() == 1999
+    });
+    let out = finish(client);
+    assert!(
+        out.status.success(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let values: Vec<f64> = stored_values(&server).iter().map(|v| v.0).collect();
+    let expected: Vec<f64> = (1..2000).map(|i| f64::from(i) / 4.0).collect();
+    assert_eq!(values, expected, "each value stored once");
+    drop(_tmpfs);
+    let _ = std::fs::remove_dir_all(&dir);
+}
