@@ -13,10 +13,12 @@
 #![forbid(unsafe_code)]
 #![warn(unreachable_pub)]
 
+pub mod certs;
 pub mod client;
 mod disk;
 mod net;
 pub mod server;
+mod tls;
 pub mod wire;
 
 /// `--log-level`: one of the levels, named; a mistyped one lists them all.

@@ -84,8 +84,9 @@ impl Outbox {
     }
 
     /// Writes until everything is sent or the socket is full (clearing `*writable`). A
-    /// short write is normal: the rest waits for the next writable edge. Returns true
-    /// once everything is sent; the emptied buffer stays (see `take_buffer`).
+    /// short write is normal: the rest waits for the next writable edge. Then flushes the
+    /// stream (a TLS stream's records; a no-op for a socket). Returns true once
+    /// everything is handed over; the emptied buffer stays (see `take_buffer`).
     pub(crate) fn flush(
         &mut self,
         mut stream: impl Write,
@@ -98,6 +99,13 @@ impl Outbox {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => *writable = false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
+            }
+        }
+        if *writable {
+            match stream.flush() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => *writable = false,
+                Err(e) => return Err(e),
+                Ok(()) => {}
             }
         }
         let done = self.written == self.buf.len();

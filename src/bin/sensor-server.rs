@@ -17,6 +17,15 @@ fn main() {
             sensorhub::init_logging(config.log_level);
             sensorhub::server::rebuild(config).map_err(|e| e.to_string())
         }
+        "certs" => {
+            args.remove(1);
+            let config = sensorhub::certs::CertsConfig::parse_from(args);
+            sensorhub::certs::make(&config).map(|written| {
+                for path in written {
+                    println!("wrote {}", path.display());
+                }
+            })
+        }
         "verify" => {
             args.remove(1);
             let config = VerifyConfig::parse_from(args);

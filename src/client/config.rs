@@ -87,6 +87,23 @@ pub struct ClientConfig {
     #[arg(long, env = "SENSOR_CLIENT_RECORD")]
     pub record: Option<std::path::PathBuf>,
 
+    /// Connect with TLS, trusting server certificates that chain to this CA (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<std::path::PathBuf>,
+
+    /// The client certificate (PEM) that names this client's sensors, for a server
+    /// that requires one.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_ca", "tls_key"])]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// The name the server's certificate must carry [default: the host of --server].
+    #[arg(long, value_name = "NAME", requires = "tls_ca")]
+    pub tls_server_name: Option<String>,
+
     /// Log level: error, warn, info, debug, trace or off.
     #[arg(long, default_value = "info", value_parser = crate::parse_log_level)]
     pub log_level: log::LevelFilter,

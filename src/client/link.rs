@@ -6,6 +6,7 @@
 //! `sent` drops to zero and the whole queue is sent again on the next connection.
 
 use crate::net::{Fill, Outbox, read_some};
+use crate::tls::Transport;
 use crate::wire::record::encode_reading;
 use mio::net::TcpStream;
 use std::collections::VecDeque;
@@ -28,7 +29,7 @@ pub(super) enum LinkState {
     Down,
     /// Connecting since the given time.
     Connecting(TcpStream, Instant),
-    Up(TcpStream),
+    Up(Transport),
 }
 
 /// One connection and the readings it carries.
@@ -146,7 +147,9 @@ impl Link {
             let LinkState::Up(stream) = &mut self.state else {
                 return Ok(());
             };
-            match read_some(stream, &mut buf, &mut self.readable, self.hup)? {
+            // A short TLS read does not prove the socket drained: read until it blocks.
+            let keep_reading = self.hup || stream.is_tls();
+            match read_some(stream, &mut buf, &mut self.readable, keep_reading)? {
                 Fill::Data(n) => self.input.extend_from_slice(&buf[..n]),
                 Fill::Eof => {
                     return Err(io::Error::new(
@@ -191,7 +194,7 @@ mod tests {
         let _ = (&client).read(&mut [0u8; 1]);
         client.set_nonblocking(true).expect("nonblocking");
         let mut link = Link::new(vec![0]);
-        link.state = LinkState::Up(TcpStream::from_std(client));
+        link.state = LinkState::Up(Transport::Plain(TcpStream::from_std(client)));
         link.writable = true;
         link
     }

@@ -30,16 +30,19 @@ use crate::client::link::{Link, LinkState, Pending};
 use crate::client::report::Report;
 use crate::client::simulate::{RandomWalk, SeqClock, unix_micros};
 use crate::client::spool::{Spool, Spooled};
+use crate::tls::{TlsStream, Transport};
 use crate::wire::reply::{Answer, Status, read_reply};
 use log::{debug, info, warn};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 use rand::RngExt;
+use rustls::pki_types::ServerName;
 use signal_hook_mio::v1_0::Signals;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::io::{self, IsTerminal};
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const SIGNALS: Token = Token(usize::MAX);
@@ -76,6 +79,8 @@ pub struct Client {
     links: Vec<Link>,
     /// `--stdin`: where the one sensor's readings come from instead of its random walk.
     feed: Option<Feed>,
+    /// `--tls-ca`: connections speak TLS with this configuration, to this name.
+    tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
     /// Sensors by due time; all share one interval, so a FIFO stays sorted.
     due: VecDeque<(Instant, usize)>,
     /// Links waiting to reconnect, earliest first.
@@ -101,6 +106,7 @@ impl Client {
     pub fn new(config: ClientConfig) -> Result<Client, String> {
         validate_names(&config)?;
         let addrs = resolve(&config.server)?;
+        let tls = tls_config(&config)?;
         let ids = sensor_ids(&config)?;
         let links_count = (config.connections as usize).min(ids.len());
         let poll = Poll::new().map_err(|e| e.to_string())?;
@@ -153,6 +159,7 @@ impl Client {
             sensors,
             links,
             feed,
+            tls,
             due,
             generated: 0,
             generating: true,
@@ -286,7 +293,10 @@ impl Client {
         let Some(link) = self.links.get_mut(i) else {
             return;
         };
-        if event.is_writable() || event.is_error() || event.is_write_closed() {
+        // A TLS read can make room for writes (the handshake finishing releases the
+        // readings queued meanwhile), so any event counts as writable for TLS.
+        let tls = matches!(&link.state, LinkState::Up(t) if t.is_tls());
+        if event.is_writable() || event.is_error() || event.is_write_closed() || tls {
             link.writable = true;
         }
         if event.is_read_closed() || event.is_error() {
@@ -515,7 +525,7 @@ impl Client {
         let server = &self.config.server;
         match std::mem::replace(&mut link.state, LinkState::Down) {
             LinkState::Up(mut s) => {
-                let _ = self.poll.registry().deregister(&mut s);
+                let _ = self.poll.registry().deregister(s.tcp_mut());
                 self.report.totals.reconnects += 1;
                 info!(
                     "connection {i} to {server} lost ({why}); resending {} unanswered after a backoff",
@@ -548,7 +558,17 @@ impl Client {
                 std::mem::replace(&mut link.state, LinkState::Down)
             {
                 let _ = stream.set_nodelay(true);
-                link.state = LinkState::Up(stream);
+                link.state = LinkState::Up(match &self.tls {
+                    None => Transport::Plain(stream),
+                    Some((config, name)) => {
+                        match rustls::ClientConnection::new(config.clone(), name.clone()) {
+                            Ok(session) => {
+                                Transport::Tls(Box::new(TlsStream::new(stream, session)))
+                            }
+                            Err(e) => return self.lose(i, now, &format_args!("TLS: {e}")),
+                        }
+                    }
+                });
                 link.writable = true;
                 if link.queue.is_empty() {
                     self.down_since = None;
@@ -683,6 +703,29 @@ fn start_feed(config: &ClientConfig, poll: &Poll) -> Result<Feed, String> {
     let waker = Waker::new(poll.registry(), INPUT).map_err(|e| format!("waker: {e}"))?;
     Feed::start(io::stdin(), replay, spool, waker)
         .map_err(|e| format!("cannot start reading standard input: {e}"))
+}
+
+/// `--tls-ca`: the client's TLS configuration and the name the server must prove.
+fn tls_config(
+    config: &ClientConfig,
+) -> Result<Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>, String> {
+    let Some(ca) = &config.tls_ca else {
+        return Ok(None);
+    };
+    let identity = config.tls_cert.as_deref().zip(config.tls_key.as_deref());
+    let tls = crate::tls::client_config(ca, identity)?;
+    let host = match &config.tls_server_name {
+        Some(name) => name.as_str(),
+        None => config
+            .server
+            .rsplit_once(':')
+            .map_or(config.server.as_str(), |(host, _)| host)
+            .trim_start_matches('[')
+            .trim_end_matches(']'),
+    };
+    let name = ServerName::try_from(host.to_string())
+        .map_err(|e| format!("--tls-server-name {host:?}: not a DNS name or IP address ({e})"))?;
+    Ok(Some((tls, name)))
 }
 
 fn resolve(server: &str) -> Result<Vec<SocketAddr>, String> {

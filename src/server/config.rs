@@ -22,7 +22,8 @@ pub enum Fsync {
     after_help = "Other commands (each has --help):\n  \
         sensor-server verify --data-dir D      read a store without changing it; exit 1 on problems\n  \
         sensor-server ship --data-dir D ...    ship every sealed segment to the archive, then exit\n  \
-        sensor-server rebuild --data-dir D ... fetch the segments a store lost back from the archive"
+        sensor-server rebuild --data-dir D ... fetch the segments a store lost back from the archive\n  \
+        sensor-server certs --dir D ...        make a CA, a server certificate and sensor certificates"
 )]
 pub struct ServerConfig {
     /// Address for sensor connections; port 0 picks a free port (printed on stdout).
@@ -83,6 +84,31 @@ pub struct ServerConfig {
     /// Log level: error, warn, info, debug, trace or off.
     #[arg(long, default_value = "info", value_parser = crate::parse_log_level)]
     pub log_level: log::LevelFilter,
+
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// TLS on the sensor port (PROTOCOL.md v1.2). SIGHUP re-reads the three files.
+#[derive(Debug, Clone, Args)]
+pub struct TlsArgs {
+    /// Speak TLS on the sensor port with this certificate chain (PEM, leaf first).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Require a client certificate chaining to this CA (PEM); its DNS names are the
+    /// sensor ids the connection may write for (a name ending in * covers a prefix).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Close a connection that has not finished its TLS handshake after this many
+    /// seconds.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..), value_name = "SECS")]
+    pub tls_handshake_timeout: u64,
 }
 
 fn at_least_one_worker(text: &str) -> Result<NonZeroUsize, String> {

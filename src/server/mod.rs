@@ -18,6 +18,7 @@ pub use store::verify::{VerifyReport, verify};
 use crate::server::config::{ArchiveArgs, RebuildConfig, ServerConfig, ShipConfig};
 use crate::server::ingest::completion::{Job, Notifier, completion_channel};
 use crate::server::ingest::event_loop::{EventLoop, Limits, LoopParts, WAKER};
+use crate::server::ingest::tls::TlsFiles;
 use crate::server::ingest::worker::spawn_pool;
 use crate::server::store::committer::{Retention, run_committer};
 use crate::server::store::db::Db;
@@ -51,6 +52,10 @@ pub fn run(config: ServerConfig) -> Result<(), Error> {
     let listen = resolve(&config.listen)?;
     let http_listen = config.http_listen.as_deref().map(resolve).transpose()?;
     let archive_config = archive_config(&config.archive)?;
+    let tls = tls_files(&config)
+        .map(|files| files.load().map(|identity| (files, identity)))
+        .transpose()
+        .map_err(Error::Config)?;
     // Bound before the store is opened: a port that is taken must not leave a new data
     // directory and an empty segment behind.
     let listener = bind(listen)?;
@@ -92,6 +97,7 @@ pub fn run(config: ServerConfig) -> Result<(), Error> {
         db: db.clone(),
         store: store_metrics,
         archive: archive.as_ref().map(|(a, _)| a.metrics.clone()),
+        tls,
     };
     let event_loop = EventLoop::new(parts, limits(&config)).map_err(Error::system("event loop"))?;
     // Returning drops the job senders: the workers finish their queues and exit.
@@ -146,7 +152,18 @@ fn limits(config: &ServerConfig) -> Limits {
         idle_timeout: (config.idle_timeout > 0).then(|| Duration::from_secs(config.idle_timeout)),
         max_line_bytes: config.max_line_bytes as usize,
         http_page: config.http_page,
+        tls_handshake_timeout: Duration::from_secs(config.tls.tls_handshake_timeout),
     }
+}
+
+/// The TLS files the flags name, when `--tls-cert` is given.
+fn tls_files(config: &ServerConfig) -> Option<TlsFiles> {
+    let tls = &config.tls;
+    Some(TlsFiles {
+        cert: tls.tls_cert.clone()?,
+        key: tls.tls_key.clone()?,
+        client_ca: tls.tls_client_ca.clone(),
+    })
 }
 
 /// The worker pool and the committer.

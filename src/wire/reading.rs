@@ -37,6 +37,9 @@ pub enum Verdict<'a> {
     },
     /// A well-formed reading that breaks a rule (`rejected`); `seq` is its raw text.
     Rejected { seq: &'a str, message: String },
+    /// A valid reading for a sensor the connection's client certificate does not name
+    /// (PROTOCOL.md v1.2): `rejected`, with the `reason`.
+    Forbidden { seq: &'a str, reason: String },
     /// Passed every check; `seq_text` is what the reply echoes.
     Valid {
         reading: Reading<'a>,

@@ -55,6 +55,18 @@ pub fn write_reply(out: &mut Vec<u8>, seq: Option<&str>, status: Status, message
     put(out, b"}\n");
 }
 
+/// A `rejected` reply that names its `reason` (PROTOCOL.md v1.2: a sensor the
+/// connection's certificate does not cover); `error` repeats it for readers of v1.1.
+pub fn write_rejected_with_reason(out: &mut Vec<u8>, seq: &str, reason: &str) {
+    put(out, b"{\"seq\":");
+    put(out, seq.as_bytes());
+    put(out, b",\"status\":\"rejected\",\"reason\":");
+    let _ = serde_json::to_writer(&mut *out, reason);
+    put(out, b",\"error\":");
+    let _ = serde_json::to_writer(&mut *out, reason);
+    put(out, b"}\n");
+}
+
 /// A reply as a sensor reads it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Answer {
@@ -122,6 +134,20 @@ fn read_common_reply(line: &[u8]) -> Option<Answer> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_by_certificate_names_its_reason_for_v1_2_and_v1_1_readers() {
+        let mut out = Vec::new();
+        write_rejected_with_reason(&mut out, "17", "not \"pi-2\"");
+        let text = String::from_utf8(out).expect("utf-8");
+        assert_eq!(
+            text,
+            "{\"seq\":17,\"status\":\"rejected\",\"reason\":\"not \\\"pi-2\\\"\",\"error\":\"not \\\"pi-2\\\"\"}\n"
+        );
+        let answer = read_reply(text.trim_end().as_bytes()).expect("a reply");
+        assert_eq!((answer.seq, answer.status), (Some(17), Status::Rejected));
+        assert_eq!(answer.error.as_deref(), Some("not \"pi-2\""));
+    }
 
     #[test]
     fn replies_are_json_lines() {

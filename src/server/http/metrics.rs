@@ -16,6 +16,20 @@ pub(crate) const LATENCY_BUCKETS: &[f64] = &[
     2.5, 5.0,
 ];
 
+/// The reasons a TLS handshake fails for, listed at zero so a dashboard sees them all.
+const TLS_FAILURE_REASONS: [&str; 10] = [
+    "timeout",
+    "not_tls",
+    "unknown_ca",
+    "expired",
+    "not_yet_valid",
+    "no_certificate",
+    "bad_certificate",
+    "peer_alert",
+    "closed",
+    "io",
+];
+
 /// Counters the event loop owns (it also serves `/metrics`, so no sharing is needed).
 pub(crate) struct LoopStats {
     pub connections_total: u64,
@@ -23,6 +37,10 @@ pub(crate) struct LoopStats {
     pub bytes_received: u64,
     /// Replies sent, indexed by `Status as usize`.
     pub readings: [u64; 4],
+    /// TLS handshakes completed on the sensor port.
+    pub tls_handshakes: u64,
+    /// TLS handshakes that failed, by reason (a handful of fixed names).
+    pub tls_failures: Vec<(&'static str, u64)>,
     pub reply_seconds: Histogram,
 }
 
@@ -33,12 +51,22 @@ impl Default for LoopStats {
             connections_refused: 0,
             bytes_received: 0,
             readings: [0; 4],
+            tls_handshakes: 0,
+            tls_failures: TLS_FAILURE_REASONS.iter().map(|&r| (r, 0)).collect(),
             reply_seconds: Histogram::new(LATENCY_BUCKETS),
         }
     }
 }
 
 impl LoopStats {
+    /// Counts a failed TLS handshake.
+    pub(crate) fn tls_failed(&mut self, reason: &'static str) {
+        match self.tls_failures.iter_mut().find(|(r, _)| *r == reason) {
+            Some((_, n)) => *n += 1,
+            None => self.tls_failures.push((reason, 1)),
+        }
+    }
+
     /// Counts `n` replies of `status` to lines that arrived at `since`.
     pub(crate) fn count_replies(&mut self, status: Status, n: u64, since: Instant) {
         if n == 0 {

@@ -30,6 +30,8 @@ pub(crate) struct Figures<'a> {
     pub store: &'a StoreMetrics,
     /// The shipper's figures, when `--archive` is on.
     pub archive: Option<&'a ArchiveMetrics>,
+    /// With `--tls-cert`: when the server certificate in use expires, Unix seconds.
+    pub tls_expires_at: Option<i64>,
 }
 
 /// The complete response to `route`.
@@ -69,6 +71,9 @@ pub(crate) fn sensors_body(db: &Db) -> Vec<u8> {
 fn metrics_text(f: &Figures) -> String {
     let mut e = Exposition::default();
     loop_metrics(&mut e, f);
+    if let Some(expires_at) = f.tls_expires_at {
+        tls_metrics(&mut e, f.loop_stats, expires_at);
+    }
     store_metrics(&mut e, f.store);
     if let Some(archive) = f.archive {
         archive_metrics(&mut e, archive);
@@ -123,6 +128,29 @@ fn loop_metrics(e: &mut Exposition, f: &Figures) {
         "sensorhub_sensors",
         "Sensors with at least one stored reading.",
         f.db.with_sensors(|m| m.len()) as f64,
+    );
+}
+
+/// The sensor port's TLS: handshakes done and failed, and the certificate's expiry.
+fn tls_metrics(e: &mut Exposition, s: &LoopStats, expires_at: i64) {
+    e.counter(
+        "sensorhub_tls_handshakes_total",
+        "TLS handshakes completed on the sensor port.",
+        s.tls_handshakes,
+    );
+    e.labelled_counter(
+        "sensorhub_tls_handshake_failures_total",
+        "TLS handshakes that failed, by reason.",
+        "reason",
+        &s.tls_failures,
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    e.gauge(
+        "sensorhub_tls_certificate_expiry_seconds",
+        "Seconds until the server's TLS certificate expires (negative: expired).",
+        (expires_at - now) as f64,
     );
 }
 

@@ -8,6 +8,7 @@
 //! is not interrupted once per batch.
 
 use crate::server::ingest::slots::ConnId;
+use crate::server::ingest::tls::Grant;
 use crossbeam_channel::{Receiver, Sender};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
@@ -25,6 +26,8 @@ pub(crate) struct Job {
     pub arrived: Instant,
     /// The server's receive time stored with each record, Unix milliseconds.
     pub recv_ms: u64,
+    /// The sensors the connection's client certificate names; `None`: any sensor.
+    pub grant: Option<Arc<Grant>>,
 }
 
 /// The replies to one batch, on their way back to the event loop.

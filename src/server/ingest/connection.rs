@@ -3,6 +3,11 @@
 //! order. The event loop only tells it what happened (`on_readiness`, `deliver`,
 //! `stop_input`) and asks it to move on (`service`); the rest is private.
 //!
+//! With `--tls-cert` the socket is a `Transport::Tls`: the same reads and writes, with
+//! rustls in between. A connection in its handshake is closed at its deadline; once the
+//! handshake is done, the client certificate's names become the connection's `Grant`,
+//! which travels with each batch to the worker that checks every reading against it.
+//!
 //! ## Servicing
 //! A connection is *serviced* whenever something changes for it (readiness, a completed
 //! batch, a free worker queue): write what is owed, hand complete lines to the workers
@@ -27,13 +32,15 @@ use crate::net::{Fill, Outbox, read_some};
 use crate::server::http::metrics::LoopStats;
 use crate::server::ingest::completion::{BufferPool, Completion, Job};
 pub(crate) use crate::server::ingest::slots::ConnId;
+use crate::server::ingest::tls::Grant;
 use crate::server::store::segments::unix_millis;
+use crate::tls::{Transport, failure_reason};
 use crate::wire::framing;
 use crate::wire::reply::{OVERLONG_REPLY, Status};
 use crossbeam_channel::{Sender, TrySendError};
 use mio::event::Event;
 use mio::net::TcpStream;
-use std::net::Shutdown;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// At most this many batches of one connection are with the workers at once.
@@ -109,10 +116,26 @@ pub(crate) enum Next {
     Close,
 }
 
+/// Where a TLS connection is in its handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Handshake {
+    /// Plain TCP, or the handshake is done.
+    Done,
+    /// Closed unless done by `until`; `checks_sensors`: the client certificate's names
+    /// are what the connection may write (`--tls-client-ca`).
+    Pending {
+        until: Instant,
+        checks_sensors: bool,
+    },
+}
+
 /// A sensor connection.
 pub(crate) struct Connection {
-    stream: TcpStream,
+    stream: Transport,
     id: ConnId,
+    handshake: Handshake,
+    /// The sensors the client certificate names; `None`: any sensor.
+    grant: Option<Arc<Grant>>,
     /// Bytes read but not yet handed to a worker: complete lines, then a partial one.
     input: Vec<u8>,
     /// Replies not yet written.
@@ -140,10 +163,17 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    pub(crate) fn new(stream: TcpStream, id: ConnId, now: Instant) -> Connection {
+    pub(crate) fn new(
+        stream: Transport,
+        id: ConnId,
+        now: Instant,
+        handshake: Handshake,
+    ) -> Connection {
         Connection {
             stream,
             id,
+            handshake,
+            grant: None,
             input: Vec::new(),
             output: Outbox::default(),
             // A new socket may already hold data; the first pass finds out.
@@ -162,7 +192,12 @@ impl Connection {
 
     /// The socket, for (de)registering it with the poller.
     pub(crate) fn stream_mut(&mut self) -> &mut TcpStream {
-        &mut self.stream
+        self.stream.tcp_mut()
+    }
+
+    /// Still in its TLS handshake.
+    pub(crate) fn in_handshake(&self) -> bool {
+        matches!(self.handshake, Handshake::Pending { .. })
     }
 
     /// Records the readiness a poller event reports (kept until consumed).
@@ -174,7 +209,9 @@ impl Connection {
         if event.is_read_closed() || error {
             self.read_hup = true;
         }
-        if event.is_writable() || event.is_write_closed() || error {
+        // A TLS read can make room for writes (a handshake step), so it counts as a
+        // writable edge too; a write that then blocks just clears it again.
+        if event.is_writable() || event.is_write_closed() || error || self.stream.is_tls() {
             self.writable = true;
         }
     }
@@ -209,6 +246,9 @@ impl Connection {
         if let Some(until) = self.lingering_until {
             return now >= until;
         }
+        if let Handshake::Pending { until, .. } = self.handshake {
+            return now >= until;
+        }
         if self.in_flight() > 0 || self.unsent() > 0 || has_complete_line(&self.input) {
             self.last_input = now;
             return false;
@@ -235,7 +275,14 @@ impl Connection {
             if budget == 0 {
                 return Next::Again;
             }
-            match self.fill(&mut ctx.scratch) {
+            let filled = self.fill(&mut ctx.scratch);
+            if let Err(e) = &filled
+                && self.in_handshake()
+            {
+                ctx.stats.tls_failed(failure_reason(e).unwrap_or("io"));
+            }
+            self.note_handshake(&mut ctx.stats);
+            match filled {
                 Ok(Fill::Data(n)) => {
                     ctx.stats.bytes_received += n as u64;
                     budget = budget.saturating_sub(n);
@@ -246,6 +293,10 @@ impl Connection {
                     self.input.extend_from_slice(&ctx.scratch[..n]);
                 }
                 Ok(Fill::Eof) => {
+                    if self.in_handshake() {
+                        ctx.stats.tls_failed("closed");
+                        return Next::Close;
+                    }
                     self.peer_closed = true;
                     self.stop_input();
                 }
@@ -254,6 +305,27 @@ impl Connection {
             }
         }
         self.finish_pass(ctx, now)
+    }
+
+    /// Once the handshake is done: counts it and takes the grant from the client
+    /// certificate.
+    fn note_handshake(&mut self, stats: &mut LoopStats) {
+        let Handshake::Pending { checks_sensors, .. } = self.handshake else {
+            return;
+        };
+        if self.stream.handshaking() {
+            return;
+        }
+        self.handshake = Handshake::Done;
+        stats.tls_handshakes += 1;
+        if checks_sensors {
+            // rustls verified the chain; a certificate naming no sensor grants nothing.
+            let grant = match self.stream.peer_certificates().and_then(|c| c.first()) {
+                Some(cert) => Grant::of(cert),
+                None => Grant::default(),
+            };
+            self.grant = Some(Arc::new(grant));
+        }
     }
 
     /// After reading: the over-long reply once it is due, a flush, and the end of the
@@ -279,7 +351,7 @@ impl Connection {
         }
         // Everything owed is written: end our side. A peer that already sent EOF is
         // done; otherwise drain its input until it closes too.
-        let _ = self.stream.shutdown(Shutdown::Write);
+        self.stream.shutdown_write();
         if self.peer_closed {
             return Next::Close;
         }
@@ -292,8 +364,9 @@ impl Connection {
         self.batches_sent - self.reorder.next()
     }
 
+    /// Reply bytes not yet on the socket (TLS records rustls holds count as one).
     fn unsent(&self) -> usize {
-        self.output.unsent()
+        self.output.unsent() + usize::from(self.stream.has_pending_records())
     }
 
     fn may_read(&self) -> bool {
@@ -332,6 +405,7 @@ impl Connection {
                 lines,
                 arrived: now,
                 recv_ms: unix_millis(),
+                grant: self.grant.clone(),
             };
             let queue = &ctx.jobs[self.id.index % ctx.jobs.len()];
             match queue.try_send(job) {
@@ -357,7 +431,9 @@ impl Connection {
     }
 
     fn fill(&mut self, buf: &mut [u8]) -> std::io::Result<Fill> {
-        read_some(&mut self.stream, buf, &mut self.readable, self.read_hup)
+        // A short TLS read does not prove the socket drained: read until it blocks.
+        let keep_reading = self.read_hup || self.stream.is_tls();
+        read_some(&mut self.stream, buf, &mut self.readable, keep_reading)
     }
 
     /// Writes what the socket takes; once all is written the buffer goes back to

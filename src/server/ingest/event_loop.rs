@@ -15,10 +15,12 @@ use crate::server::http::pages::{self, Figures};
 use crate::server::http::port::{HttpPort, Route};
 use crate::server::ingest::accept::{self, Reserve, Shed};
 use crate::server::ingest::completion::{BufferPool, Completions, Job};
-use crate::server::ingest::connection::{Connection, Context, Next};
+use crate::server::ingest::connection::{Connection, Context, Handshake, Next};
 use crate::server::ingest::slots::{ConnId, Port, Slots};
+use crate::server::ingest::tls::{Identity, TlsFiles};
 use crate::server::store::db::Db;
 use crate::server::store::segments::StoreMetrics;
+use crate::tls::{TlsStream, Transport};
 use crate::wire::reply::{BUSY_REPLY, Status};
 use crossbeam_channel::Sender;
 use log::{debug, info, warn};
@@ -56,6 +58,8 @@ pub(crate) struct Limits {
     pub max_line_bytes: usize,
     /// Serve the page at `/` on the HTTP port (`--http-page`).
     pub http_page: bool,
+    /// A connection's TLS handshake must be done this long after it was accepted.
+    pub tls_handshake_timeout: Duration,
 }
 
 /// What the loop is built from; the `Poll`'s registry must already hold the completion
@@ -70,6 +74,8 @@ pub(crate) struct LoopParts {
     pub store: Arc<StoreMetrics>,
     /// The shipper's figures, when `--archive` is on.
     pub archive: Option<Arc<ArchiveMetrics>>,
+    /// `--tls-cert`: the files (re-read on SIGHUP) and what they gave.
+    pub tls: Option<(TlsFiles, Identity)>,
 }
 
 pub(crate) struct EventLoop {
@@ -87,6 +93,8 @@ pub(crate) struct EventLoop {
     max_connections: usize,
     idle_timeout: Option<Duration>,
     http_page: bool,
+    tls: Option<(TlsFiles, Identity)>,
+    tls_handshake_timeout: Duration,
     /// Connections to service again this pass (their read budget ran out).
     ready: VecDeque<ConnId>,
     /// Connections waiting for room in their worker's queue.
@@ -115,6 +123,7 @@ impl EventLoop {
             db,
             store,
             archive,
+            tls,
         } = parts;
         let registry = poll.registry();
         registry.register(&mut listener, LISTENER, Interest::READABLE)?;
@@ -122,8 +131,8 @@ impl EventLoop {
         if let Some(l) = http.as_mut().and_then(HttpPort::listener_mut) {
             registry.register(l, HTTP_LISTENER, Interest::READABLE)?;
         }
-        let mut signals =
-            Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])?;
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
         registry.register(&mut signals, SIGNALS, Interest::READABLE)?;
         let now = Instant::now();
         Ok(EventLoop {
@@ -146,6 +155,8 @@ impl EventLoop {
             max_connections: limits.max_connections,
             idle_timeout: limits.idle_timeout,
             http_page: limits.http_page,
+            tls,
+            tls_handshake_timeout: limits.tls_handshake_timeout,
             ready: VecDeque::new(),
             queue_waiters: Vec::new(),
             touched: Vec::new(),
@@ -314,14 +325,29 @@ impl EventLoop {
     fn admit(&mut self, mut stream: TcpStream, now: Instant) {
         let _ = stream.set_nodelay(true);
         let registry = self.poll.registry();
+        let tls = self.tls.as_ref().map(|(_, identity)| identity);
+        let handshake_until = now + self.tls_handshake_timeout;
         let admitted = self.conns.insert_with(|id| {
             let interest = Interest::READABLE | Interest::WRITABLE;
             registry.register(&mut stream, id.token(Port::Sensor), interest)?;
             debug!("connection {id:?} from {:?}", stream.peer_addr());
-            Ok::<_, io::Error>(Connection::new(stream, id, now))
+            let (transport, handshake) = match tls {
+                None => (Transport::Plain(stream), Handshake::Done),
+                Some(identity) => {
+                    let session = rustls::ServerConnection::new(identity.config.clone())
+                        .map_err(io::Error::other)?;
+                    let handshake = Handshake::Pending {
+                        until: handshake_until,
+                        checks_sensors: identity.checks_sensors,
+                    };
+                    let tls = TlsStream::new(stream, session);
+                    (Transport::Tls(Box::new(tls)), handshake)
+                }
+            };
+            Ok::<_, io::Error>(Connection::new(transport, id, now, handshake))
         });
         if let Err(e) = admitted {
-            warn!("register connection: {e}");
+            warn!("admit connection: {e}");
         }
     }
 
@@ -342,6 +368,7 @@ impl EventLoop {
             db: &self.db,
             store: &self.store,
             archive: self.archive.as_deref(),
+            tls_expires_at: self.tls.as_ref().map(|(_, identity)| identity.expires_at),
         };
         if let Some(http) = &mut self.http {
             let render = |route: Route| pages::render(route, &figures);
@@ -372,7 +399,17 @@ impl EventLoop {
     }
 
     fn on_signals(&mut self) {
-        if self.signals.pending().count() == 0 {
+        let (mut stop, mut reload) = (false, false);
+        for signal in self.signals.pending() {
+            match signal {
+                signal_hook::consts::SIGHUP => reload = true,
+                _ => stop = true,
+            }
+        }
+        if reload {
+            self.reload_tls();
+        }
+        if !stop {
             return;
         }
         let now = Instant::now();
@@ -400,6 +437,22 @@ impl EventLoop {
         }
     }
 
+    /// SIGHUP: new connections get the files as they are now; open ones keep their
+    /// session; files that do not load leave the ones in use.
+    fn reload_tls(&mut self) {
+        let Some((files, identity)) = &mut self.tls else {
+            info!("SIGHUP: no TLS files to re-read (no --tls-cert)");
+            return;
+        };
+        match files.load() {
+            Ok(loaded) => {
+                *identity = loaded;
+                info!("SIGHUP: TLS certificate, key and CA re-read; new connections use them");
+            }
+            Err(e) => warn!("SIGHUP: {e}; the TLS files loaded before stay in use"),
+        }
+    }
+
     fn tick(&mut self, now: Instant) {
         self.next_tick = now + TICK;
         self.drain_completions();
@@ -414,6 +467,10 @@ impl EventLoop {
             .filter_map(|(id, conn)| conn.expired(now, idle_timeout).then_some(id))
             .collect();
         for id in expired {
+            if self.conns.get_mut(id).is_some_and(|c| c.in_handshake()) {
+                debug!("connection {id:?}: TLS handshake not done in time, closing");
+                self.ctx.stats.tls_failed("timeout");
+            }
             debug!("connection {id:?} idle or done lingering, closing");
             self.close(id);
         }

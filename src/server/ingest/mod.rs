@@ -6,4 +6,5 @@ pub(super) mod completion;
 pub(super) mod connection;
 pub(super) mod event_loop;
 pub(super) mod slots;
+pub(super) mod tls;
 pub(super) mod worker;

@@ -7,13 +7,14 @@
 //! whatever batches queued up meanwhile as one *group*, decided under one lock.
 
 use crate::server::ingest::completion::{BufferPool, Completion, Job, Notifier};
+use crate::server::ingest::tls::Grant;
 use crate::server::store::db::Db;
 use crate::server::store::ledger::Applied;
 use crate::wire::framing;
 use crate::wire::line::{is_blank, parse_line};
 use crate::wire::reading::{Reading, Verdict};
 use crate::wire::record::RecvStamp;
-use crate::wire::reply::{Status, write_reply};
+use crate::wire::reply::{Status, write_rejected_with_reason, write_reply};
 use crossbeam_channel::Receiver;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -88,7 +89,8 @@ impl Worker {
         for job in jobs.iter() {
             let start = all.len();
             let lines = framing::lines(&job.lines).filter(|line| !is_blank(line));
-            all.extend(lines.map(parse_line));
+            let grant = job.grant.as_deref();
+            all.extend(lines.map(|line| authorize(parse_line(line), grant)));
             let needs_ledger = all[start..]
                 .iter()
                 .any(|v| matches!(v, Verdict::Valid { .. }));
@@ -129,6 +131,23 @@ impl Worker {
         for job in jobs.drain(..) {
             spare.give(job.lines);
         }
+    }
+}
+
+/// A valid reading for a sensor `grant` (the connection's certificate) does not name
+/// becomes `Forbidden`; without a grant every sensor is allowed.
+fn authorize<'a>(verdict: Verdict<'a>, grant: Option<&Grant>) -> Verdict<'a> {
+    match (verdict, grant) {
+        (Verdict::Valid { reading, seq_text }, Some(grant)) if !grant.covers(&reading.sensor) => {
+            Verdict::Forbidden {
+                seq: seq_text,
+                reason: format!(
+                    "this connection's client certificate does not name sensor {}",
+                    reading.sensor
+                ),
+            }
+        }
+        (verdict, _) => verdict,
     }
 }
 
@@ -174,6 +193,10 @@ fn write_replies(
             }
             Verdict::Rejected { seq, message } => {
                 write_reply(out, Some(seq), Status::Rejected, Some(message));
+                Status::Rejected
+            }
+            Verdict::Forbidden { seq, reason } => {
+                write_rejected_with_reason(out, seq, reason);
                 Status::Rejected
             }
             Verdict::Valid { reading, seq_text } => match decide(reading) {

@@ -247,6 +247,7 @@ mod tests {
             lines: Vec::new(),
             arrived: Instant::now(),
             recv_ms: 0,
+            grant: None,
         };
         Completion::for_job(&job, Vec::new())
     }
