@@ -25,6 +25,34 @@ while [[ $# -gt 0 ]]; do
 done
 
 for arch in "${arches[@]}"; do rustup target add "${targets[$arch]}" >/dev/null; done
+
+# ring (rustls' crypto) compiles C and assembly for the target, so each musl target
+# needs a C compiler. zig is one for every target, pinned from PyPI into a cache, so
+# the build needs no distribution's cross toolchain and does not depend on which one a
+# machine has. cc-rs passes a Rust-style --target, which zig does not parse: the
+# wrappers drop it and name zig's own.
+zig_version=0.15.2
+zig_venv=${XDG_CACHE_HOME:-$HOME/.cache}/sensorhub-zig/$zig_version
+if ! "$zig_venv/bin/python" -m ziglang version >/dev/null 2>&1; then
+  python3 -m venv "$zig_venv"
+  "$zig_venv/bin/pip" install --quiet "ziglang==$zig_version"
+fi
+wrappers=$PWD/target/zig-cc
+mkdir -p "$wrappers"
+printf '#!/bin/sh\nexec "%s/bin/python" -m ziglang ar "$@"\n' "$zig_venv" > "$wrappers/ar"
+for arch in "${arches[@]}"; do
+  cat > "$wrappers/cc-$arch" <<WRAPPER
+#!/bin/sh
+for arg; do
+  shift
+  case \$arg in --target=*) ;; *) set -- "\$@" "\$arg" ;; esac
+done
+exec "$zig_venv/bin/python" -m ziglang cc -target $arch-linux-musl "\$@"
+WRAPPER
+  chmod +x "$wrappers/cc-$arch" "$wrappers/ar"
+  target_env=${targets[$arch]//-/_}
+  export "CC_$target_env=$wrappers/cc-$arch" "AR_$target_env=$wrappers/ar"
+done
 # Reproducible wherever it is built: no build-machine path in the binaries (the clone's
 # directory, the cargo home); nothing else machine- or time-dependent is embedded.
 export RUSTFLAGS="${RUSTFLAGS:-} --remap-path-prefix=$PWD=/build/sensorhub --remap-path-prefix=${CARGO_HOME:-$HOME/.cargo}=/build/cargo"
