@@ -18,13 +18,20 @@
 #                              sustained at fsync never and always, readings/s and RSS
 #                              every 5 s, (f) server CPU per million readings at a fixed
 #                              offered rate, sensorhub and the tokio reference
+#   benches/run.sh --tls       TLS against plain TCP instead (about 6 minutes): (g) 64 x 32
+#                              and (h) 1000 x 1, sensorhub plain and TLS (client
+#                              certificates, each reading checked against its names) and
+#                              the tokio-rustls reference; (i) new connections per second
+#                              with full handshakes (openssl s_time); (j) memory per idle
+#                              TLS connection at 9,000 connections
 #   ROUNDS=5 benches/run.sh    more rounds
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-smoke=false pipeline=false
+smoke=false pipeline=false tls=false
 [[ "${1:-}" == "--smoke" ]] && smoke=true
 [[ "${1:-}" == "--pipeline" ]] && pipeline=true
+[[ "${1:-}" == "--tls" ]] && tls=true
 if $smoke; then secs=1; c_conns=1000; c_secs=4; rounds=1; else secs=5; c_conns=15000; c_secs=20; rounds=${ROUNDS:-3}; fi
 
 cargo build --release --quiet --bin sensor-server --bin sensor-client --example baseline-server \
@@ -47,8 +54,9 @@ start_server() {
   DIR=$dir
   out="$dir.out"
   mkdir -p "$dir"
-  if [[ $name == sensorhub || $name == musl || $name == retain* ]]; then
+  if [[ $name == sensorhub || $name == musl || $name == retain* || $name == tls ]]; then
     local server=$bin/sensor-server extra=()
+    [[ $name == tls ]] && extra=("${tls_server_args[@]}")
     [[ $name == musl ]] && server=$musl
     # (d): shipping to the local S3, retention deleting each shipped segment (retain0)
     # or never (retainall).
@@ -59,6 +67,8 @@ start_server() {
       >"$out" 2>"$dir.err" &
   elif [[ $name == tokio ]]; then
     "$bin/examples/tokio-reference" --listen 127.0.0.1:0 >"$out" 2>"$dir.err" &
+  elif [[ $name == tokiotls ]]; then
+    "$bin/examples/tokio-reference" --listen 127.0.0.1:0 "${tls_server_args[@]}" >"$out" 2>"$dir.err" &
   else
     "$bin/examples/baseline-server" --listen 127.0.0.1:0 --data-dir "$dir" --fsync "$fsync" \
       >"$out" 2>"$dir.err" &
@@ -115,8 +125,9 @@ cpu_seconds() { awk -v t="$tick" '{ print ($14 + $15) / t }' "/proc/$1/stat"; }
 bench() {
   local name=$1 fsync=$2 conns=$3 window=$4 line cpu
   start_server "$name" "$fsync"
+  # shellcheck disable=SC2046 # client_tls's flags
   line=$("$bin/sensor-client" --server "127.0.0.1:$PORT" --sensors "$conns" --connections "$conns" \
-    --window "$window" --bench --duration "$secs" --log-level error | grep '^bench:' || true)
+    --window "$window" --bench --duration "$secs" --log-level error $(client_tls "$name") | grep '^bench:' || true)
   cpu=$(cpu_seconds "$PID")
   local retired=""
   [[ $name == retain* ]] && retired="  retired $(metric sensorhub_store_segments_retired_total) shipped $(metric sensorhub_archive_segments_shipped_total)"
@@ -127,6 +138,12 @@ bench() {
   printf '%-10s fsync %-6s %5d conns x window %-3d %10s readings/s  p50 %7s ms  p99 %7s ms  p99.9 %7s ms  cpu %5s s/M%s\n' \
     "$name" "$fsync" "$conns" "$window" "${RATE:-FAILED}" "$(field p50 "$line")" "${P99:-?}" \
     "$(field p99.9 "$line")" "$CPU" "$retired"
+}
+
+# client_tls NAME: the client's TLS flags for a TLS server (word-split on purpose: the
+# paths are mktemp's, without spaces)
+client_tls() {
+  if [[ $1 == tls || $1 == tokiotls ]]; then echo "${tls_client_args[*]}"; fi
 }
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "n/a" }'; }
@@ -155,6 +172,51 @@ rounds() {
 }
 
 echo "== machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r); server and driver share the cores"
+
+if $tls; then
+  pki=$work/pki
+  "$bin/sensor-server" certs --dir "$pki" --server 127.0.0.1 --sensor 'sim-*' >/dev/null
+  tls_server_args=(--tls-cert "$pki/server.pem" --tls-key "$pki/server.key" --tls-client-ca "$pki/ca.pem")
+  tls_client_args=(--tls-ca "$pki/ca.pem" --tls-cert "$pki/sensor-sim-_all.pem" --tls-key "$pki/sensor-sim-_all.key")
+  echo "== (g) 64 connections x window 32, ${secs}s each, median of $rounds rounds: plain and TLS"
+  rounds 64 32 "sensorhub never" "tls never" "tokio none" "tokiotls none"
+  # shellcheck disable=SC2154
+  echo "   TLS / plain: sensorhub $(ratio "$RATE_tls_never" "$RATE_sensorhub_never"), tokio reference $(ratio "$RATE_tokiotls_none" "$RATE_tokio_none"); sensorhub TLS / tokio-rustls: $(ratio "$RATE_tls_never" "$RATE_tokiotls_none")"
+  echo "== (h) 1000 connections x window 1, ${secs}s each, median of $rounds rounds: plain and TLS"
+  rounds 1000 1 "sensorhub always" "tls always" "tokiotls none"
+  # shellcheck disable=SC2154
+  echo "   TLS / plain: sensorhub $(ratio "$RATE_tls_always" "$RATE_sensorhub_always"); sensorhub TLS / tokio-rustls: $(ratio "$RATE_tls_always" "$RATE_tokiotls_none")"
+  echo "== (i) new connections per second, each a full handshake with a client certificate (openssl s_time -new, ${secs}s)"
+  for name in tls tokiotls; do
+    start_server "$name" never
+    # "N connections in T real seconds": full handshakes (-new) per wall-clock second
+    per_sec=$(openssl s_time -connect "127.0.0.1:$PORT" -new -time "$secs" -CAfile "$pki/ca.pem" \
+      -cert "$pki/sensor-sim-_all.pem" -key "$pki/sensor-sim-_all.key" 2>/dev/null \
+      | awk '/connections in .* real seconds/ { printf "%.0f", $1 / $4 }')
+    cpu=$(cpu_seconds "$PID")
+    done_hs=""
+    [[ $name == tls ]] && done_hs=" (server counted $(metric sensorhub_tls_handshakes_total) handshakes)"
+    stop_server
+    printf '%-10s %6s handshakes/s; server CPU %.2f s%s\n' "$name" "${per_sec:-?}" "$cpu" "$done_hs"
+  done
+  echo "== (j) 9000 idle connections (one reading per 10 s each), RSS per connection, ${c_secs}s"
+  for name in sensorhub tls; do
+    start_server "$name" never
+    idle=$(rss_kib "$PID")
+    # shellcheck disable=SC2046 # client_tls's flags
+    "$bin/sensor-client" --server "127.0.0.1:$PORT" --sensors 9000 --connections 9000 \
+      --interval-ms 10000 --duration "$c_secs" --log-level error $(client_tls "$name") >"$work/j-$name.txt" 2>&1 &
+    client=$!
+    sleep $((c_secs - 2))   # a measurement point inside the run, not a synchronisation
+    loaded=$(rss_kib "$PID")
+    open=$(metric sensorhub_connections_open)
+    wait "$client" || true
+    stop_server
+    printf '%-10s RSS idle %6d KiB, with %5s connections open %7d KiB = %5s KiB per connection\n' "$name" "$idle" \
+      "$open" "$loaded" "$(awk -v a="$loaded" -v b="$idle" -v n="$open" 'BEGIN { if (n > 0) printf "%.2f", (a - b) / n; else print "?" }')"
+  done
+  exit 0
+fi
 
 if $pipeline; then
   venv=${SENSORHUB_TEST_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/sensorhub-test-venv}
