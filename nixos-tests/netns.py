@@ -119,11 +119,32 @@ class Clients:
 
     interval_ms = INTERVAL_MS
 
-    def __init__(self, bin_dir, work, target):
+    def __init__(self, bin_dir, work, target, tls=False):
         self.bin = bin_dir
         self.work = work
         self.target = target
         self.clients = {}
+        # --tls: the server requires client certificates naming each sensor, made here
+        # with `sensor-server certs` (the path the README gives a user).
+        self.tls = tls
+        self.pki = work / "pki"
+        if tls:
+            ids = [arg for s in TOPOLOGY["sensors"].values() for arg in ("--sensor", s["sensor"])]
+            subprocess.run([str(bin_dir / "sensor-server"), "certs", "--dir", str(self.pki),
+                            "--server", target, *ids], check=True, stdout=subprocess.DEVNULL)
+
+    def server_tls_args(self):
+        if not self.tls:
+            return []
+        return ["--tls-cert", str(self.pki / "server.pem"), "--tls-key", str(self.pki / "server.key"),
+                "--tls-client-ca", str(self.pki / "ca.pem")]
+
+    def client_tls_args(self, sensor):
+        if not self.tls:
+            return []
+        return ["--tls-ca", str(self.pki / "ca.pem"),
+                "--tls-cert", str(self.pki / f"sensor-{sensor}.pem"),
+                "--tls-key", str(self.pki / f"sensor-{sensor}.key")]
 
     def start_client(self, name):
         sensor = TOPOLOGY["sensors"][name]
@@ -131,7 +152,8 @@ class Clients:
             name, [str(self.bin / "sensor-client"), "--server", f"{self.target}:{SENSOR_PORT}",
                    "--sensor", sensor["sensor"], "--kind", sensor["kind"],
                    "--interval-ms", str(INTERVAL_MS),
-                   "--record", str(self.work / f"{name}.answers")],
+                   "--record", str(self.work / f"{name}.answers"),
+                   *self.client_tls_args(sensor["sensor"])],
             open(self.work / f"{name}.out", "w"), open(self.work / f"{name}.log", "w"))
 
     def stop_client(self, name):
@@ -155,9 +177,9 @@ class Namespaces(Clients):
     """scenario.run's driver interface over the namespaces of topology.json's
     "topology"."""
 
-    def __init__(self, bin_dir, work):
+    def __init__(self, bin_dir, work, tls=False):
         server = TOPOLOGY["topology"]["hosts"]["server"]["address"]
-        super().__init__(bin_dir, work, server)
+        super().__init__(bin_dir, work, server, tls)
         self.server = None
 
     def http(self, path):
@@ -167,7 +189,8 @@ class Namespaces(Clients):
         log = open(self.work / "server.log", "a")
         self.server = spawn("server", [
             str(self.bin / "sensor-server"), "--listen", f"0.0.0.0:{SENSOR_PORT}",
-            "--http-listen", f"127.0.0.1:{HTTP_PORT}", "--data-dir", str(self.work / "data")],
+            "--http-listen", f"127.0.0.1:{HTTP_PORT}", "--data-dir", str(self.work / "data"),
+            *self.server_tls_args()],
             log)
 
     def crash_server(self):
@@ -285,14 +308,19 @@ def main():
     parser.add_argument("--bin", type=Path, default=HERE.parent / "dist" / "x86_64")
     parser.add_argument("--fleet", action="store_true",
                         help="two servers behind HAProxy, archiving to a local S3")
+    parser.add_argument("--tls", action="store_true",
+                        help="the topology with TLS and a client certificate per sensor")
     args = parser.parse_args()
+    if args.tls and args.fleet:
+        parser.error("--tls runs the topology scenario (the fleet's TLS is not built yet)")
 
     if os.environ.get(SANDBOX_MARK) != "1":
         if os.geteuid() != 0:
             sys.exit("netns.py must run as root (it creates network namespaces)")
         env = dict(os.environ, **{SANDBOX_MARK: "1"})
         command = ["unshare", "--net", "--mount", "--", sys.executable, __file__,
-                   "--bin", str(args.bin.resolve()), *(["--fleet"] if args.fleet else [])]
+                   "--bin", str(args.bin.resolve()), *(["--fleet"] if args.fleet else []),
+                   *(["--tls"] if args.tls else [])]
         sys.exit(subprocess.run(command, env=env).returncode)
 
     # Inside the sandbox: a private /run/netns, so `ip netns add` stays in here.
@@ -308,7 +336,7 @@ def main():
 
     name = "fleet" if args.fleet else "topology"
     with tempfile.TemporaryDirectory(prefix=f"sensorhub-netns-{name}-") as work:
-        driver = (Fleet if args.fleet else Namespaces)(args.bin, Path(work))
+        driver = Fleet(args.bin, Path(work)) if args.fleet else Namespaces(args.bin, Path(work), args.tls)
         run = scenario.run_fleet if args.fleet else scenario.run
         try:
             build_topology(TOPOLOGY[name])
@@ -319,7 +347,7 @@ def main():
             raise
         finally:
             driver.kill_all()
-    print(f"netns {name}: passed")
+    print(f"netns {name}{' with TLS' if args.tls else ''}: passed")
     for line in verdict:
         print("  " + line)
 

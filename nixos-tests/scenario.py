@@ -165,6 +165,16 @@ def cut_client(d):
 
 def hostile_peer(d):
     before = {c: count(d, c) for c in CLIENTS}
+    if getattr(d, "tls", False):
+        # Plain bytes to the TLS port: closed in the handshake, never answered.
+        replies = d.exchange("client2", b"this is garbage\n" + b"x" * 20000, 10)
+        assert b'"status"' not in replies, f"a plain peer got a reply: {replies!r}"
+        assert "hostile" not in sensors(d)
+        for c in CLIENTS:
+            wait_for(f"{c} to be unaffected", lambda c=c: count(d, c) > before[c])
+        assert metric(d, 'sensorhub_tls_handshake_failures_total{reason="not_tls"}') >= 1
+        return ("hostile peer: plain bytes to the TLS port closed without a reply "
+                "(counted not_tls), both sensors unaffected")
     replies = d.exchange("client2", b"this is garbage\n" + b"x" * 20000, 10).decode()
     lines = replies.splitlines()
     assert len(lines) == 2, f"expected two replies, got {replies!r}"
