@@ -221,10 +221,12 @@ class Namespaces(Clients):
 class Fleet(Clients):
     """scenario.run_fleet's driver interface over topology.json's "fleet"."""
 
-    def __init__(self, bin_dir, work):
+    def __init__(self, bin_dir, work, tls=False):
         self.layout = TOPOLOGY["fleet"]
         hosts = self.layout["hosts"]
-        super().__init__(bin_dir, work, hosts["balancer"]["address"])
+        # The balancer passes TCP through, so TLS runs end to end: the sensors verify the
+        # name they dial (the balancer's address) on whichever server answers.
+        super().__init__(bin_dir, work, hosts["balancer"]["address"], tls)
         self.s3_url = f"http://{hosts['s3']['address']}:{TOPOLOGY['s3_port']}"
         self.servers = {}
         self.others = []
@@ -272,7 +274,8 @@ class Fleet(Clients):
             "--archive", f"s3://{self.layout['bucket']}/{self.layout['prefix']}",
             "--archive-endpoint", self.s3_url, "--host-id", name,
             "--segment-max-age", str(self.layout["segment_max_age"]),
-            "--archive-stop-timeout", str(self.layout["archive_stop_timeout"])],
+            "--archive-stop-timeout", str(self.layout["archive_stop_timeout"]),
+            *self.server_tls_args()],
             open(self.work / f"{name}.log", "a"), env=dict(os.environ, **AWS_ENV))
 
     def crash_server(self, name):
@@ -309,10 +312,8 @@ def main():
     parser.add_argument("--fleet", action="store_true",
                         help="two servers behind HAProxy, archiving to a local S3")
     parser.add_argument("--tls", action="store_true",
-                        help="the topology with TLS and a client certificate per sensor")
+                        help="TLS on every sensor port, a client certificate per sensor")
     args = parser.parse_args()
-    if args.tls and args.fleet:
-        parser.error("--tls runs the topology scenario (the fleet's TLS is not built yet)")
 
     if os.environ.get(SANDBOX_MARK) != "1":
         if os.geteuid() != 0:
@@ -336,7 +337,7 @@ def main():
 
     name = "fleet" if args.fleet else "topology"
     with tempfile.TemporaryDirectory(prefix=f"sensorhub-netns-{name}-") as work:
-        driver = Fleet(args.bin, Path(work)) if args.fleet else Namespaces(args.bin, Path(work), args.tls)
+        driver = (Fleet if args.fleet else Namespaces)(args.bin, Path(work), args.tls)
         run = scenario.run_fleet if args.fleet else scenario.run
         try:
             build_topology(TOPOLOGY[name])
