@@ -437,6 +437,10 @@ fn sensor_client_speaks_tls_and_says_which_file_is_wrong() {
         "a server that cannot prove the name"
     );
     assert!(stderr.contains("not valid for name"), "{stderr}");
+    assert!(
+        stderr.contains("check --tls-ca and --tls-server-name"),
+        "a hint: {stderr}"
+    );
     assert_eq!(server.stored().len(), 20, "nothing more stored");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -81,6 +81,8 @@ pub struct Client {
     feed: Option<Feed>,
     /// `--tls-ca`: connections speak TLS with this configuration, to this name.
     tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+    /// TLS failures already explained (`explain_tls_failure`).
+    tls_warned: Vec<&'static str>,
     /// Sensors by due time; all share one interval, so a FIFO stays sorted.
     due: VecDeque<(Instant, usize)>,
     /// Links waiting to reconnect, earliest first.
@@ -160,6 +162,7 @@ impl Client {
             links,
             feed,
             tls,
+            tls_warned: Vec::new(),
             due,
             generated: 0,
             generating: true,
@@ -584,10 +587,34 @@ impl Client {
         let received = link.receive(|link, line| self.answer(link, line, now));
         self.links[i] = link;
         if let Err(e) = received {
+            self.explain_tls_failure(&e);
             return self.lose(i, now, &e);
         }
         // Replies made room: refill (bench) and send on the next pass.
         self.touch(i);
+    }
+
+    /// A TLS failure that retrying will not cure by itself gets a warning saying what to
+    /// check, once per kind of failure (the reconnects that follow log at info).
+    fn explain_tls_failure(&mut self, e: &io::Error) {
+        let Some(reason) = crate::tls::failure_reason(e) else {
+            return;
+        };
+        let hint = match reason {
+            "unknown_ca" | "bad_certificate" | "expired" | "not_yet_valid" => {
+                "the server's certificate is not trusted: check --tls-ca and --tls-server-name"
+            }
+            "peer_alert" => {
+                "the server refused this client: check that --tls-cert comes from the CA the \
+                 server trusts and is still valid"
+            }
+            "not_tls" => "the server does not speak TLS on this port (drop --tls-ca?)",
+            _ => return,
+        };
+        if !self.tls_warned.contains(&reason) {
+            self.tls_warned.push(reason);
+            warn!("{e}: {hint}; retrying until --give-up-after");
+        }
     }
 
     /// Encodes what the window allows and writes what the socket takes.
