@@ -9,7 +9,7 @@ use sensorhub::wire::json;
 use sensorhub::wire::line::parse_line;
 use sensorhub::wire::reading::Verdict;
 use sensorhub::wire::record::{RecvStamp, encode_record};
-use sensorhub::wire::reply::{Status, write_reply};
+use sensorhub::wire::reply::{Status, write_rejected_with_reason, write_reply};
 
 /// The bytes a verdict puts on the wire and in the store.
 fn output(verdict: &Verdict) -> (Vec<u8>, Vec<u8>) {
@@ -21,6 +21,9 @@ fn output(verdict: &Verdict) -> (Vec<u8>, Vec<u8>) {
         Verdict::Rejected { seq, message } => {
             write_reply(&mut reply, Some(seq), Status::Rejected, Some(message))
         }
+        // Only the worker's certificate check forbids; the parsers never do, and both
+        // would have to agree on it anyway.
+        Verdict::Forbidden { seq, reason } => write_rejected_with_reason(&mut reply, seq, reason),
         Verdict::Valid { reading, seq_text } => {
             write_reply(&mut reply, Some(seq_text), Status::Ok, None);
             encode_record(&mut record, reading, &RecvStamp::new(1_764_230_400_123));
