@@ -8,15 +8,13 @@
 //! `sensor-ID.pem`/`sensor-ID.key` (a `*` in ID is written `_all`). Each is replaced
 //! atomically (a server re-reading on SIGHUP never sees half a file); keys are 0600.
 
-use crate::disk::sync_dir;
+use crate::disk::write_atomically_with_mode;
 use clap::Parser;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use time::{Duration, OffsetDateTime};
 
@@ -73,7 +71,6 @@ pub fn make(config: &CertsConfig) -> Result<Vec<PathBuf>, String> {
         let params = sensor_params(&ids, days)?;
         issue(dir, &name, params, &ca, &mut written)?;
     }
-    sync_dir(dir).map_err(|e| format!("--dir {}: {e}", dir.display()))?;
     Ok(written)
 }
 
@@ -173,24 +170,13 @@ fn write_pair(
     written: &mut Vec<PathBuf>,
 ) -> Result<(), String> {
     for (ext, text, mode) in [("key", key, 0o600), ("pem", cert, 0o644)] {
-        let path = dir.join(format!("{file}.{ext}"));
-        replace(&path, text.as_bytes(), mode).map_err(|e| format!("{}: {e}", path.display()))?;
+        let name = format!("{file}.{ext}");
+        let path = dir.join(&name);
+        write_atomically_with_mode(dir, &name, text.as_bytes(), mode)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         written.push(path);
     }
     Ok(())
-}
-
-fn replace(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    fs::rename(&tmp, path)
 }
 
 /// A sensor id, or a prefix of ids ending in `*`.

@@ -4,24 +4,48 @@
 
 use std::fs::{self, File};
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// Replaces `dir/name` with `bytes` so that a crash leaves the old or the new content,
 /// never a mix: a synced temporary file renamed over it, then the directory synced.
 pub(crate) fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
-    let tmp = write_synced_tmp(dir, name, bytes)?;
+    write_atomically_with_mode(dir, name, bytes, DEFAULT_MODE)
+}
+
+/// `write_atomically` creating the file with permissions `mode` (a private key: 0o600).
+pub(crate) fn write_atomically_with_mode(
+    dir: &Path,
+    name: &str,
+    bytes: &[u8],
+    mode: u32,
+) -> io::Result<()> {
+    let tmp = synced_tmp(dir, name, bytes, mode)?;
     fs::rename(&tmp, dir.join(name))?;
     sync_dir(dir)
 }
 
+/// What `File::create` asks for (the umask then applies).
+const DEFAULT_MODE: u32 = 0o666;
+
 /// `dir/name.tmp` holding `bytes`, synced; removed again when that fails (a full disk
 /// must not be left with empty temporary files).
 pub(crate) fn write_synced_tmp(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<PathBuf> {
+    synced_tmp(dir, name, bytes, DEFAULT_MODE)
+}
+
+fn synced_tmp(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> io::Result<PathBuf> {
     let tmp = dir.join(format!("{name}.tmp"));
-    let written = File::create(&tmp).and_then(|mut file| {
-        file.write_all(bytes)?;
-        file.sync_all()
-    });
+    let written = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .and_then(|mut file| {
+            file.write_all(bytes)?;
+            file.sync_all()
+        });
     match written {
         Ok(()) => Ok(tmp),
         Err(e) => {

@@ -18,7 +18,7 @@
 //! `DIR` is locked (`flock`) while a client uses it: two clients appending to one spool
 //! would interleave their seqs.
 
-use crate::disk::{sync_dir, write_atomically};
+use crate::disk::write_atomically;
 use log::warn;
 use std::fmt::Write as _;
 use std::fs::{self, File};
@@ -198,20 +198,20 @@ impl Spool {
         self.file = File::options().append(true).open(self.dir.join(FILE))?;
         self.len = text.len() as u64;
         self.compacted_len = self.len;
-        sync_dir(&self.dir)
+        Ok(())
     }
 }
 
 /// The complete lines of `bytes` (those ending in `\n`), as text where they are UTF-8.
 fn lines(bytes: &[u8]) -> impl Iterator<Item = &str> {
-    let complete = bytes
-        .iter()
-        .rposition(|&b| b == b'\n')
-        .map_or(&bytes[..0], |end| &bytes[..end]);
-    complete
-        .split(|&b| b == b'\n')
-        .filter(move |_| !complete.is_empty())
-        .map(|line| std::str::from_utf8(line).unwrap_or("\u{FFFD}"))
+    bytes[..complete_len(bytes)]
+        .split_inclusive(|&b| b == b'\n')
+        .map(|line| std::str::from_utf8(&line[..line.len() - 1]).unwrap_or("\u{FFFD}"))
+}
+
+/// The length of `bytes` up to and with its last `\n` (what a crash cannot have torn).
+fn complete_len(bytes: &[u8]) -> usize {
+    bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)
 }
 
 /// The length of `bytes` up to its last complete line, and the readings in them.
@@ -222,7 +222,7 @@ fn read_spool(
     sensor: &str,
     kind: &str,
 ) -> Result<(u64, Vec<Spooled>), SpoolError> {
-    let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let complete = complete_len(bytes);
     let mut lines = lines(bytes);
     let Some(first) = lines.next() else {
         // Nothing, or a header a crash tore: a new spool.
