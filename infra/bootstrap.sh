@@ -9,6 +9,8 @@
 #                [--target-group ARN --adopt-interval SECONDS]                   (server)
 #                [--region R --stack S --resource LOGICAL_ID]   (health check + signal)
 #                [--log-group-prefix /sensorhub/STACK]          (CloudWatch agent)
+#                [--tls-parameters /sensorhub/STACK/tls-ROLE]   (TLS: SSM parameters)
+#                [--tls-server-name NAME]       (client: the name the server certificate has)
 #     Downloads the static binaries, verifies their SHA-256 (a mismatch installs
 #     nothing); on a server: mounts the data volume (formatting it when new), writes
 #     hardened systemd units and starts the server first; once it is healthy locally
@@ -19,6 +21,15 @@
 #     with the reason in the log. Units log to the journal; with --log-group-prefix,
 #     sensorhub-logs.service copies their lines to /var/log/sensorhub/ROLE.log for the
 #     CloudWatch agent (which reads files, not the journal).
+#
+#   bootstrap.sh tls-stage --tls-parameters PATH --into DIR [--region R]
+#     Run by the units as root before the service starts and on `systemctl reload`:
+#     fetches PATH/ca, PATH/cert and PATH/key (SSM Parameter Store, the key a
+#     SecureString) into /etc/sensorhub/tls (root only; kept, so a Parameter Store
+#     outage does not stop a restart: the last fetched files are used, with a warning),
+#     then copies them into DIR, the unit's runtime directory, owned by the unit's
+#     dynamic user, each replaced atomically. The server re-reads them on SIGHUP
+#     (ExecReload), so a rotated certificate needs no restart and drops no connection.
 #
 #   bootstrap.sh adopt-volumes --stack S --archive s3://B/P [--region R]
 #     Every available data volume of the stack in this instance's AZ (a server that died
@@ -73,7 +84,7 @@ fi
 role="" bucket="" prefix="" arch="" server_sha="" client_sha=""
 server="" sensor="" kind="temperature" interval_ms=1000
 region="" stack="" resource="" archive="" group="" hook="" log_prefix=""
-target_group="" adopt_interval=300
+target_group="" adopt_interval=300 tls_parameters="" tls_server_name="" tls_into=""
 while [[ $# -gt 0 ]]; do
   [[ $# -ge 2 ]] || die "$1 needs a value"
   case $1 in
@@ -96,6 +107,9 @@ while [[ $# -gt 0 ]]; do
     --log-group-prefix) log_prefix=$2 ;;
     --target-group) target_group=$2 ;;
     --adopt-interval) adopt_interval=$2 ;;
+    --tls-parameters) tls_parameters=$2 ;;
+    --tls-server-name) tls_server_name=$2 ;;
+    --into) tls_into=$2 ;;
     *) die "unknown argument $1" ;;
   esac
   shift 2
@@ -277,6 +291,67 @@ lifecycle_watch() {
   log "lifecycle action completed: the instance may terminate"
 }
 
+# --- TLS material ------------------------------------------------------------------------
+
+tls_store=/etc/sensorhub/tls
+
+# Fetches PATH/ca, PATH/cert, PATH/key into $tls_store (each checked to be PEM, then
+# renamed into place); returns non-zero, changing nothing, when any cannot be fetched.
+tls_fetch() {
+  local name value fetched
+  fetched=$(mktemp -d "$root$tls_store/.fetch.XXXXXX")
+  for name in ca cert key; do
+    # --output text prints a value as stored (a PEM's newlines kept); a missing
+    # parameter or a refused one fails the call (ParameterNotFound, AccessDenied).
+    if ! value=$(aws ssm get-parameter "${region_args[@]}" --name "$tls_parameters/$name" \
+        --with-decryption --query Parameter.Value --output text); then
+      log "could not fetch $tls_parameters/$name from Parameter Store"
+      rm -rf "$fetched"
+      return 1
+    fi
+    if [[ $value != *"-----BEGIN "* ]]; then
+      log "$tls_parameters/$name is not PEM (a certificate or key); not using it"
+      rm -rf "$fetched"
+      return 1
+    fi
+    printf '%s\n' "$value" >"$fetched/$name.pem"
+  done
+  for name in ca cert key; do
+    mv -f "$fetched/$name.pem" "$root$tls_store/$name.pem"
+  done
+  rm -rf "$fetched"
+  log "fetched the TLS certificate, key and CA from $tls_parameters"
+}
+
+tls_stage() {
+  [[ -n $tls_parameters && -n $tls_into ]] || die "tls-stage needs --tls-parameters and --into"
+  [[ -d $root$tls_into ]] || die "$tls_into does not exist (the unit's RuntimeDirectory)"
+  (umask 077 && install -d -m 0700 "$root$tls_store")
+  if ! (umask 077 && tls_fetch); then
+    [[ -s $root$tls_store/key.pem ]] \
+      || die "no TLS material: $tls_parameters/{ca,cert,key} could not be fetched and none was before (deploy.sh puts them in Parameter Store)"
+    log "WARNING: using the TLS files fetched before ($tls_store)"
+  fi
+  # The service's dynamic user owns its runtime directory; the files become its own,
+  # readable by it alone, and each appears whole (a SIGHUP reads new or old, never half).
+  local owner name
+  owner=$(stat -c %u "$root$tls_into")
+  for name in ca cert key; do
+    install -m 0400 -o "$owner" "$root$tls_store/$name.pem" "$root$tls_into/.$name.pem.new"
+    mv -f "$root$tls_into/.$name.pem.new" "$root$tls_into/$name.pem"
+  done
+  log "staged the TLS files in $tls_into"
+}
+
+# The unit lines that stage TLS material from Parameter Store into the unit's runtime
+# directory `dir` as root ("+": outside the sandbox) before each start and on reload.
+tls_unit_lines() { # dir
+  local stage="/bin/bash $self_copy tls-stage --tls-parameters $tls_parameters --into /run/$1${region:+ --region $region}"
+  printf 'RuntimeDirectory=%s\nRuntimeDirectoryMode=0700\nExecStartPre=+%s\n' "$1" "$stage"
+  [[ $1 == sensorhub-tls ]] && printf 'ExecReload=+%s\nExecReload=/bin/kill -HUP $MAINPID\n' "$stage"
+  return 0
+}
+
 # --- install -----------------------------------------------------------------------------
 
 # The sandbox of deploy/systemd/hardening.conf, which the NixOS module reads too; CI
@@ -432,17 +507,21 @@ install_all() {
   if [[ $role == server ]]; then
     [[ -n $archive ]] || die "a server needs --archive"
     mount_data_volume
-    local host_id
+    local host_id tls_flags="" tls_lines=""
     host_id=$(cat "$root/$store_mount/host-id")
+    if [[ -n $tls_parameters ]]; then
+      tls_flags=" --tls-cert /run/sensorhub-tls/cert.pem --tls-key /run/sensorhub-tls/key.pem --tls-client-ca /run/sensorhub-tls/ca.pem"
+      tls_lines=$'\n'$(tls_unit_lines sensorhub-tls)
+    fi
     write_unit sensorhub-server.service "sensorhub ingest server" \
-      "/usr/local/bin/sensor-server --listen 0.0.0.0:5000 --http-listen 0.0.0.0:9000 --data-dir /var/lib/sensorhub --archive $archive --host-id $host_id --archive-stop-timeout $archive_stop_timeout" \
+      "/usr/local/bin/sensor-server --listen 0.0.0.0:5000 --http-listen 0.0.0.0:9000 --data-dir /var/lib/sensorhub --archive $archive --host-id $host_id --archive-stop-timeout $archive_stop_timeout$tls_flags" \
       "User=sensorhub
 Restart=on-failure
 RestartSec=1s
 StateDirectory=sensorhub
 Environment=HOME=/var/lib/sensorhub
 LimitNOFILE=$limit_nofile
-TimeoutStopSec=$((archive_stop_timeout + 30))s" yes
+TimeoutStopSec=$((archive_stop_timeout + 30))s$tls_lines" yes
     units=(sensorhub-server.service)
     if [[ -n $group && -n $hook ]]; then
       write_unit sensorhub-lifecycle.service "sensorhub: drain before Auto Scaling terminates this instance" \
@@ -466,11 +545,17 @@ TimeoutStartSec=$((archive_stop_timeout * 4))s" no
       log "no --stack: no orphaned volumes to look for"
     fi
   else
+    local tls_flags="" tls_lines=""
+    if [[ -n $tls_parameters ]]; then
+      [[ -n $tls_server_name ]] || die "a TLS client needs --tls-server-name (the name in the server certificate)"
+      tls_flags=" --tls-ca /run/sensorhub-client-tls/ca.pem --tls-cert /run/sensorhub-client-tls/cert.pem --tls-key /run/sensorhub-client-tls/key.pem --tls-server-name $tls_server_name"
+      tls_lines=$'\n'$(tls_unit_lines sensorhub-client-tls)
+    fi
     write_unit sensorhub-client.service "sensorhub simulated sensor $sensor" \
-      "/usr/local/bin/sensor-client --server $server --sensor $sensor --kind $kind --interval-ms $interval_ms" \
+      "/usr/local/bin/sensor-client --server $server --sensor $sensor --kind $kind --interval-ms $interval_ms$tls_flags" \
       "Restart=always
 RestartSec=1s
-StateDirectory=sensorhub-client" yes
+StateDirectory=sensorhub-client$tls_lines" yes
     units=(sensorhub-client.service)
   fi
   if [[ -n $log_prefix ]]; then
@@ -564,5 +649,6 @@ case $command in
   install) install_all ;;
   adopt-volumes) adopt_volumes ;;
   lifecycle-watch) lifecycle_watch ;;
-  *) die "unknown command $command (install, adopt-volumes, lifecycle-watch)" ;;
+  tls-stage) tls_stage ;;
+  *) die "unknown command $command (install, adopt-volumes, lifecycle-watch, tls-stage)" ;;
 esac

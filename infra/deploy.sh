@@ -20,6 +20,16 @@
 #                   [--adoption-interval SECONDS]  how often servers look for dead servers'
 #                                       data volumes (default 300)
 #                   [--interval-ms N] [--allow-dirty] [--dry-run]
+#                   [--tls-dir DIR]     the stack's CA and certificates (default
+#                                       ~/.config/sensorhub/STACK/tls): a CA is made there on
+#                                       the first deploy, or yours is taken (ca.pem, ca.key);
+#                                       a server certificate for ingest.sensorhub.internal
+#                                       and one for the sensor group (its sensor ids) are
+#                                       issued when missing; the keys go to Parameter Store
+#                                       as SecureString, each role able to read only its own
+#                   [--rotate-tls]      issue new server and sensor certificates (same CA);
+#                                       instances fetch them on reload or restart
+#                   [--plain]           sensors connect over plain TCP (no certificates)
 #
 # Idempotent: the same binaries upload to the same keys and deploy the same parameters,
 # which CloudFormation answers "no changes". --dry-run checks the binaries, then prints
@@ -35,12 +45,17 @@ bucket="" stack="" region=${AWS_REGION:-${AWS_DEFAULT_REGION:-}} arch=x86_64 dis
 release="" repo=""
 dry_run=false allow_dirty=false refresh_ami=false replace_failed=false
 interval_ms=1000 builder=auto server_count=2 alarm_topic="" adoption_interval=300
+tls_dir="" rotate_tls=false plain=false
+# The name sensors verify (the template's TlsServerName) and the stack's one sensor
+# group: the simulated sensors' ids (the SensorId tags of its sensor groups).
+tls_server_name=ingest.sensorhub.internal
+sensor_ids=client1-temperature,client2-humidity
 # Plain bash 3.2 from here on (macOS deploys with --dist): no associative arrays, and an
 # array that may be empty is expanded as ${a[@]+"${a[@]}"} (bash < 4.4 calls a plain
 # "${a[@]}" of an empty array unbound under set -u).
 while [[ $# -gt 0 ]]; do
   case $1 in
-    --refresh-ami|--replace-failed|--dry-run|--allow-dirty|-h|--help) ;;
+    --refresh-ami|--replace-failed|--dry-run|--allow-dirty|--rotate-tls|--plain|-h|--help) ;;
     *) [[ $# -ge 2 ]] || die "$1 needs a value" ;;
   esac
   case $1 in
@@ -56,6 +71,9 @@ while [[ $# -gt 0 ]]; do
     --server-count) server_count=$2; shift 2 ;;
     --alarm-topic) alarm_topic=$2; shift 2 ;;
     --adoption-interval) adoption_interval=$2; shift 2 ;;
+    --tls-dir) tls_dir=$2; shift 2 ;;
+    --rotate-tls) rotate_tls=true; shift ;;
+    --plain) plain=true; shift ;;
     --refresh-ami) refresh_ami=true; shift ;;
     --replace-failed) replace_failed=true; shift ;;
     --dry-run) dry_run=true; shift ;;
@@ -243,13 +261,61 @@ deploy=(aws cloudformation deploy ${region_args[@]+"${region_args[@]}"} --stack-
   "ImageId=${image_id:-<resolved from $ami_parameter>}" "ImageArchitecture=${image_arch:-$arch}"
   "ServerSha256=$server_sha" "ClientSha256=$client_sha" "BootstrapSha256=$bootstrap_sha"
   "ServerCount=$server_count" "ReadingIntervalMs=$interval_ms"
-  "AlarmTopicArn=$alarm_topic" "AdoptionIntervalSeconds=$adoption_interval")
+  "AlarmTopicArn=$alarm_topic" "AdoptionIntervalSeconds=$adoption_interval"
+  "SensorTransport=$($plain && echo plain || echo tls)" "TlsServerName=$tls_server_name")
+
+# --- TLS: the CA and certificates here, the keys in Parameter Store ------------------------
+# Made with `sensor-server certs` (rcgen: no openssl needed): the binary being deployed
+# when it runs on this machine, else a sensor-server on PATH.
+tls_dir=${tls_dir:-${XDG_CONFIG_HOME:-$HOME/.config}/sensorhub/$stack/tls}
+sensor_cert=sensor-${sensor_ids%%,*}
+tls_files() {
+  local missing=false name
+  for name in server.pem server.key "$sensor_cert.pem" "$sensor_cert.key" ca.pem; do
+    [[ -s $tls_dir/$name ]] || missing=true
+  done
+  if $missing || $rotate_tls; then
+    local tool=$bin_dir/sensor-server
+    "$tool" --version >/dev/null 2>&1 || tool=$(command -v sensor-server) \
+      || die "making certificates needs a sensor-server that runs on this machine ($bin_dir/sensor-server is for $arch);
+  install one, or make them elsewhere and pass --tls-dir DIR:
+  sensor-server certs --dir DIR --server $tls_server_name --sensor $sensor_ids"
+    say "certificates in $tls_dir (CA: $( [[ -s $tls_dir/ca.key ]] && echo kept || echo new))"
+    "$tool" certs --dir "$tls_dir" --server "$tls_server_name" --sensor "$sensor_ids" >/dev/null \
+      || die "sensor-server certs failed in $tls_dir"
+  fi
+}
+ssm() { aws ssm ${region_args[@]+"${region_args[@]}"} "$@"; }
+tls_changed=false
+# Writes FILE to the parameter NAME unless it holds FILE already (no new version each
+# deploy). The value goes as file://, never on a command line other users can read.
+put_tls_parameter() { # name type file
+  local now
+  now=$(ssm get-parameter --name "$1" --with-decryption --query Parameter.Value --output text 2>/dev/null) || now=""
+  [[ $now == "$(cat "$3")" ]] && return 0
+  ssm put-parameter --name "$1" --type "$2" --value "file://$3" --overwrite >/dev/null \
+    || die "cannot write the parameter $1"
+  tls_changed=true
+}
 
 if $dry_run; then
   say "dry run: would run"
+  $plain || echo "sensor-server certs --dir $tls_dir --server $tls_server_name --sensor $sensor_ids (when missing)
+aws ssm put-parameter --name /sensorhub/$stack/tls-{server,sensors}/{ca,cert,key} (key: SecureString)"
   for u in "${uploads[@]}"; do echo "aws s3 cp ${region_args[*]:-} $u"; done
   printf '%q ' "${deploy[@]}"; echo
   exit 0
+fi
+
+if ! $plain; then
+  tls_files
+  for role in server sensors; do
+    case $role in server) cert=server ;; sensors) cert=$sensor_cert ;; esac
+    put_tls_parameter "/sensorhub/$stack/tls-$role/ca" String "$tls_dir/ca.pem"
+    put_tls_parameter "/sensorhub/$stack/tls-$role/cert" String "$tls_dir/$cert.pem"
+    put_tls_parameter "/sensorhub/$stack/tls-$role/key" SecureString "$tls_dir/$cert.key"
+  done
+  say "TLS material in Parameter Store under /sensorhub/$stack/tls-{server,sensors}"
 fi
 
 say "uploading to s3://$bucket/$prefix/"
@@ -270,3 +336,13 @@ echo "sensors connect to:  $(output SensorEndpoint)"
 echo "archive:             $(output ReadingsBucket)"
 echo "Athena workgroup:    $(output AthenaWorkGroup) (database $(output AthenaDatabase))"
 echo "every reading once:  $(output DedupQuery)"
+if ! $plain; then
+  echo "TLS:                 server name $tls_server_name, CA $tls_dir/ca.pem"
+  echo "  another sensor:    sensor-server certs --dir $tls_dir --sensor ID"
+  if $tls_changed && [[ $status != NONE ]]; then
+    echo "  new certificates:  running instances use them after"
+    echo "    aws ssm send-command ${region:+--region $region }--document-name AWS-RunShellScript \\"
+    echo "      --targets Key=tag:sensorhub:stack,Values=$stack \\"
+    echo "      --parameters 'commands=[\"systemctl reload sensorhub-server || systemctl try-restart sensorhub-client\"]'"
+  fi
+fi

@@ -628,8 +628,14 @@ def test_termination_stops_the_server_then_completes_the_lifecycle_action(moto, 
 # --- deploy.sh ------------------------------------------------------------------------------
 
 def deploy(env, *args, cwd=REPO):
+    # The stacks' CAs (deploy.sh keeps them in ~/.config/sensorhub/STACK/tls) in a
+    # directory of the test run, never the user's.
+    env = {"XDG_CONFIG_HOME": str(DEPLOY_CONFIG)} | env
     return subprocess.run([str(REPO / "infra/deploy.sh"), *args], env=env, capture_output=True,
                           text=True, timeout=900, cwd=cwd)
+
+
+DEPLOY_CONFIG = Path(os.environ.get("TMPDIR", "/tmp")) / f"sensorhub-deploy-config-{os.getpid()}"
 
 
 def parameters(env, stack):
@@ -693,6 +699,183 @@ def test_deploy_creates_the_fleet_then_updates_and_keeps_its_ami(moto, tmp_path)
     refreshed = deploy(env, *common, "--dist", str(changed), "--refresh-ami")
     assert refreshed.returncode == 0, refreshed.stdout + refreshed.stderr
     assert parameters(env, STACK)["ImageId"] == before["ImageId"]
+
+
+def test_deploy_makes_a_ca_once_and_puts_each_roles_key_in_parameter_store(moto, tmp_path):
+    env = dict(moto)
+    bucket = "sensorhub-tls-test"
+    aws(env, "s3", "mb", f"s3://{bucket}")
+    tls = tmp_path / "tls"
+    common = ["--bucket", bucket, "--stack", "tls", "--region", REGION, "--dist", str(DIST),
+              "--tls-dir", str(tls)]
+    first = deploy(env, *common)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "CA: new" in first.stdout
+    assert parameters(env, "tls")["SensorTransport"] == "tls"
+
+    def parameter(name):
+        return aws_json(env, "ssm", "get-parameter", "--name", name,
+                        "--with-decryption")["Parameter"]
+    for role, cert in (("server", "server"), ("sensors", "sensor-client1-temperature")):
+        key = parameter(f"/sensorhub/tls/tls-{role}/key")
+        assert key["Type"] == "SecureString"
+        assert key["Value"].strip() == (tls / f"{cert}.key").read_text().strip()
+        assert parameter(f"/sensorhub/tls/tls-{role}/cert")["Value"].strip() == (tls / f"{cert}.pem").read_text().strip()
+        assert parameter(f"/sensorhub/tls/tls-{role}/ca")["Value"].strip() == (tls / "ca.pem").read_text().strip()
+    assert oct((tls / "ca.key").stat().st_mode & 0o777) == "0o600"
+    versions = {n: parameter(f"/sensorhub/tls/tls-server/{n}")["Version"] for n in ("cert", "key")}
+    ca = (tls / "ca.pem").read_bytes()
+
+    # Again: the same CA and certificates, no new parameter versions.
+    again = deploy(env, *common)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "certificates in" not in again.stdout
+    assert {n: parameter(f"/sensorhub/tls/tls-server/{n}")["Version"] for n in ("cert", "key")} == versions
+
+    # Rotation: new certificates from the same CA; the parameters follow, and the
+    # operator is told how running instances pick them up.
+    rotated = deploy(env, *common, "--rotate-tls")
+    assert rotated.returncode == 0, rotated.stdout + rotated.stderr
+    assert "CA: kept" in rotated.stdout and (tls / "ca.pem").read_bytes() == ca
+    assert parameter("/sensorhub/tls/tls-server/key")["Version"] > versions["key"]
+    assert "systemctl reload sensorhub-server" in rotated.stdout
+
+
+def iam_allows(role, action, name):
+    """Whether the role's inline policy (with AmazonSSMManagedInstanceCore's allow of
+    every parameter read, which it carries too) lets `action` reach the parameter
+    `name` of the stack "s": an explicit deny wins, as in IAM. Resources are the
+    template's !Sub ARNs with the stack's values put in."""
+    import fnmatch
+    arn = f"arn:aws:ssm:us-east-1:111122223333:parameter{name}"
+    values = {"${AWS::Partition}": "aws", "${AWS::Region}": "us-east-1",
+              "${AWS::AccountId}": "111122223333", "${AWS::StackName}": "s"}
+
+    def resolved(resource):
+        text = resource["Sub"] if isinstance(resource, dict) else resource
+        for key, value in values.items():
+            text = text.replace(key, value)
+        return text
+    statements = []
+    for statement in template()["Resources"][role]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]:
+        if isinstance(statement, dict) and "If" in statement:
+            statement = statement["If"][1]  # SensorTransport=tls
+        statements.append(statement)
+    allowed = action in ("ssm:GetParameter", "ssm:GetParameters")  # the managed policy
+    for statement in statements:
+        actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+        resources = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
+        if action in actions and any(fnmatch.fnmatchcase(arn, resolved(r)) for r in resources):
+            if statement["Effect"] == "Deny":
+                return False
+            allowed = True
+    return allowed
+
+
+def test_each_role_reads_its_own_tls_key_and_no_other():
+    for role, own, other in (("ServerRole", "server", "sensors"), ("ClientRole", "sensors", "server")):
+        for name in ("ca", "cert", "key"):
+            assert iam_allows(role, "ssm:GetParameter", f"/sensorhub/s/tls-{own}/{name}"), (role, name)
+        assert not iam_allows(role, "ssm:GetParameter", f"/sensorhub/s/tls-{other}/key"), role
+        assert not iam_allows(role, "ssm:GetParameters", f"/sensorhub/s/tls-{other}/key"), role
+        for path in ("/sensorhub/s", "/sensorhub", "/", f"/sensorhub/s/tls-{other}"):
+            assert not iam_allows(role, "ssm:GetParametersByPath", path), (role, path)
+
+
+def test_the_stacks_sensor_group_is_the_template_s_sensors():
+    ids = {t["Value"] for name in ("Client1Group", "Client2Group")
+           for t in template()["Resources"][name]["Properties"]["Tags"] if t["Key"] == "SensorId"}
+    deploy_text = (REPO / "infra/deploy.sh").read_text()
+    listed = re.search(r"^sensor_ids=(\S+)$", deploy_text, re.M).group(1)
+    assert set(listed.split(",")) == ids
+    name = re.search(r"^tls_server_name=(\S+)$", deploy_text, re.M).group(1)
+    assert template()["Parameters"]["TlsServerName"]["Default"] == name
+
+
+def tls_parameters(env, path, cert="cert-pem", key="key-pem"):
+    """Puts PEM-looking values at PATH/{ca,cert,key}, the key a SecureString."""
+    for name, value, kind in (("ca", "ca-pem", "String"), ("cert", cert, "String"),
+                              ("key", key, "SecureString")):
+        aws(env, "ssm", "put-parameter", "--name", f"{path}/{name}", "--type", kind,
+            "--overwrite", "--value", f"-----BEGIN TEST-----\n{value}\n-----END TEST-----")
+
+
+def test_tls_stage_fetches_from_parameter_store_and_keeps_the_last_copy(moto, tmp_path):
+    path = "/sensorhub/stage/tls-server"
+    run = tmp_path / "run/sensorhub-tls"
+    run.mkdir(parents=True)
+    args = ["--tls-parameters", path, "--into", "/run/sensorhub-tls", "--region", REGION]
+    nothing = bootstrap(moto, tmp_path, *args, command="tls-stage")
+    assert nothing.returncode != 0 and "no TLS material" in nothing.stderr
+    assert not list(run.iterdir())
+
+    tls_parameters(moto, path)
+    staged = bootstrap(moto, tmp_path, *args, command="tls-stage")
+    assert staged.returncode == 0, staged.stderr
+    for name, value in (("ca", "ca-pem"), ("cert", "cert-pem"), ("key", "key-pem")):
+        assert value in (run / f"{name}.pem").read_text()
+        assert oct((run / f"{name}.pem").stat().st_mode & 0o777) == "0o400"
+    assert oct((tmp_path / "etc/sensorhub/tls").stat().st_mode & 0o777) == "0o700"
+
+    # Rotated: the next stage (a reload) brings the new key.
+    tls_parameters(moto, path, key="rotated")
+    assert bootstrap(moto, tmp_path, *args, command="tls-stage").returncode == 0
+    assert "rotated" in (run / "key.pem").read_text()
+
+    # Parameter Store out of reach, or a value that is not PEM: the last copy serves.
+    broken = bootstrap(moto, tmp_path, *args, command="tls-stage",
+                       AWS_ENDPOINT_URL="http://127.0.0.1:9", AWS_MAX_ATTEMPTS="1")
+    assert broken.returncode == 0, broken.stderr
+    assert "using the TLS files fetched before" in broken.stderr
+    aws(moto, "ssm", "put-parameter", "--name", f"{path}/cert", "--type", "String",
+        "--overwrite", "--value", "None")
+    foreign = bootstrap(moto, tmp_path, *args, command="tls-stage")
+    assert foreign.returncode == 0 and "is not PEM" in foreign.stderr
+    assert "cert-pem" in (run / "cert.pem").read_text()
+    assert "rotated" in (run / "key.pem").read_text()
+
+
+def test_tls_units_stage_before_start_and_reload_by_sighup(moto, tmp_path):
+    tls = ["--tls-parameters", "/sensorhub/t/tls-sensors", "--tls-server-name", "ingest.example"]
+    no_name = bootstrap(moto, tmp_path / "unnamed", *install_args("client"), *tls[:2])
+    assert no_name.returncode != 0 and "--tls-server-name" in no_name.stderr
+    assert bootstrap(moto, tmp_path / "client", *install_args("client"), *tls).returncode == 0
+    client = (tmp_path / "client/etc/systemd/system/sensorhub-client.service").read_text()
+    assert ("--tls-ca /run/sensorhub-client-tls/ca.pem --tls-cert /run/sensorhub-client-tls/cert.pem "
+            "--tls-key /run/sensorhub-client-tls/key.pem --tls-server-name ingest.example") in client
+    assert "RuntimeDirectory=sensorhub-client-tls\nRuntimeDirectoryMode=0700\n" in client
+    assert ("ExecStartPre=+/bin/bash /usr/local/lib/sensorhub/bootstrap.sh tls-stage "
+            "--tls-parameters /sensorhub/t/tls-sensors --into /run/sensorhub-client-tls --region us-east-1") in client
+    instance_id = instance(moto)
+    volume = volume_of(moto, instance_id)
+    root = tmp_path / "server"
+    (root / "devices" / volume).mkdir(parents=True)
+    result = bootstrap(moto, root, *install_args("server"), "--tls-parameters", "/sensorhub/t/tls-server",
+                       SENSORHUB_INSTANCE_ID=instance_id, SENSORHUB_AZ="us-east-1a",
+                       SENSORHUB_FAKE_VOLUMES=str(root / "devices"))
+    assert result.returncode == 0, result.stderr
+    server = (root / "etc/systemd/system/sensorhub-server.service").read_text()
+    assert ("--tls-cert /run/sensorhub-tls/cert.pem --tls-key /run/sensorhub-tls/key.pem "
+            "--tls-client-ca /run/sensorhub-tls/ca.pem") in server
+    stage = ("+/bin/bash /usr/local/lib/sensorhub/bootstrap.sh tls-stage --tls-parameters "
+             "/sensorhub/t/tls-server --into /run/sensorhub-tls --region us-east-1")
+    assert f"ExecStartPre={stage}\n" in server
+    assert f"ExecReload={stage}\nExecReload=/bin/kill -HUP $MAINPID\n" in server
+    # The sandbox is unchanged: staging runs outside it ("+"), the service inside.
+    shared = directives((REPO / "deploy/systemd/hardening.conf").read_text())
+    assert directives(server) == shared and directives(client) == shared
+    if shutil.which("systemd-analyze"):
+        for role, unit in (("server", "sensorhub-server.service"), ("client", "sensorhub-client.service")):
+            unit_root = tmp_path / role
+            shutil.copytree("/usr/lib/systemd/system", unit_root / "usr/lib/systemd/system",
+                            symlinks=True, dirs_exist_ok=True)
+            (unit_root / "bin").mkdir(exist_ok=True)
+            for tool in ("/bin/bash", "/bin/kill"):
+                shutil.copy(tool, unit_root / tool.lstrip("/"))
+            verify = subprocess.run(["systemd-analyze", "verify", f"--root={unit_root}",
+                                     str(unit_root / "etc/systemd/system" / unit)],
+                                    capture_output=True, text=True, timeout=60)
+            assert verify.returncode == 0, verify.stderr
 
 
 def test_deploy_refuses_binaries_for_another_architecture(moto):
