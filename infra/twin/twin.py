@@ -306,14 +306,17 @@ class Twin:
 
     # --- deploy --------------------------------------------------------------------------
 
-    def deploy(self):
-        self.aws_cli("s3", "mb", f"s3://{ARTIFACTS}")
+    def deploy(self, *extra):
+        if not extra:
+            self.aws_cli("s3", "mb", f"s3://{ARTIFACTS}")
         result = subprocess.run(
             [str(REPO / "infra/deploy.sh"), "--bucket", ARTIFACTS, "--stack", STACK,
-             "--region", REGION, "--dist", str(self.args.bin),
-             *ADOPTION_ARGS],
+             "--region", REGION, "--dist", str(self.args.bin), "--tls-dir", str(self.work / "tls"),
+             *ADOPTION_ARGS, *extra],
             env=self.env, capture_output=True, text=True, timeout=900, cwd=REPO)
         assert result.returncode == 0, result.stdout + result.stderr
+        if extra:
+            return result.stdout  # an update: the stack's resources stay as they were
         resources = json.loads(self.aws_cli(
             "cloudformation", "describe-stack-resources", "--stack-name", STACK,
             "--output", "json"))["StackResources"]
@@ -521,15 +524,43 @@ def run_scenario(twin, args):
                               timeout=120).strip()
         log(f"{server.role}: {security}")
 
+    def metric(server, name):
+        out = server.run(f"curl -s http://127.0.0.1:9000/metrics | awk '$1 == \"{name}\" {{print $2}}'",
+                         timeout=60).strip()
+        return int(float(out or 0))
+
+    def connections(server):
+        return metric(server, "sensorhub_connections_open")
     # Scale in the server the sensor writes to (the balancer keeps a source on one
     # server), so the drain has readings to ship and the sensor must move; the other
     # one is lost in step 5, with the sensor on it.
-    def connections(server):
-        out = server.run("curl -s http://127.0.0.1:9000/metrics | awk '$1 == \"sensorhub_connections_open\" {print $2}'",
-                         timeout=60).strip()
-        return int(float(out or 0))
     if connections(server_b) > connections(server_a):
         server_a, server_b = server_b, server_a
+
+    step(f"3b. TLS end to end through the balancer; rotation: deploy.sh --rotate-tls, "
+         f"then `systemctl reload` of {server_a.role} keeps the sensor's connection")
+    handshakes = metric(server_a, "sensorhub_tls_handshakes_total")
+    assert handshakes >= 1 and connections(server_a) >= 1, \
+        f"{server_a.role}: {handshakes} TLS handshakes, {connections(server_a)} connections"
+    old_cert = server_a.run("cat /run/sensorhub-tls/cert.pem", timeout=60)
+    twin.deploy("--rotate-tls")
+    answered = int(sensor.run("wc -l < /var/lib/sensorhub-client/answers", timeout=60).strip() or 0)
+    server_a.run("systemctl reload sensorhub-server", timeout=300)
+    new_cert = server_a.run("cat /run/sensorhub-tls/cert.pem", timeout=60)
+    assert "BEGIN CERTIFICATE" in new_cert and new_cert != old_cert, "reload staged no new certificate"
+    reloaded = server_a.run("journalctl -u sensorhub-server -o cat --no-pager | grep -c 'SIGHUP: TLS certificate'",
+                            timeout=60, check=False).strip()
+    assert reloaded not in ("", "0"), f"{server_a.role} did not re-read its TLS files"
+    wait_for("the sensor's answers after the reload",
+             lambda: int(sensor.run("wc -l < /var/lib/sensorhub-client/answers", timeout=60).strip() or 0) > answered + 3,
+             300, interval=5)
+    assert metric(server_a, "sensorhub_tls_handshakes_total") == handshakes, \
+        "the reload made the sensor connect again"
+    state = server_a.run("systemctl show -P ActiveState sensorhub-server; systemctl show -P NRestarts sensorhub-server",
+                         timeout=60).split()
+    assert state == ["active", "0"], f"{server_a.role} after the reload: {state}"
+    log(f"{server_a.role}: {handshakes} TLS handshake(s); rotated certificate staged and re-read on reload, "
+        "the sensor answered on the same connection")
     step(f"4. scale-in of {server_a.role} (the sensor's server): deregistered, lifecycle state "
          "Terminated, drain, CONTINUE")
     t0 = time.monotonic()
