@@ -76,6 +76,12 @@
             inherit pkgs;
             module = self.nixosModules.default;
           };
+          topology-tls = import ./nixos-tests/topology.nix {
+            inherit pkgs;
+            module = self.nixosModules.default;
+            tls = true;
+            package = packages.sensorhub;
+          };
           fleet = import ./nixos-tests/fleet.nix {
             inherit pkgs;
             module = self.nixosModules.default;

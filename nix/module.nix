@@ -12,6 +12,54 @@ let
 
   server = cfg.server;
   archive = server.archive;
+
+  # TLS files are read where the user keeps them (agenix, sops-nix, ACME: root-only
+  # paths outside the world-readable store) by a root step before each start and on
+  # reload ("+": outside the sandbox), which copies them into the unit's runtime
+  # directory, owned by its dynamic user, each replaced whole. Not LoadCredential=:
+  # systemd does not refresh credentials on reload (systemd issue 21099), and the
+  # server's SIGHUP re-read must see the new files without a restart.
+  tlsStage = dir: files: pkgs.writeShellScript "sensorhub-stage-tls" (''
+    set -eu
+    owner=$(${pkgs.coreutils}/bin/stat -c %u /run/${dir})
+  '' + lib.concatMapStrings
+    (name: ''
+      ${pkgs.coreutils}/bin/install -m 0400 -o "$owner" ${lib.escapeShellArg files.${name}} /run/${dir}/.${name}.new
+      ${pkgs.coreutils}/bin/mv -f /run/${dir}/.${name}.new /run/${dir}/${name}
+    '')
+    (builtins.attrNames files));
+  tlsUnit = dir: files: {
+    RuntimeDirectory = dir;
+    RuntimeDirectoryMode = "0700";
+    ExecStartPre = "+${tlsStage dir files}";
+  };
+  tlsFiles = t: lib.filterAttrs (_: v: v != null) {
+    "cert.pem" = t.certificate;
+    "key.pem" = t.key;
+    "ca.pem" = t.clientCa or t.ca;
+  };
+  # A secret in the store is readable by every user of the machine (and every
+  # machine the closure is copied to).
+  storeWarnings = what: paths: map (p: "${what} ${p} is in the Nix store, readable by every user; keep keys outside it")
+    (lib.filter (p: p != null && lib.hasPrefix builtins.storeDir p) paths);
+  serverTls = server.tls.certificate != null;
+  serverTlsArgs = lib.optionals serverTls ([
+    "--tls-cert"
+    "/run/sensorhub-tls/cert.pem"
+    "--tls-key"
+    "/run/sensorhub-tls/key.pem"
+    "--tls-handshake-timeout"
+    (toString server.tls.handshakeTimeout)
+  ] ++ lib.optionals (server.tls.clientCa != null) [ "--tls-client-ca" "/run/sensorhub-tls/ca.pem" ]);
+  clientTlsArgs = name: c: lib.optionals (c.tls.ca != null) ([
+    "--tls-ca"
+    "/run/sensorhub-client-${name}-tls/ca.pem"
+  ] ++ lib.optionals (c.tls.certificate != null) [
+    "--tls-cert"
+    "/run/sensorhub-client-${name}-tls/cert.pem"
+    "--tls-key"
+    "/run/sensorhub-client-${name}-tls/key.pem"
+  ] ++ lib.optionals (c.tls.serverName != null) [ "--tls-server-name" c.tls.serverName ]);
   archiveArgs = lib.optionals (archive.bucket != null) ([
     "--archive"
     "s3://${archive.bucket}/${archive.prefix}"
@@ -41,6 +89,7 @@ let
   ++ archiveArgs
   ++ lib.optionals (server.httpListen != null) [ "--http-listen" server.httpListen ]
   ++ lib.optionals (server.workers != null) [ "--workers" (toString server.workers) ]
+  ++ serverTlsArgs
   ++ server.extraArgs;
 
   clientArgs = c: [
@@ -52,10 +101,44 @@ let
     c.kind
     "--interval-ms"
     (toString c.intervalMs)
-  ] ++ c.extraArgs;
+  ] ++ clientTlsArgs c.name c ++ c.extraArgs;
+
+  # An absolute path as a string: a Nix path literal would copy the file into the store.
+  filePath = types.strMatching "/.+";
 
   clientModule = { name, ... }: {
     options = {
+      name = mkOption {
+        type = types.str;
+        default = name;
+        internal = true;
+        description = "The attribute name (the unit is sensorhub-client-NAME).";
+      };
+      tls = {
+        ca = mkOption {
+          type = types.nullOr filePath;
+          default = null;
+          example = "/etc/sensorhub/ca.pem";
+          description = "PEM CA that signed the server's certificate; set, the client speaks TLS (PROTOCOL.md v1.2).";
+        };
+        certificate = mkOption {
+          type = types.nullOr filePath;
+          default = null;
+          example = "/run/secrets/sensor-greenhouse-1.pem";
+          description = "PEM client certificate naming this sensor (sensor-server certs makes one); with key.";
+        };
+        key = mkOption {
+          type = types.nullOr filePath;
+          default = null;
+          example = "/run/secrets/sensor-greenhouse-1.key";
+          description = "Its PEM private key: a path outside the Nix store, read as root before each start.";
+        };
+        serverName = mkOption {
+          type = types.nullOr types.str;
+          default = null;
+          description = "The name to verify in the server's certificate; null for the host of `server`.";
+        };
+      };
       server = mkOption {
         type = types.str;
         example = "10.0.1.10:5000";
@@ -141,6 +224,35 @@ in
         default = false;
         description = "Open the sensor port in the firewall (to everyone; restrict sources with firewall rules of your own).";
       };
+      tls = {
+        certificate = mkOption {
+          type = types.nullOr filePath;
+          default = null;
+          example = "/run/secrets/sensorhub-server.pem";
+          description = ''
+            PEM certificate (chain) of the sensor port; set (with key), the port speaks only
+            TLS (PROTOCOL.md v1.2). Read as root before each start and on
+            `systemctl reload sensorhub-server`, which rotates it without dropping a connection.
+          '';
+        };
+        key = mkOption {
+          type = types.nullOr filePath;
+          default = null;
+          example = "/run/secrets/sensorhub-server.key";
+          description = "PEM private key of the certificate: a path outside the Nix store (root-only is fine).";
+        };
+        clientCa = mkOption {
+          type = types.nullOr filePath;
+          default = null;
+          example = "/etc/sensorhub/ca.pem";
+          description = "PEM CA every sensor's client certificate must chain to; its names are the sensor ids it may write for.";
+        };
+        handshakeTimeout = mkOption {
+          type = types.ints.positive;
+          default = 5;
+          description = "Seconds a TLS handshake may take before the connection is closed.";
+        };
+      };
       segmentMaxAge = mkOption {
         type = types.ints.positive;
         default = 60;
@@ -215,6 +327,17 @@ in
 
   config = lib.mkMerge [
     (mkIf server.enable {
+      assertions = [
+        {
+          assertion = (server.tls.certificate == null) == (server.tls.key == null);
+          message = "services.sensorhub.server.tls: set certificate and key together";
+        }
+        {
+          assertion = server.tls.clientCa == null || serverTls;
+          message = "services.sensorhub.server.tls.clientCa needs tls.certificate and tls.key";
+        }
+      ];
+      warnings = storeWarnings "services.sensorhub.server.tls.key" [ server.tls.key ];
       networking.firewall.allowedTCPPorts = lib.optional server.openFirewall server.port;
       systemd.services.sensorhub-server = {
         description = "sensorhub ingest server";
@@ -233,10 +356,27 @@ in
           TimeoutStopSec = "${toString (15 + archive.stopTimeout)}s";
         } // lib.optionalAttrs (archive.environmentFile != null) {
           EnvironmentFile = archive.environmentFile;
-        };
+        } // lib.optionalAttrs serverTls (tlsUnit "sensorhub-tls" (tlsFiles server.tls) // {
+          ExecReload = [ "+${tlsStage "sensorhub-tls" (tlsFiles server.tls)}" "${pkgs.coreutils}/bin/kill -HUP $MAINPID" ];
+        });
       };
     })
     {
+      assertions = lib.concatLists (lib.mapAttrsToList
+        (name: c: [
+          {
+            assertion = (c.tls.certificate == null) == (c.tls.key == null);
+            message = "services.sensorhub.clients.${name}.tls: set certificate and key together";
+          }
+          {
+            assertion = c.tls.certificate == null || c.tls.ca != null;
+            message = "services.sensorhub.clients.${name}.tls.certificate needs tls.ca (the server's CA)";
+          }
+        ])
+        cfg.clients);
+      warnings = lib.concatLists (lib.mapAttrsToList
+        (name: c: storeWarnings "services.sensorhub.clients.${name}.tls.key" [ c.tls.key ])
+        cfg.clients);
       systemd.services = lib.mapAttrs'
         (name: c: lib.nameValuePair "sensorhub-client-${name}" {
           description = "sensorhub simulated sensor ${c.sensor}";
@@ -248,7 +388,7 @@ in
             Restart = "always";
             RestartSec = "1s";
             StateDirectory = "sensorhub-client-${name}";
-          };
+          } // lib.optionalAttrs (c.tls.ca != null) (tlsUnit "sensorhub-client-${name}-tls" (tlsFiles c.tls));
         })
         cfg.clients;
     }

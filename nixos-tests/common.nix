@@ -1,7 +1,9 @@
 # What the NixOS topology and fleet tests share: the constants of topology.json, the
 # router node, static routes, and the simulated sensor node. `layout` is topology.json's
 # "topology" or "fleet"; `target` is where sensors send (the server, or the balancer).
-{ module, layout, target }:
+# With `pki` (a directory `sensor-server certs` made), the sensors speak TLS with a
+# client certificate each.
+{ module, layout, target, pki ? null }:
 
 let
   topology = builtins.fromJSON (builtins.readFile ./topology.json);
@@ -34,6 +36,14 @@ in
       inherit (topology.sensors.${name}) sensor kind;
       intervalMs = topology.interval_ms;
       extraArgs = [ "--record" "/var/lib/sensorhub-client-${name}/answers.txt" ];
+    } // lib.optionalAttrs (pki != null) {
+      # Test keys from the store (made at build time); the module warns about that,
+      # rightly for real keys.
+      tls = {
+        ca = "${pki}/ca.pem";
+        certificate = "${pki}/sensor-${topology.sensors.${name}.sensor}.pem";
+        key = "${pki}/sensor-${topology.sensors.${name}.sensor}.key";
+      };
     };
     systemd.services."sensorhub-client-${name}".wantedBy = lib.mkForce [ ];
   };

@@ -8,17 +8,29 @@
 # what the test driver assigns (nixos/lib/testing/network.nix):
 # 192.168.<vlan>.<node number>, node numbers in name order, interfaces eth1, eth2 in
 # vlan order.
-{ pkgs, module }:
+#
+# With `tls = true` (checks.x86_64-linux.topology-tls) the sensor port requires a client
+# certificate per sensor; `package`'s `sensor-server certs` makes them at build time,
+# and the module stages them into each unit (the scenario's hostile peer then checks
+# that plain bytes are refused).
+{ pkgs, module, tls ? false, package ? null }:
 
 let
   topology = builtins.fromJSON (builtins.readFile ./topology.json);
   layout = topology.topology;
   serverAddress = layout.hosts.server.address;
-  common = import ./common.nix { inherit module layout; target = serverAddress; };
+  sensorIds = map (name: topology.sensors.${name}.sensor) (builtins.attrNames topology.sensors);
+  pki =
+    if tls then
+      pkgs.runCommand "sensorhub-test-pki" { } ''
+        ${package}/bin/sensor-server certs --dir $out --server ${serverAddress} \
+          ${pkgs.lib.concatMapStringsSep " " (id: "--sensor ${id}") sensorIds}
+      '' else null;
+  common = import ./common.nix { inherit module layout pki; target = serverAddress; };
   inherit (common) sensorPort httpPort clientNode;
 in
 pkgs.testers.runNixOSTest {
-  name = "sensorhub-topology";
+  name = if tls then "sensorhub-topology-tls" else "sensorhub-topology";
 
   nodes = {
     inherit (common) router;
@@ -30,6 +42,12 @@ pkgs.testers.runNixOSTest {
       services.sensorhub.server = {
         enable = true;
         httpListen = "127.0.0.1:${httpPort}";
+      } // pkgs.lib.optionalAttrs tls {
+        tls = {
+          certificate = "${pki}/server.pem";
+          key = "${pki}/server.key";
+          clientCa = "${pki}/ca.pem";
+        };
       };
       # The sensor port is open to the client subnet only (the VPC's security group).
       networking.firewall.extraCommands = ''
@@ -62,6 +80,7 @@ pkgs.testers.runNixOSTest {
 
     class Vms:
         interval_ms = scenario.TOPOLOGY["interval_ms"]
+        tls = ${if tls then "True" else "False"}
 
         def http(self, path):
             return server.succeed(f"curl -sf http://127.0.0.1:${httpPort}{path}")
