@@ -112,6 +112,15 @@ impl Transport {
         }
     }
 
+    /// The peer has sent TLS records (a silent peer has not): from then on its
+    /// handshake costs the loop CPU.
+    pub(crate) fn peer_spoke(&self) -> bool {
+        match self {
+            Transport::Plain(_) => false,
+            Transport::Tls(tls) => tls.peer_spoke,
+        }
+    }
+
     /// Encrypted bytes rustls holds that the socket has not taken yet.
     pub(crate) fn has_pending_records(&self) -> bool {
         match self {
@@ -167,6 +176,7 @@ impl Write for Transport {
 pub(crate) struct TlsStream {
     tcp: TcpStream,
     conn: rustls::Connection,
+    peer_spoke: bool,
 }
 
 /// Why a TLS connection failed, kept as the source of the `io::Error` a read returns,
@@ -180,6 +190,7 @@ impl TlsStream {
         TlsStream {
             tcp,
             conn: conn.into(),
+            peer_spoke: false,
         }
     }
 }
@@ -200,6 +211,7 @@ impl Read for TlsStream {
             if self.conn.read_tls(&mut self.tcp)? == 0 {
                 return Ok(0);
             }
+            self.peer_spoke = true;
             if let Err(e) = self.conn.process_new_packets() {
                 // Tell the peer why (an alert), best effort.
                 let _ = self.flush();

@@ -1,7 +1,8 @@
 //! TLS on the sensor port (PROTOCOL.md v1.2): certificates made by `sensor-server certs`,
 //! a server with `--tls-cert --tls-key --tls-client-ca`, and clients that prove who they
 //! are, or fail to: another sensor's certificate, a wrong CA, expired and not-yet-valid
-//! certificates, plain TCP, a silent handshake, a flood of them, and rotation by SIGHUP.
+//! certificates, plain TCP, a silent handshake, a flood of them, handshakes paced by
+//! `--tls-max-handshakes`, and rotation by SIGHUP.
 
 mod common;
 use common::*;
@@ -321,6 +322,60 @@ fn a_silent_handshake_is_closed_at_its_deadline_and_a_flood_of_them_spares_a_sen
         server.metric("sensorhub_connections_open"),
         1.0,
         "the sensor stays"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn handshakes_past_the_limit_wait_in_the_backlog_until_one_finishes() {
+    let dir = temp_dir("tls-paced");
+    let pki = pki(&dir);
+    let server = tls_server(
+        &dir,
+        &pki,
+        &["--tls-max-handshakes", "1", "--tls-handshake-timeout", "60"],
+    );
+    // A peer that sends its ClientHello and goes quiet holds the one handshake slot
+    // (a peer that sends nothing at all would not: silent peers cost no work).
+    let mut stalled = TlsClient::of(server.addr, &pki, "sensor-pi-1");
+    let stream = &mut stalled.stream;
+    stream
+        .conn
+        .write_tls(&mut stream.sock)
+        .expect("send the ClientHello");
+    // The server's answer proves it has read the ClientHello: the slot is taken.
+    assert!(
+        stream
+            .conn
+            .read_tls(&mut stream.sock)
+            .expect("the ServerHello")
+            > 0,
+        "the server answers the ClientHello"
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (addr, pki_dir) = (server.addr, pki.clone());
+    std::thread::spawn(move || {
+        let mut sensor = TlsClient::of(addr, &pki_dir, "sensor-pi-1");
+        let answer = sensor
+            .send(&reading("pi-1", "temperature", 20.0, 1))
+            .and_then(|()| sensor.reply());
+        let _ = tx.send(answer.map(|reply| reply["status"].clone()));
+    });
+    assert!(
+        rx.recv_timeout(std::time::Duration::from_secs(1)).is_err(),
+        "the second handshake waits while the first is worked on"
+    );
+    drop(stalled);
+    let status = rx
+        .recv_timeout(PATIENCE)
+        .expect("served once the slot is free")
+        .expect("a reply");
+    assert_eq!(status, "ok");
+    // Dropped with the server's flight unread: a reset (io) or a FIN (closed).
+    assert_eq!(
+        failures(&server, "closed") + failures(&server, "io"),
+        1.0,
+        "the stalled one, ended by its peer"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -109,6 +109,12 @@ pub struct TlsArgs {
     /// seconds.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..), value_name = "SECS")]
     pub tls_handshake_timeout: u64,
+
+    /// TLS handshakes worked on at once (peers that have started theirs); while this
+    /// many are, new connections wait in the kernel's backlog, so a reconnect storm is
+    /// served in turns instead of every handshake missing its deadline.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=100_000), value_name = "N")]
+    pub tls_max_handshakes: u64,
 }
 
 fn at_least_one_worker(text: &str) -> Result<NonZeroUsize, String> {

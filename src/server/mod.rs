@@ -153,6 +153,7 @@ fn limits(config: &ServerConfig) -> Limits {
         max_line_bytes: config.max_line_bytes as usize,
         http_page: config.http_page,
         tls_handshake_timeout: Duration::from_secs(config.tls.tls_handshake_timeout),
+        max_tls_handshakes: config.tls.tls_max_handshakes as usize,
     }
 }
 

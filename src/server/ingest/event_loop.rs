@@ -60,6 +60,8 @@ pub(crate) struct Limits {
     pub http_page: bool,
     /// A connection's TLS handshake must be done this long after it was accepted.
     pub tls_handshake_timeout: Duration,
+    /// TLS handshakes worked on at once (`--tls-max-handshakes`).
+    pub max_tls_handshakes: usize,
 }
 
 /// What the loop is built from; the `Poll`'s registry must already hold the completion
@@ -95,6 +97,11 @@ pub(crate) struct EventLoop {
     http_page: bool,
     tls: Option<(TlsFiles, Identity)>,
     tls_handshake_timeout: Duration,
+    max_tls_handshakes: usize,
+    /// Connections whose TLS handshake is being worked on (`handshake_working`).
+    working_handshakes: usize,
+    /// Accepting stopped at `max_tls_handshakes`; resumes when one finishes.
+    accept_awaits_handshakes: bool,
     /// Connections to service again this pass (their read budget ran out).
     ready: VecDeque<ConnId>,
     /// Connections waiting for room in their worker's queue.
@@ -157,6 +164,9 @@ impl EventLoop {
             http_page: limits.http_page,
             tls,
             tls_handshake_timeout: limits.tls_handshake_timeout,
+            max_tls_handshakes: limits.max_tls_handshakes,
+            working_handshakes: 0,
+            accept_awaits_handshakes: false,
             ready: VecDeque::new(),
             queue_waiters: Vec::new(),
             touched: Vec::new(),
@@ -220,7 +230,9 @@ impl EventLoop {
                 self.service(id);
             }
         }
-        if self.accept_more {
+        if self.accept_more
+            || (self.accept_awaits_handshakes && self.working_handshakes < self.max_tls_handshakes)
+        {
             self.accept_sensors();
         }
         let now = Instant::now();
@@ -256,7 +268,14 @@ impl EventLoop {
         let Some(conn) = self.conns.get_mut(id) else {
             return;
         };
-        match conn.service(&mut self.ctx, Instant::now()) {
+        let was_working = conn.handshake_working();
+        let next = conn.service(&mut self.ctx, Instant::now());
+        match (was_working, conn.handshake_working()) {
+            (false, true) => self.working_handshakes += 1,
+            (true, false) => self.working_handshakes -= 1,
+            _ => {}
+        }
+        match next {
             Next::Wait => {}
             Next::Again => self.ready.push_back(id),
             Next::QueueFull => self.queue_waiters.push(id),
@@ -266,6 +285,9 @@ impl EventLoop {
 
     fn close(&mut self, id: ConnId) {
         if let Some(mut conn) = self.conns.remove(id) {
+            if conn.handshake_working() {
+                self.working_handshakes -= 1;
+            }
             let _ = self.poll.registry().deregister(conn.stream_mut());
         }
     }
@@ -275,7 +297,23 @@ impl EventLoop {
     fn accept_sensors(&mut self) {
         let now = Instant::now();
         self.accept_more = false;
-        for _ in 0..ACCEPT_BATCH {
+        self.accept_awaits_handshakes = false;
+        // Handshakes are CPU work on this thread: past the limit, each one started would
+        // delay all the others, and in a storm every one would miss its deadline. The
+        // rest wait in the backlog (a deadline starts at accept). Silent peers do not
+        // count, so a flood of them cannot hold the limit; this pass's newcomers do.
+        let batch = match self.tls {
+            Some(_) => ACCEPT_BATCH.min(
+                self.max_tls_handshakes
+                    .saturating_sub(self.working_handshakes),
+            ),
+            None => ACCEPT_BATCH,
+        };
+        if batch == 0 {
+            self.accept_awaits_handshakes = true;
+            return;
+        }
+        for _ in 0..batch {
             let Some(listener) = &self.listener else {
                 return;
             };
