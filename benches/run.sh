@@ -23,7 +23,8 @@
 #                              certificates, each reading checked against its names) and
 #                              the tokio-rustls reference; (i) new connections per second
 #                              with full handshakes (openssl s_time); (j) memory per idle
-#                              TLS connection at 9,000 connections
+#                              TLS connection at 9,000 connections; (k) a reconnect storm of
+#                              4,500 TLS sensors, unpaced and paced (--tls-max-handshakes)
 #   ROUNDS=5 benches/run.sh    more rounds
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -208,6 +209,7 @@ if $tls; then
   # The one-threaded client on the same 2 cores needs longer than the 5 s handshake
   # deadline for 9000 handshakes at once; the server then closes the late ones and the
   # retries pile up. This case measures memory, so its deadline is 60 s.
+  base_tls_args=("${tls_server_args[@]}")
   tls_server_args+=(--tls-handshake-timeout 60)
   for name in sensorhub tls; do
     start_server "$name" never
@@ -232,6 +234,28 @@ if $tls; then
     stop_server
     printf '%-10s RSS idle %6d KiB, with %5s connections open %7d KiB = %5s KiB per connection%s\n' "$name" "$idle" \
       "$open" "$loaded" "$(awk -v a="$loaded" -v b="$idle" -v n="$open" 'BEGIN { if (n > 0) printf "%.2f", (a - b) / n; else print "?" }')" "$failed"
+  done
+  storm=${STORM:-4500}
+  echo "== (k) reconnect storm: $storm TLS sensors at once, the default 5 s handshake deadline; unpaced (--tls-max-handshakes 100000, as before the limit) vs paced (the default, 256); at most 90 s each"
+  for limit in 100000 256; do
+    tls_server_args=("${base_tls_args[@]}" --tls-max-handshakes "$limit")
+    start_server tls never
+    # shellcheck disable=SC2046 # client_tls's flags
+    "$bin/sensor-client" --server "127.0.0.1:$PORT" --sensors "$storm" --connections "$storm" \
+      --interval-ms 10000 --duration 100 --log-level error $(client_tls tls) >"$work/k-$limit.txt" 2>&1 &
+    client=$!
+    started=$SECONDS
+    for _ in $(seq 90); do
+      [[ $(metric sensorhub_connections_open) -ge $storm ]] && break
+      sleep 1
+    done
+    open=$(metric sensorhub_connections_open)
+    printf 'limit %6s: %5s of %s connected after %2d s; handshakes done %s, timed out %s; server CPU %.1f s\n' "$limit" \
+      "$open" "$storm" "$((SECONDS - started))" "$(metric sensorhub_tls_handshakes_total)" \
+      "$(metric 'sensorhub_tls_handshake_failures_total{reason="timeout"}')" "$(cpu_seconds "$PID")"
+    kill "$client" 2>/dev/null || true
+    wait "$client" || true
+    stop_server
   done
   exit 0
 fi
