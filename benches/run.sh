@@ -24,7 +24,8 @@
 #                              the tokio-rustls reference; (i) new connections per second
 #                              with full handshakes (openssl s_time); (j) memory per idle
 #                              TLS connection at 9,000 connections; (k) a reconnect storm of
-#                              4,500 TLS sensors, unpaced and paced (--tls-max-handshakes)
+#                              4,500 TLS sensors, unpaced and paced (--tls-max-handshakes;
+#                              STORM_ONLY=1 runs only this, STORM=N sets its size)
 #   ROUNDS=5 benches/run.sh    more rounds
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -179,6 +180,38 @@ if $tls; then
   "$bin/sensor-server" certs --dir "$pki" --server 127.0.0.1 --sensor 'sim-*' >/dev/null
   tls_server_args=(--tls-cert "$pki/server.pem" --tls-key "$pki/server.key" --tls-client-ca "$pki/ca.pem")
   tls_client_args=(--tls-ca "$pki/ca.pem" --tls-cert "$pki/sensor-sim-_all.pem" --tls-key "$pki/sensor-sim-_all.key")
+  # (k): a reconnect storm, unpaced and paced.
+  storm() {
+    storm=${STORM:-4500}
+    echo "== (k) reconnect storm: $storm TLS sensors at once, the default 5 s handshake deadline; unpaced (--tls-max-handshakes 100000, as before the limit) vs paced (the default, 256); at most 90 s each"
+    for limit in 100000 256; do
+      tls_server_args=("${base_tls_args[@]}" --tls-max-handshakes "$limit")
+      start_server tls never
+      # shellcheck disable=SC2046 # client_tls's flags
+      "$bin/sensor-client" --server "127.0.0.1:$PORT" --sensors "$storm" --connections "$storm" \
+        --interval-ms 10000 --duration 100 --log-level error $(client_tls tls) >"$work/k-$limit.txt" 2>&1 &
+      client=$!
+      started=$SECONDS
+      # Connected = handshake done (sensorhub_connections_open counts handshakes in
+      # progress too).
+      for _ in $(seq 90); do
+        [[ $(metric sensorhub_tls_handshakes_total) -ge $storm ]] && break
+        sleep 1
+      done
+      open=$(metric sensorhub_tls_handshakes_total)
+      printf 'limit %6s: %5s of %s handshakes done after %2d s; timed out %s; server CPU %.1f s\n' "$limit" \
+        "$open" "$storm" "$((SECONDS - started))" \
+        "$(metric 'sensorhub_tls_handshake_failures_total{reason="timeout"}')" "$(cpu_seconds "$PID")"
+      kill "$client" 2>/dev/null || true
+      wait "$client" || true
+      stop_server
+    done
+  }
+  base_tls_args=("${tls_server_args[@]}")
+  if [[ ${STORM_ONLY:-} == 1 ]]; then
+    storm
+    exit 0
+  fi
   echo "== (g) 64 connections x window 32, ${secs}s each, median of $rounds rounds: plain and TLS"
   rounds 64 32 "sensorhub never" "tls never" "tokio none" "tokiotls none"
   # shellcheck disable=SC2154
@@ -209,7 +242,6 @@ if $tls; then
   # The one-threaded client on the same 2 cores needs longer than the 5 s handshake
   # deadline for 9000 handshakes at once; the server then closes the late ones and the
   # retries pile up. This case measures memory, so its deadline is 60 s.
-  base_tls_args=("${tls_server_args[@]}")
   tls_server_args+=(--tls-handshake-timeout 60)
   for name in sensorhub tls; do
     start_server "$name" never
@@ -235,28 +267,7 @@ if $tls; then
     printf '%-10s RSS idle %6d KiB, with %5s connections open %7d KiB = %5s KiB per connection%s\n' "$name" "$idle" \
       "$open" "$loaded" "$(awk -v a="$loaded" -v b="$idle" -v n="$open" 'BEGIN { if (n > 0) printf "%.2f", (a - b) / n; else print "?" }')" "$failed"
   done
-  storm=${STORM:-4500}
-  echo "== (k) reconnect storm: $storm TLS sensors at once, the default 5 s handshake deadline; unpaced (--tls-max-handshakes 100000, as before the limit) vs paced (the default, 256); at most 90 s each"
-  for limit in 100000 256; do
-    tls_server_args=("${base_tls_args[@]}" --tls-max-handshakes "$limit")
-    start_server tls never
-    # shellcheck disable=SC2046 # client_tls's flags
-    "$bin/sensor-client" --server "127.0.0.1:$PORT" --sensors "$storm" --connections "$storm" \
-      --interval-ms 10000 --duration 100 --log-level error $(client_tls tls) >"$work/k-$limit.txt" 2>&1 &
-    client=$!
-    started=$SECONDS
-    for _ in $(seq 90); do
-      [[ $(metric sensorhub_connections_open) -ge $storm ]] && break
-      sleep 1
-    done
-    open=$(metric sensorhub_connections_open)
-    printf 'limit %6s: %5s of %s connected after %2d s; handshakes done %s, timed out %s; server CPU %.1f s\n' "$limit" \
-      "$open" "$storm" "$((SECONDS - started))" "$(metric sensorhub_tls_handshakes_total)" \
-      "$(metric 'sensorhub_tls_handshake_failures_total{reason="timeout"}')" "$(cpu_seconds "$PID")"
-    kill "$client" 2>/dev/null || true
-    wait "$client" || true
-    stop_server
-  done
+  storm
   exit 0
 fi
 
