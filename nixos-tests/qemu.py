@@ -16,8 +16,10 @@ guests' addresses exist only inside the guests. The host drives each guest throu
 shell on a virtio console (a unix socket), cuts links with the qemu monitor's
 `set_link`, and never sends traffic to a guest address.
 
-    nixos-tests/qemu.py [--bin DIR] [--cache DIR]
+    nixos-tests/qemu.py [--bin DIR] [--cache DIR] [--tls]
       DIR: sensor-server and sensor-client (default dist/x86_64, scripts/build-static.sh)
+      --tls: the sensor port requires a client certificate per sensor (sensor-server
+             certs, run here; the files travel in the initramfs under /pki)
       cache: where the kernel package is unpacked (default ~/.cache/sensorhub-qemu)
 """
 
@@ -146,9 +148,12 @@ def cpio_newc(entries):
     return bytes(out)
 
 
-def build_initramfs(work, bin_dir, modules_dir):
+def build_initramfs(work, bin_dir, modules_dir, pki=None):
     order = module_order(modules_dir)
     entries = [(d, 0o40755, b"") for d in ("bin", "proc", "sys", "dev", "modules")]
+    if pki is not None:
+        entries.append(("pki", 0o40700, b""))
+        entries += [(f"pki/{f.name}", 0o100600, f.read_bytes()) for f in sorted(pki.iterdir())]
     entries.append(("bin/busybox", 0o100755, Path(shutil.which("busybox")).read_bytes()))
     for tool in ("sensor-server", "sensor-client"):
         entries.append((f"bin/{tool}", 0o100755, (bin_dir / tool).read_bytes()))
@@ -282,13 +287,29 @@ def wait_exit(name):
     return f"while [ ! -s /{name}.status ]; do sleep 0.1; done; cat /{name}.status"
 
 
+SERVER_TLS = " --tls-cert /pki/server.pem --tls-key /pki/server.key --tls-client-ca /pki/ca.pem"
+
+
+def client_tls(sensor):
+    return f" --tls-ca /pki/ca.pem --tls-cert /pki/sensor-{sensor}.pem --tls-key /pki/sensor-{sensor}.key"
+
+
+def make_pki(bin_dir, pki):
+    """A CA, the server's certificate for its address, one certificate per sensor."""
+    sensors = [arg for sensor, _ in SENSORS.values() for arg in ("--sensor", sensor)]
+    subprocess.run([str(bin_dir / "sensor-server"), "certs", "--dir", str(pki),
+                    "--server", SERVER, *sensors], check=True, capture_output=True, timeout=60)
+    return pki
+
+
 class Vms:
     """The scenario's driver interface (see scenario.py) over the qemu guests."""
 
     interval_ms = INTERVAL_MS
 
-    def __init__(self, vms):
+    def __init__(self, vms, tls=False):
         self.vms = vms
+        self.tls = tls
         self.diagnostics = []
 
     def http(self, path):
@@ -297,7 +318,7 @@ class Vms:
     def start_server(self):
         self.vms["server"].run(background(
             "server", "sensor-server --listen 0.0.0.0:5000 --http-listen 127.0.0.1:9000"
-            " --data-dir /data >>/server.log 2>&1"))
+            f" --data-dir /data{SERVER_TLS if self.tls else ''} >>/server.log 2>&1"))
 
     def crash_server(self):
         self.vms["server"].run("kill -9 $(cat /server.pid)")
@@ -312,7 +333,8 @@ class Vms:
         sensor, kind = SENSORS[name]
         self.vms[name].run(background(
             "client", f"sensor-client --server {SERVER}:5000 --sensor {sensor} --kind {kind}"
-            f" --interval-ms {INTERVAL_MS} --record /answers >/client.out 2>/client.log"))
+            f" --interval-ms {INTERVAL_MS} --record /answers"
+            f"{client_tls(sensor) if self.tls else ''} >/client.out 2>/client.log"))
 
     def stop_client(self, name):
         # Socket queues just before the stop: if a connection has stalled, Recv-Q and
@@ -358,13 +380,16 @@ def main():
     parser.add_argument("--bin", type=Path, default=HERE.parent / "dist" / "x86_64")
     parser.add_argument("--cache", type=Path,
                         default=Path.home() / ".cache" / "sensorhub-qemu")
+    parser.add_argument("--tls", action="store_true",
+                        help="TLS on the sensor port, a client certificate per sensor")
     args = parser.parse_args()
     signal.alarm(RUN_LIMIT_SECONDS)
     started = time.monotonic()
     kernel, modules = fetch_kernel(args.cache)
     with tempfile.TemporaryDirectory(prefix="sensorhub-qemu-") as tmp:
         work = Path(tmp)
-        initrd = build_initramfs(work, args.bin, modules)
+        pki = make_pki(args.bin, work / "pki") if args.tls else None
+        initrd = build_initramfs(work, args.bin, modules, pki)
         print(f"initramfs {initrd.stat().st_size // 1024} KiB, kernel {kernel.name}", flush=True)
         # One UDP port pair per point-to-point link; the router has three.
         pairs = {host: (free_udp_port(), free_udp_port()) for host in ("server", "client1", "client2")}
@@ -382,7 +407,7 @@ def main():
             print(f"4 VMs booted in {time.monotonic() - started:.1f}s", flush=True)
             scenario.wait_for("client1 to reach the server through the router",
                               lambda: vms["client1"].run(f"ping -c 1 -W 2 {SERVER}", timeout=10) is not None)
-            driver = Vms(vms)
+            driver = Vms(vms, args.tls)
             verdict = scenario.run(driver, log=lambda line: print(line, flush=True))
         except BaseException:
             for text in getattr(locals().get("driver"), "diagnostics", []):
@@ -401,7 +426,7 @@ def main():
         finally:
             for vm in vms.values():
                 vm.stop()
-    print(f"qemu topology: passed in {time.monotonic() - started:.0f}s")
+    print(f"qemu topology{' with TLS' if args.tls else ''}: passed in {time.monotonic() - started:.0f}s")
     for line in verdict:
         print("  " + line)
 
