@@ -74,6 +74,13 @@ def template():
     return yaml.load(TEMPLATE.read_text(), Loader=CfnLoader)
 
 
+def statements_of(role):
+    """The role's inline policy statements as deployed with SensorTransport=tls (a
+    conditional statement's `!If [UseTls, STATEMENT, NoValue]` taken as STATEMENT)."""
+    statements = template()["Resources"][role]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]
+    return [s["If"][1] if "If" in s else s for s in statements]
+
+
 # --- moto ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -205,8 +212,7 @@ def test_a_server_signals_only_once_the_balancer_routes_to_it_and_sensors_wait_f
     r = template()["Resources"]
     user_data = json.dumps(r["ServerLaunchTemplate"]["Properties"]["LaunchTemplateData"]["UserData"])
     assert "--target-group ${ServerTargets}" in user_data
-    statements = r["ServerRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]
-    assert any(s["Action"] == "elasticloadbalancing:DescribeTargetHealth" for s in statements)
+    assert any(s["Action"] == "elasticloadbalancing:DescribeTargetHealth" for s in statements_of("ServerRole"))
     for client in ("Client1Group", "Client2Group"):
         assert "ServerGroup" in r[client]["DependsOn"]
     text = BOOTSTRAP.read_text()
@@ -349,7 +355,7 @@ def test_security_groups_use_inline_rules_only():
 
 
 def test_the_servers_may_only_put_objects_into_the_archive():
-    statements = template()["Resources"]["ServerRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]
+    statements = statements_of("ServerRole")
     archive = [s for s in statements if "Archive" in s["Sid"]]
     assert [s["Action"] for s in archive] == ["s3:PutObject"]
     assert all("s3:GetObject" != s["Action"] or s["Sid"] == "Artifacts" for s in statements)
@@ -756,11 +762,7 @@ def iam_allows(role, action, name):
         for key, value in values.items():
             text = text.replace(key, value)
         return text
-    statements = []
-    for statement in template()["Resources"][role]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]:
-        if isinstance(statement, dict) and "If" in statement:
-            statement = statement["If"][1]  # SensorTransport=tls
-        statements.append(statement)
+    statements = statements_of(role)
     allowed = action in ("ssm:GetParameter", "ssm:GetParameters")  # the managed policy
     for statement in statements:
         actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
@@ -930,8 +932,7 @@ def test_deploy_refuses_clearly(moto):
 
 def test_artifacts_in_an_sse_kms_bucket_can_be_downloaded():
     for role in ("ServerRole", "ClientRole"):
-        statements = template()["Resources"][role]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]
-        kms = next(s for s in statements if s["Sid"] == "ArtifactsKms")
+        kms = next(s for s in statements_of(role) if s["Sid"] == "ArtifactsKms")
         assert kms["Action"] == "kms:Decrypt"
         assert "kms:ViaService" in kms["Condition"]["StringEquals"]
 
