@@ -105,6 +105,12 @@ let
 
   # An absolute path as a string: a Nix path literal would copy the file into the store.
   filePath = types.strMatching "/.+";
+  # A PEM file of the TLS options, null for none.
+  pemFile = example: description: mkOption {
+    type = types.nullOr filePath;
+    default = null;
+    inherit example description;
+  };
 
   clientModule = { name, ... }: {
     options = {
@@ -115,24 +121,9 @@ let
         description = "The attribute name (the unit is sensorhub-client-NAME).";
       };
       tls = {
-        ca = mkOption {
-          type = types.nullOr filePath;
-          default = null;
-          example = "/etc/sensorhub/ca.pem";
-          description = "PEM CA that signed the server's certificate; set, the client speaks TLS (PROTOCOL.md v1.2).";
-        };
-        certificate = mkOption {
-          type = types.nullOr filePath;
-          default = null;
-          example = "/run/secrets/sensor-greenhouse-1.pem";
-          description = "PEM client certificate naming this sensor (sensor-server certs makes one); with key.";
-        };
-        key = mkOption {
-          type = types.nullOr filePath;
-          default = null;
-          example = "/run/secrets/sensor-greenhouse-1.key";
-          description = "Its PEM private key: a path outside the Nix store, read as root before each start.";
-        };
+        ca = pemFile "/etc/sensorhub/ca.pem" "PEM CA that signed the server's certificate; set, the client speaks TLS (PROTOCOL.md v1.2).";
+        certificate = pemFile "/run/secrets/sensor-greenhouse-1.pem" "PEM client certificate naming this sensor (sensor-server certs makes one); with key.";
+        key = pemFile "/run/secrets/sensor-greenhouse-1.key" "Its PEM private key: a path outside the Nix store, read as root before each start.";
         serverName = mkOption {
           type = types.nullOr types.str;
           default = null;
@@ -225,28 +216,9 @@ in
         description = "Open the sensor port in the firewall (to everyone; restrict sources with firewall rules of your own).";
       };
       tls = {
-        certificate = mkOption {
-          type = types.nullOr filePath;
-          default = null;
-          example = "/run/secrets/sensorhub-server.pem";
-          description = ''
-            PEM certificate (chain) of the sensor port; set (with key), the port speaks only
-            TLS (PROTOCOL.md v1.2). Read as root before each start and on
-            `systemctl reload sensorhub-server`, which rotates it without dropping a connection.
-          '';
-        };
-        key = mkOption {
-          type = types.nullOr filePath;
-          default = null;
-          example = "/run/secrets/sensorhub-server.key";
-          description = "PEM private key of the certificate: a path outside the Nix store (root-only is fine).";
-        };
-        clientCa = mkOption {
-          type = types.nullOr filePath;
-          default = null;
-          example = "/etc/sensorhub/ca.pem";
-          description = "PEM CA every sensor's client certificate must chain to; its names are the sensor ids it may write for.";
-        };
+        certificate = pemFile "/run/secrets/sensorhub-server.pem" "PEM certificate (chain) of the sensor port; set (with key), the port speaks only TLS (PROTOCOL.md v1.2). Read as root before each start and on `systemctl reload sensorhub-server`, which rotates it without dropping a connection.";
+        key = pemFile "/run/secrets/sensorhub-server.key" "PEM private key of the certificate: a path outside the Nix store (root-only is fine).";
+        clientCa = pemFile "/etc/sensorhub/ca.pem" "PEM CA every sensor's client certificate must chain to; its names are the sensor ids it may write for.";
         handshakeTimeout = mkOption {
           type = types.ints.positive;
           default = 5;
