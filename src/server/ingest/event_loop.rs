@@ -272,7 +272,7 @@ impl EventLoop {
         let next = conn.service(&mut self.ctx, Instant::now());
         match (was_working, conn.handshake_working()) {
             (false, true) => self.working_handshakes += 1,
-            (true, false) => self.working_handshakes -= 1,
+            (true, false) => self.working_handshakes = self.working_handshakes.saturating_sub(1),
             _ => {}
         }
         match next {
@@ -286,7 +286,7 @@ impl EventLoop {
     fn close(&mut self, id: ConnId) {
         if let Some(mut conn) = self.conns.remove(id) {
             if conn.handshake_working() {
-                self.working_handshakes -= 1;
+                self.working_handshakes = self.working_handshakes.saturating_sub(1);
             }
             let _ = self.poll.registry().deregister(conn.stream_mut());
         }
