@@ -86,6 +86,12 @@
             inherit pkgs;
             module = self.nixosModules.default;
           };
+          fleet-tls = import ./nixos-tests/fleet.nix {
+            inherit pkgs;
+            module = self.nixosModules.default;
+            tls = true;
+            package = packages.sensorhub;
+          };
         });
 
       apps = forAllSystems (pkgs:

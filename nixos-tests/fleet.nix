@@ -5,14 +5,27 @@
 # scenario.run_fleet, shared with the network-namespace run (netns.py --fleet), whose
 # verdict comes from the repo's Athena SQL run by DuckDB over the downloaded bucket.
 # Exposed as checks.x86_64-linux.fleet. Addresses and names: topology.json.
-{ pkgs, module }:
+#
+# With `tls = true` (checks.x86_64-linux.fleet-tls) TLS runs end to end through the
+# balancer's TCP pass-through: the servers require a client certificate per sensor, and
+# their certificate names the balancer's address, which the sensors dial (as
+# netns.py --fleet --tls).
+{ pkgs, module, tls ? false, package ? null }:
 
 let
   inherit (pkgs) lib;
   topology = builtins.fromJSON (builtins.readFile ./topology.json);
   layout = topology.fleet;
   hosts = layout.hosts;
-  common = import ./common.nix { inherit module layout; target = hosts.balancer.address; };
+  pki =
+    if tls then
+      import ./pki.nix
+        {
+          inherit pkgs package;
+          serverName = hosts.balancer.address;
+          sensors = map (name: topology.sensors.${name}.sensor) (builtins.attrNames topology.sensors);
+        } else null;
+  common = import ./common.nix { inherit module layout pki; target = hosts.balancer.address; };
   inherit (common) sensorPort httpPort toClientSubnet clientNode;
   s3Port = toString topology.s3_port;
   s3Endpoint = "http://${hosts.s3.address}:${s3Port}";
@@ -60,6 +73,12 @@ let
         stopTimeout = layout.archive_stop_timeout;
         environmentFile = awsEnvironment;
       };
+    } // lib.optionalAttrs tls {
+      tls = {
+        certificate = "${pki}/server.pem";
+        key = "${pki}/server.key";
+        clientCa = "${pki}/ca.pem";
+      };
     };
     networking.firewall.allowedTCPPorts = [ topology.sensor_port topology.http_port ];
     # The scenario starts, kills and restarts the servers itself: systemd must not.
@@ -72,7 +91,7 @@ let
 
 in
 pkgs.testers.runNixOSTest {
-  name = "sensorhub-fleet";
+  name = if tls then "sensorhub-fleet-tls" else "sensorhub-fleet";
 
   nodes = {
     inherit (common) router;

@@ -19,13 +19,14 @@ let
   topology = builtins.fromJSON (builtins.readFile ./topology.json);
   layout = topology.topology;
   serverAddress = layout.hosts.server.address;
-  sensorIds = map (name: topology.sensors.${name}.sensor) (builtins.attrNames topology.sensors);
   pki =
     if tls then
-      pkgs.runCommand "sensorhub-test-pki" { } ''
-        ${package}/bin/sensor-server certs --dir $out --server ${serverAddress} \
-          ${pkgs.lib.concatMapStringsSep " " (id: "--sensor ${id}") sensorIds}
-      '' else null;
+      import ./pki.nix
+        {
+          inherit pkgs package;
+          serverName = serverAddress;
+          sensors = map (name: topology.sensors.${name}.sensor) (builtins.attrNames topology.sensors);
+        } else null;
   common = import ./common.nix { inherit module layout pki; target = serverAddress; };
   inherit (common) sensorPort httpPort clientNode;
 in
