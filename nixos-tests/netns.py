@@ -129,22 +129,13 @@ class Clients:
         self.tls = tls
         self.pki = work / "pki"
         if tls:
-            ids = [arg for s in TOPOLOGY["sensors"].values() for arg in ("--sensor", s["sensor"])]
-            subprocess.run([str(bin_dir / "sensor-server"), "certs", "--dir", str(self.pki),
-                            "--server", target, *ids], check=True, stdout=subprocess.DEVNULL)
+            scenario.make_pki(bin_dir, self.pki, target)
 
     def server_tls_args(self):
-        if not self.tls:
-            return []
-        return ["--tls-cert", str(self.pki / "server.pem"), "--tls-key", str(self.pki / "server.key"),
-                "--tls-client-ca", str(self.pki / "ca.pem")]
+        return scenario.server_tls_args(self.pki) if self.tls else []
 
     def client_tls_args(self, sensor):
-        if not self.tls:
-            return []
-        return ["--tls-ca", str(self.pki / "ca.pem"),
-                "--tls-cert", str(self.pki / f"sensor-{sensor}.pem"),
-                "--tls-key", str(self.pki / f"sensor-{sensor}.key")]
+        return scenario.client_tls_args(self.pki, sensor) if self.tls else []
 
     def start_client(self, name):
         sensor = TOPOLOGY["sensors"][name]

@@ -287,21 +287,6 @@ def wait_exit(name):
     return f"while [ ! -s /{name}.status ]; do sleep 0.1; done; cat /{name}.status"
 
 
-SERVER_TLS = " --tls-cert /pki/server.pem --tls-key /pki/server.key --tls-client-ca /pki/ca.pem"
-
-
-def client_tls(sensor):
-    return f" --tls-ca /pki/ca.pem --tls-cert /pki/sensor-{sensor}.pem --tls-key /pki/sensor-{sensor}.key"
-
-
-def make_pki(bin_dir, pki):
-    """A CA, the server's certificate for its address, one certificate per sensor."""
-    sensors = [arg for sensor, _ in SENSORS.values() for arg in ("--sensor", sensor)]
-    subprocess.run([str(bin_dir / "sensor-server"), "certs", "--dir", str(pki),
-                    "--server", SERVER, *sensors], check=True, capture_output=True, timeout=60)
-    return pki
-
-
 class Vms:
     """The scenario's driver interface (see scenario.py) over the qemu guests."""
 
@@ -312,13 +297,17 @@ class Vms:
         self.tls = tls
         self.diagnostics = []
 
+    def tls_flags(self, args):
+        """The flags for a guest's command line (the files are under /pki), or none."""
+        return "".join(f" {a}" for a in args) if self.tls else ""
+
     def http(self, path):
         return self.vms["server"].run(f"wget -qO- http://127.0.0.1:9000{path}", timeout=20)
 
     def start_server(self):
         self.vms["server"].run(background(
             "server", "sensor-server --listen 0.0.0.0:5000 --http-listen 127.0.0.1:9000"
-            f" --data-dir /data{SERVER_TLS if self.tls else ''} >>/server.log 2>&1"))
+            f" --data-dir /data{self.tls_flags(scenario.server_tls_args('/pki'))} >>/server.log 2>&1"))
 
     def crash_server(self):
         self.vms["server"].run("kill -9 $(cat /server.pid)")
@@ -334,7 +323,7 @@ class Vms:
         self.vms[name].run(background(
             "client", f"sensor-client --server {SERVER}:5000 --sensor {sensor} --kind {kind}"
             f" --interval-ms {INTERVAL_MS} --record /answers"
-            f"{client_tls(sensor) if self.tls else ''} >/client.out 2>/client.log"))
+            f"{self.tls_flags(scenario.client_tls_args('/pki', sensor))} >/client.out 2>/client.log"))
 
     def stop_client(self, name):
         # Socket queues just before the stop: if a connection has stalled, Recv-Q and
@@ -388,7 +377,10 @@ def main():
     kernel, modules = fetch_kernel(args.cache)
     with tempfile.TemporaryDirectory(prefix="sensorhub-qemu-") as tmp:
         work = Path(tmp)
-        pki = make_pki(args.bin, work / "pki") if args.tls else None
+        pki = None
+        if args.tls:
+            pki = work / "pki"
+            scenario.make_pki(args.bin, pki, SERVER)
         initrd = build_initramfs(work, args.bin, modules, pki)
         print(f"initramfs {initrd.stat().st_size // 1024} KiB, kernel {kernel.name}", flush=True)
         # One UDP port pair per point-to-point link; the router has three.

@@ -32,6 +32,7 @@ named step (the NixOS driver's `subtest`); by default each step is logged.
 import base64
 import contextlib
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -41,6 +42,31 @@ S3_CUT_SECONDS = 10
 CRASH_PAUSE_SECONDS = 2
 WAIT_SECONDS = 60
 CLIENTS = tuple(TOPOLOGY["sensors"])
+
+
+# --- TLS (the drivers' --tls): certificates made with `sensor-server certs`, the path
+# the README gives a user, and the flags that use them -------------------------------
+
+def make_pki(bin_dir, pki, server_name):
+    """A CA, the server's certificate for `server_name` (what sensors dial), and one
+    certificate per sensor of the topology, in the directory `pki`."""
+    ids = [arg for s in TOPOLOGY["sensors"].values() for arg in ("--sensor", s["sensor"])]
+    subprocess.run([str(Path(bin_dir) / "sensor-server"), "certs", "--dir", str(pki),
+                    "--server", server_name, *ids], check=True, stdout=subprocess.DEVNULL,
+                   timeout=60)
+
+
+def server_tls_args(pki):
+    """sensor-server's flags for the files make_pki wrote under `pki` (a path as the
+    server sees it)."""
+    return ["--tls-cert", f"{pki}/server.pem", "--tls-key", f"{pki}/server.key",
+            "--tls-client-ca", f"{pki}/ca.pem"]
+
+
+def client_tls_args(pki, sensor):
+    """sensor-client's flags for `sensor`'s certificate under `pki`."""
+    return ["--tls-ca", f"{pki}/ca.pem", "--tls-cert", f"{pki}/sensor-{sensor}.pem",
+            "--tls-key", f"{pki}/sensor-{sensor}.key"]
 
 
 def logging_step(log):
