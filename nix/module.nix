@@ -28,11 +28,12 @@ let
       ${pkgs.coreutils}/bin/mv -f /run/${dir}/.${name}.new /run/${dir}/${name}
     '')
     (builtins.attrNames files));
-  tlsUnit = dir: files: {
+  tlsUnit = dir: stage: {
     RuntimeDirectory = dir;
     RuntimeDirectoryMode = "0700";
-    ExecStartPre = "+${tlsStage dir files}";
+    ExecStartPre = "+${stage}";
   };
+  serverStage = tlsStage "sensorhub-tls" (tlsFiles server.tls);
   tlsFiles = t: lib.filterAttrs (_: v: v != null) {
     "cert.pem" = t.certificate;
     "key.pem" = t.key;
@@ -328,8 +329,8 @@ in
           TimeoutStopSec = "${toString (15 + archive.stopTimeout)}s";
         } // lib.optionalAttrs (archive.environmentFile != null) {
           EnvironmentFile = archive.environmentFile;
-        } // lib.optionalAttrs serverTls (tlsUnit "sensorhub-tls" (tlsFiles server.tls) // {
-          ExecReload = [ "+${tlsStage "sensorhub-tls" (tlsFiles server.tls)}" "${pkgs.coreutils}/bin/kill -HUP $MAINPID" ];
+        } // lib.optionalAttrs serverTls (tlsUnit "sensorhub-tls" serverStage // {
+          ExecReload = [ "+${serverStage}" "${pkgs.coreutils}/bin/kill -HUP $MAINPID" ];
         });
       };
     })
@@ -360,7 +361,7 @@ in
             Restart = "always";
             RestartSec = "1s";
             StateDirectory = "sensorhub-client-${name}";
-          } // lib.optionalAttrs (c.tls.ca != null) (tlsUnit "sensorhub-client-${name}-tls" (tlsFiles c.tls));
+          } // lib.optionalAttrs (c.tls.ca != null) (tlsUnit "sensorhub-client-${name}-tls" (tlsStage "sensorhub-client-${name}-tls" (tlsFiles c.tls)));
         })
         cfg.clients;
     }
